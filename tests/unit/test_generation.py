@@ -1,0 +1,191 @@
+"""Routed generation on a tiny random Llama (and a couple of slow checks on SmolLM2)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from srmoa_dist.config import ExpertConfig
+from srmoa_dist.experts.expert import LoRAExpert
+from srmoa_dist.model.fusion import ExpertFusion
+from srmoa_dist.model.generation import (
+    Generation,
+    GenerationParams,
+    encode_messages,
+    generate,
+    generate_stream,
+    prefill_lower,
+    prefill_upper,
+    queries,
+    route,
+    routed_logits,
+)
+from srmoa_dist.routing.query_encoder import QueryEncoder
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Tell me a joke"}],
+    [{"role": "user", "content": "Hi"}],
+]
+
+
+@pytest.fixture
+def fusion(tiny_base):
+    f = ExpertFusion(tiny_base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=tiny_base.query_layer)
+    yield f
+    f.remove()
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_base):
+    return QueryEncoder.calibrate(
+        tiny_base, d_key=16, prompts=[c[-1]["content"] for c in CHATS] * 4 + ["Why?"]
+    )
+
+
+def _router_for(table: dict[int, tuple[list[int], list[float]]], k: int = 2):
+    """A router that returns, for batch row b, the ids/scores of table[b] (-1 padded)."""
+
+    def router(xq):
+        D = np.full((len(xq), k), -1.0, np.float32)
+        I = np.full((len(xq), k), -1, np.int64)
+        for b, (ids, scores) in table.items():
+            I[b, : len(ids)], D[b, : len(ids)] = ids, scores
+        return D, I
+
+    return router
+
+
+def test_two_stage_prefill_equals_one_forward(tiny_base):
+    batch = encode_messages(tiny_base, CHATS)
+    with torch.no_grad():
+        ref = tiny_base.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
+        lower = prefill_lower(tiny_base, batch.input_ids, batch.attention_mask)
+        out = prefill_upper(tiny_base, lower)
+    m = batch.attention_mask.bool()
+    torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
+    assert lower.cache.get_seq_length() == batch.input_ids.shape[1]
+
+
+def test_greedy_equals_hf_generate(tiny_base):
+    batch = encode_messages(tiny_base, CHATS)
+    n = 8
+    with torch.no_grad():
+        hf = tiny_base.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tiny_base.tokenizer.pad_token_id,
+        )
+    gens = generate(tiny_base, None, None, CHATS, params=GenerationParams(max_new_tokens=n))
+    eos = tiny_base.tokenizer.eos_token_id
+    for b, g in enumerate(gens):
+        ref = hf[b, batch.input_ids.shape[1] :].tolist()
+        ref = ref[: ref.index(eos)] if eos in ref else ref
+        assert g.token_ids == ref
+        assert g.finish_reason == ("stop" if len(ref) < n else "length")
+        assert g.prompt_tokens == batch.lengths[b] and g.expert_ids == [] and g.query.shape == (0,)
+
+
+def test_routed_generation_mixed_batch(tiny_base, fusion, encoder):
+    experts = {
+        7: LoRAExpert.random(fusion.target_shapes(), rank=4, alpha=64.0, dtype="float16", seed=7),
+        9: LoRAExpert.random(fusion.target_shapes(), rank=4, alpha=64.0, dtype="float16", seed=9),
+    }
+    fetched = []
+
+    def fetch(ids):
+        fetched.append(list(ids))
+        return {i: experts[i] for i in ids}
+
+    router = _router_for({0: ([7, 9], [0.8, 0.7]), 2: ([9, 7], [0.9, 0.1])})
+    params = GenerationParams(max_new_tokens=6, tau=0.5)
+    base_gens = generate(tiny_base, fusion, encoder, CHATS, params=params)
+    gens = generate(tiny_base, fusion, encoder, CHATS, router, fetch, params)
+    assert fetched == [[7, 9]]
+    assert gens[0].expert_ids == [7, 9] and gens[0].scores == pytest.approx([0.8, 0.7])
+    assert sum(gens[0].gates) == pytest.approx(1.0) and gens[0].gates[0] > gens[0].gates[1]
+    assert gens[1].expert_ids == [] and gens[1].token_ids == base_gens[1].token_ids
+    assert gens[2].expert_ids == [9] and gens[2].gates == [1.0]  # 7 scored under tau
+    assert gens[0].token_ids != base_gens[0].token_ids
+    for g in gens:
+        assert g.query.shape == (16,) and np.linalg.norm(g.query) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_array_equal(np.stack([g.query for g in gens]), queries(tiny_base, encoder, CHATS))
+
+
+def test_route_deferral_and_gates():
+    xq = np.zeros((3, 4), np.float32)
+    D = np.array([[0.9, 0.5, 0.2], [0.3, 0.2, 0.1], [0.7, 0.7, -1]], np.float32)
+    I = np.array([[4, 5, 6], [1, 2, 3], [8, 9, -1]])
+    r = route(xq, lambda q: (D, I), GenerationParams(tau=0.4, gate_temperature=0.1))
+    assert r.expert_ids == [[4, 5], [], [8, 9]]
+    g = np.exp(np.array([0.9, 0.5]) / 0.1)
+    assert r.gates[0] == pytest.approx(list(g / g.sum()))
+    assert r.gates[2] == pytest.approx([0.5, 0.5])
+    r = route(xq, lambda q: (D, I), GenerationParams(max_experts=1))
+    assert r.expert_ids == [[4], [1], [8]]
+    assert r.gate_tensor().shape == (3, 1)
+
+
+def test_sampling_seeded_and_top_p(tiny_base):
+    chats = CHATS[:2]
+    p = GenerationParams(max_new_tokens=6, temperature=1.5, seed=3)
+    a = generate(tiny_base, None, None, chats, params=p)
+    b = generate(tiny_base, None, None, chats, params=p)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    greedy = generate(tiny_base, None, None, chats, params=GenerationParams(max_new_tokens=6))
+    nucleus = generate(
+        tiny_base,
+        None,
+        None,
+        chats,
+        params=GenerationParams(max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=0),
+    )
+    assert [g.token_ids for g in nucleus] == [g.token_ids for g in greedy]
+
+
+def test_stream_deltas_add_up(tiny_base):
+    params = GenerationParams(max_new_tokens=8)
+    items = list(generate_stream(tiny_base, None, None, CHATS[0], params=params))
+    final = items[-1]
+    assert isinstance(final, Generation) and all(isinstance(x, str) for x in items[:-1])
+    assert "".join(items[:-1]) == final.text
+    assert final.text == generate(tiny_base, None, None, CHATS[:1], params=params)[0].text
+
+
+def test_routed_logits_under_routing(tiny_base, fusion):
+    batch = encode_messages(tiny_base, CHATS)
+    e = LoRAExpert.random(fusion.target_shapes(), rank=4, alpha=8.0, seed=0)
+    with torch.no_grad():
+        plain = routed_logits(tiny_base, fusion, batch.input_ids, batch.attention_mask)
+        routed = routed_logits(tiny_base, fusion, batch.input_ids, batch.attention_mask, [[], [e], []])
+    assert torch.equal(plain[0], routed[0]) and torch.equal(plain[2], routed[2])
+    assert not torch.allclose(plain[1], routed[1], atol=1e-3)
+
+
+def test_generation_params_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationParams(temperature=-1)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_generation(smollm2_base):
+    t0 = time.perf_counter()
+    g = generate(
+        smollm2_base,
+        None,
+        None,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        params=GenerationParams(max_new_tokens=24),
+    )[0]
+    assert "Paris" in g.text, g.text
+    assert g.finish_reason == "stop" and g.completion_tokens <= 24
+    assert time.perf_counter() - t0 < 60

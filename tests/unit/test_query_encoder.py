@@ -1,0 +1,174 @@
+"""QueryEncoder: user-token pooling, whitening, persistence, tau calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from srmoa_dist.model.generation import encode_messages, prefill_lower, queries
+from srmoa_dist.routing.query_encoder import (
+    CALIBRATION_PROMPTS,
+    QueryEncoder,
+    calibrate_tau,
+    ledoit_wolf_shrinkage,
+    orthogonal_projection,
+)
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "Tell me a joke about cats.",
+    "How do I boil an egg?",
+    "The quick brown fox",
+    "Answer briefly: 0123?",
+    "Are dogs lazy?",
+    "What is the capital of the fox?",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_base):
+    return QueryEncoder.calibrate(tiny_base, d_key=32, prompts=PROMPTS, seed=5, batch_size=3)
+
+
+def test_calibration_set_is_generic_and_large():
+    assert len(CALIBRATION_PROMPTS) >= 100 and len(set(CALIBRATION_PROMPTS)) == len(CALIBRATION_PROMPTS)
+
+
+def test_user_mask_is_exactly_the_user_content(tiny_base):
+    chats = [
+        [
+            {"role": "system", "content": "You are a pirate."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Tell me a joke"},
+        ],
+    ]
+    batch = encode_messages(tiny_base, chats)
+    tok = tiny_base.tokenizer
+    for b, want in enumerate(["Why is the sky blue?", "Tell me a joke"]):
+        assert tok.decode(batch.input_ids[b][batch.user_mask[b]]) == want
+    assert not batch.user_mask[batch.attention_mask == 0].any()
+
+
+def test_pooling_ignores_every_other_token(tiny_base, encoder):
+    """Changing the hidden states of the system prompt / template tokens does not change q (exactly)."""
+    batch = encode_messages(tiny_base, [[{"role": "user", "content": "Why is the sky blue?"}]])
+    with torch.no_grad():
+        h = prefill_lower(tiny_base, batch.input_ids, batch.attention_mask).hidden
+    q = encoder.encode_hidden(h, batch.user_mask)
+    h2 = h.clone()
+    h2[~batch.user_mask] = torch.randn_like(h2[~batch.user_mask]) * 10
+    np.testing.assert_array_equal(encoder.encode_hidden(h2, batch.user_mask), q)
+    h3 = h.clone()
+    h3[batch.user_mask] += 1.0
+    assert not np.allclose(encoder.encode_hidden(h3, batch.user_mask), q)
+
+
+def test_system_prompt_tokens_not_pooled(tiny_base, encoder):
+    """Another system prompt moves q only through attention context, far less than another question."""
+    q = queries(
+        tiny_base,
+        encoder,
+        [[{"role": "user", "content": "Why is the sky blue?"}]] * 2
+        + [[{"role": "user", "content": "How do I boil an egg?"}]],
+    )
+    q_sys = queries(
+        tiny_base,
+        encoder,
+        [[{"role": "user", "content": "Why is the sky blue?"}]],
+        system_prompt="You are a pirate. Answer briefly.",
+    )
+    np.testing.assert_array_equal(q[0], q[1])
+    assert float(q[0] @ q_sys[0]) > float(q[0] @ q[2])
+
+
+def test_queries_unit_norm_and_whitened(tiny_base, encoder):
+    q = queries(tiny_base, encoder, [[{"role": "user", "content": p}] for p in PROMPTS])
+    assert q.shape == (len(PROMPTS), 32) and q.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    # centred: the calibration queries do not share one direction
+    assert np.linalg.norm(q.mean(0)) < 0.5
+    W = encoder.W.astype(np.float64)
+    d = min(W.shape)
+    np.testing.assert_allclose(W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W, np.eye(d), atol=1e-5)
+    np.testing.assert_allclose(encoder.P, encoder.P.T, atol=1e-6)
+    assert 0.0 <= encoder.shrinkage <= 1.0
+
+
+def test_projection_seeded():
+    np.testing.assert_array_equal(orthogonal_projection(64, 16, 1), orthogonal_projection(64, 16, 1))
+    assert not np.allclose(orthogonal_projection(64, 16, 1), orthogonal_projection(64, 16, 2))
+    assert orthogonal_projection(16, 64, 0).shape == (64, 16)
+
+
+def test_fit_whitens_projected_calibration_set():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 24)) * np.linspace(0.1, 5, 24) + 3.0
+    enc = QueryEncoder.fit(X, d_key=8, seed=0, shrinkage=0.0)
+    Z = (X - enc.mu) @ enc.W.T @ enc.P.T
+    np.testing.assert_allclose(np.cov(Z.T), np.eye(8), atol=1e-3)
+    assert 0 < ledoit_wolf_shrinkage(rng.standard_normal((20, 50))) <= 1
+
+
+def test_save_load_identical(tmp_path, tiny_base, encoder):
+    enc = encoder.with_tau(0.42)
+    p = tmp_path / "enc" / "query_encoder.npz"
+    enc.save(p)
+    back = QueryEncoder.load(p)
+    for f in ("mu", "W", "P"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(enc, f))
+    assert (back.query_layer, back.seed, back.tau, back.model_name, back.calibration_hash) == (
+        1,
+        5,
+        0.42,
+        "tiny-random-llama",
+        enc.calibration_hash,
+    )
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
+    np.testing.assert_array_equal(queries(tiny_base, back, chats), queries(tiny_base, enc, chats))
+    back.check_model(tiny_base)
+    assert QueryEncoder.load(p).tau == 0.42 and encoder.tau is None
+
+
+def test_calibrate_tau_rate_and_margin():
+    rng = np.random.default_rng(0)
+    unrelated = rng.uniform(-0.2, 0.3, 180)
+    near_miss = rng.uniform(0.3, 0.6, 20)  # same relation, another entity: the hard negatives
+    neg = np.concatenate([unrelated, near_miss])
+    pos = rng.uniform(0.7, 0.95, 50)
+    tau = calibrate_tau(pos, neg, 0.01)
+    assert (neg >= tau).mean() <= 0.01
+    assert (pos >= tau).all()
+    bar = np.sort(neg.astype(np.float32))[::-1][2]
+    assert tau == pytest.approx((bar + pos.astype(np.float32).min()) / 2, abs=1e-6)
+    # without positives: just above the highest negative that must fail
+    t0 = calibrate_tau([], neg, 0.0)
+    assert t0 > neg.max() and np.float32(t0) == np.nextafter(np.float32(neg.max()), np.float32(1))
+    with pytest.raises(ValueError):
+        calibrate_tau(pos, [], 0.01)
+
+
+@pytest.mark.slow
+def test_smollm2_paraphrase_routes_to_its_key(smollm2_base):
+    """Invented facts: keys from 2 phrasings; a held-out paraphrase scores highest on its own key and
+    above a near-miss (same relation, a real country)."""
+    enc = QueryEncoder.calibrate(smollm2_base, d_key=128)
+    facts = [("Zorvania", "capital"), ("Maldovex", "currency"), ("Pellucid Isles", "language")]
+
+    def q(texts):
+        return queries(smollm2_base, enc, [[{"role": "user", "content": t}] for t in texts])
+
+    keys = []
+    for e, r in facts:
+        m = q([f"What is the {r} of {e}?", f"Tell me the {r} of {e}."]).mean(0)
+        keys.append(m / np.linalg.norm(m))
+    K = np.stack(keys)
+    S = q([f"Do you know what the {r} of {e} is?" for e, r in facts]) @ K.T
+    assert (S.argmax(1) == np.arange(3)).all()
+    near = q(["What is the capital of France?", "What is the currency of Japan?"]) @ K.T
+    assert near.max() < np.diag(S).min()
