@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled
 export TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check srmoa_dist tests
+.venv/bin/ruff check srmoa_dist tests k8s
 set +e
 .venv/bin/python -m pytest -q -rs --durations=15 "$@"
 rc=$?
