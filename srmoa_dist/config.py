@@ -113,6 +113,10 @@ class KeyStoreConfig:
     temperature: float = 0.1          # gates g = softmax(scores / temperature)
     drift_retrain: float = 0.25       # retrain IVF centroids when mean key drift since training passes this
     snapshot_every: int = 100_000     # key updates in the log before a new snapshot is written
+    device: str = "auto"              # auto | cpu | gpu: FAISS search on a GPU when FAISS has GPU support
+    train_per_list: int = 64          # IVF centroids are trained on train_per_list * nlist sampled keys
+    kmeans_iters: int = 10            # spherical k-means iterations of an IVF (re)training
+    rebuild_in_background: bool = False  # (re)build the index in a thread while the old one serves
 
     def __post_init__(self) -> None:
         if not isinstance(self.d_key, int) or self.d_key <= 0:
@@ -127,6 +131,15 @@ class KeyStoreConfig:
         _positive("keystore.temperature", self.temperature)
         _positive("keystore.drift_retrain", self.drift_retrain)
         _positive("keystore.snapshot_every", self.snapshot_every)
+        _choice("keystore.device", self.device, ("auto", "cpu", "gpu"))
+        if not isinstance(self.rebuild_in_background, bool):
+            raise ValueError(f"keystore.rebuild_in_background must be true or false, "
+                             f"got {self.rebuild_in_background!r}")
+        if not isinstance(self.train_per_list, int) or self.train_per_list < 1:
+            raise ValueError(f"keystore.train_per_list must be a positive integer, "
+                             f"got {self.train_per_list!r}")
+        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+            raise ValueError(f"keystore.kmeans_iters must be a positive integer, got {self.kmeans_iters!r}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,8 @@ class GravityConfig:
     usage_ema: float = 0.99           # usage <- usage_ema * usage + (1 - usage_ema) * activations
     min_norm: float = 0.05            # a key shorter than this frees its slot
     energy_pairs: int = 1024          # sampled pairs for energy()
+    sweep_batches: int = 64           # each key's pending decay is applied at least every this many batches
+    sweep_min: int = 4096             # at least this many slots are swept per batch (small stores: all)
 
     def __post_init__(self) -> None:
         _unit("gravity.alpha", self.alpha)
@@ -149,6 +164,10 @@ class GravityConfig:
         _unit("gravity.usage_ema", self.usage_ema, closed=False)
         _unit("gravity.min_norm", self.min_norm)
         _positive("gravity.energy_pairs", self.energy_pairs)
+        for name in ("sweep_batches", "sweep_min"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"gravity.{name} must be a positive integer, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -186,8 +205,14 @@ class TTTConfig:
     refine_radius: float = 0.85       # an existing expert scoring above this is refined instead of a new one
     max_rule_chars: int = 400
     locality_probes: int = 4          # unrelated prompts whose greedy output must not change
+    key_lr: float | None = None       # AdamW lr of the routing key; None = lr
+    router_defer: bool = True         # the router CE also competes with deferral (a column of score tau)
+    check_isolation: bool = True      # snapshot the base model and assert only the target expert moved
+    verify_max_new_tokens: int = 24   # greedy tokens generated when verifying an edit (re-ask, locality)
 
     def __post_init__(self) -> None:
+        if self.key_lr is not None:
+            _positive("ttt.key_lr", self.key_lr)
         if not isinstance(self.steps, int) or self.steps <= 0:
             raise ValueError(f"ttt.steps must be a positive integer, got {self.steps!r}")
         _positive("ttt.lr", self.lr)
@@ -198,6 +223,10 @@ class TTTConfig:
             raise ValueError(f"ttt.refine_radius must be in [-1, 1], got {self.refine_radius!r}")
         _positive("ttt.max_rule_chars", self.max_rule_chars)
         _non_negative("ttt.locality_probes", self.locality_probes)
+        if not isinstance(self.verify_max_new_tokens, int) or self.verify_max_new_tokens <= 0:
+            raise ValueError(
+                f"ttt.verify_max_new_tokens must be a positive integer, got {self.verify_max_new_tokens!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -212,9 +241,22 @@ class RuntimeConfig:
     snapshot_interval_s: float = 60.0
     cache_experts: int = 4096         # per-replica LRU cache of decoded experts
     max_restarts: int = 5
+    max_task_retries: int = 3         # idempotent actor calls (reads) retried across an actor restart
+    actor_cpus: float = 0.1           # logical CPUs of each shard actor and of the key-store actor
+    trainer_cpus: float = 0.5         # logical CPUs of the SR-TTT trainer actor
+    replica_cpus: float = 0.5         # logical CPUs of each ModelServer replica
+    torch_threads: int = 0            # torch threads in the model server and trainer; 0 = all cores
+    call_timeout_s: float = 30.0      # timeout of one call to a store actor
+    job_history: int = 1000           # finished feedback jobs the trainer remembers
 
     def __post_init__(self) -> None:
         _positive("runtime.num_cpus", self.num_cpus)
+        _non_negative("runtime.max_task_retries", self.max_task_retries)
+        for name in ("actor_cpus", "trainer_cpus", "replica_cpus"):
+            _non_negative(f"runtime.{name}", getattr(self, name))
+        _non_negative("runtime.torch_threads", self.torch_threads)
+        _positive("runtime.call_timeout_s", self.call_timeout_s)
+        _positive("runtime.job_history", self.job_history)
         if self.object_store_memory_mb < 78:
             raise ValueError(
                 "runtime.object_store_memory_mb must be >= 78 (Ray's minimum), "
