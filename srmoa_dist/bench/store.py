@@ -46,6 +46,7 @@ SEARCH_QUERIES = 20_000
 SEARCH_BATCH = 1_000
 RECALL_QUERIES = 1_000
 CONSOLIDATE_BATCH = 4_096
+NPROBES = (4, 8, 16, 32)
 
 
 def clustered_keys(n: int, d: int, rng: np.random.Generator, n_clusters: int | None = None) -> np.ndarray:
@@ -53,17 +54,17 @@ def clustered_keys(n: int, d: int, rng: np.random.Generator, n_clusters: int | N
     n_clusters = n_clusters or max(16, n // 200)
     centres = rng.standard_normal((n_clusters, d)).astype(np.float32)   # (C, d)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    x = centres[rng.integers(0, n_clusters, n)] + 0.35 / np.sqrt(d) * rng.standard_normal((n, d)).astype(
+    x = centres[rng.integers(0, n_clusters, n)] + 0.8 / np.sqrt(d) * rng.standard_normal((n, d)).astype(
         np.float32)                                                      # (n, d)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+    return x.astype(np.float32)
 
 
 def _queries_near(keys: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Queries drawn near stored keys, as real traffic comes near the experts it uses."""
     d = keys.shape[1]
     noise = rng.standard_normal((n, d)).astype(np.float32)             # (n, d)
-    xq = keys[rng.integers(0, len(keys), n)] + 0.2 / np.sqrt(d) * noise
+    xq = keys[rng.integers(0, len(keys), n)] + 0.5 / np.sqrt(d) * noise
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     return xq.astype(np.float32)
 
@@ -122,11 +123,11 @@ def bench_key_store(n: int, rng: np.random.Generator, index: str = "auto") -> di
     rss_mb = (proc.memory_info().rss - rss0) / 2**20
 
     # Consolidation: activations near stored keys, each touching K experts.
-    cons_updates, cons_s = 0, 0.0
+    cons_updates, cons_s, cons_batches = 0, 0.0, 0
     xq_all = _queries_near(ks.get(np.arange(min(n, 200_000))), SEARCH_QUERIES, rng)
 
     def consolidate_once() -> None:
-        nonlocal cons_updates, cons_s
+        nonlocal cons_updates, cons_s, cons_batches
         xq = xq_all[rng.integers(0, len(xq_all), CONSOLIDATE_BATCH)]
         _, I = ks.search(xq, K, tau=-np.inf)                 # (b, K)
         gates = np.full(I.shape, 1.0 / K, dtype=np.float32)
@@ -134,34 +135,40 @@ def bench_key_store(n: int, rng: np.random.Generator, index: str = "auto") -> di
         stats = ks.consolidate(Activations(queries=xq, ids=I, gates=gates))
         cons_s += time.perf_counter() - t
         cons_updates += int(stats.updated)
+        cons_batches += 1
 
     # Search q/s while keys move: a consolidation batch between search batches, timed apart.
-    search_s, searched, recalls = 0.0, 0, []
-    pbar = tqdm(total=SEARCH_QUERIES, desc=f"search {n:,} keys", unit="q")
-    for start in range(0, SEARCH_QUERIES, SEARCH_BATCH):
-        consolidate_once()
-        xq = xq_all[start:start + SEARCH_BATCH]
-        t = time.perf_counter()
-        D, I = ks.search(xq, K, tau=-np.inf)                 # (b, K), (b, K)
-        search_s += time.perf_counter() - t
-        searched += len(xq)
-        pbar.update(len(xq))
-        if start % (SEARCH_QUERIES // 4) == 0:               # recall against exact search on current keys
-            recalls.append(_recall_at_k(ks, xq[:RECALL_QUERIES // 4], I[:RECALL_QUERIES // 4]))
-    pbar.close()
-    for _ in range(4):
-        consolidate_once()
+    # IVF stores sweep nprobe; the headline figure is the fastest setting with recall@8 >= 0.95.
+    sweep = []
+    for nprobe in (NPROBES if ks.index_kind == "ivf" else (cfg.nprobe,)):
+        search_s, searched, recalls = 0.0, 0, []
+        for start in tqdm(range(0, SEARCH_QUERIES, SEARCH_BATCH), desc=f"search {n:,} keys nprobe {nprobe}",
+                          unit="batch"):
+            consolidate_once()
+            xq = xq_all[start:start + SEARCH_BATCH]
+            t = time.perf_counter()
+            D, I = ks.search(xq, K, tau=-np.inf, nprobe=nprobe)   # (b, K), (b, K)
+            search_s += time.perf_counter() - t
+            searched += len(xq)
+            if start % (SEARCH_QUERIES // 4) == 0:   # recall against exact search on the current keys
+                recalls.append(_recall_at_k(ks, xq[:RECALL_QUERIES // 4], I[:RECALL_QUERIES // 4]))
+        sweep.append({"nprobe": nprobe, "search_qps": searched / search_s,
+                      "recall_at_k": float(np.mean(recalls))})
+    good = [r for r in sweep if r["recall_at_k"] >= 0.95] or sweep
+    best = max(good, key=lambda r: r["search_qps"])
     st = ks.stats()
     ks.close()
     return {
         "keystore_build_s": build_s,
         "keystore_rss_mb": rss_mb,
-        "index_kind": st.get("index_kind"),
-        "nlist": st.get("nlist"),
-        "nprobe": cfg.nprobe,
-        "search_qps": searched / search_s,
-        "recall_at_k": float(np.mean(recalls)),
+        "index_kind": st["index_kind"],
+        "nlist": st["nlist"],
+        "nprobe": best["nprobe"],
+        "search_qps": best["search_qps"],
+        "recall_at_k": best["recall_at_k"],
+        "search_sweep": sweep,
         "consolidation_updates_per_s": cons_updates / cons_s if cons_s else 0.0,
+        "consolidation_batches": cons_batches,
     }
 
 
