@@ -1,0 +1,221 @@
+"""The edit ledger: an append-only JSONL file on disk, one line per event, fsynced.
+
+An edit is written once when committed (everything needed to audit and roll it back: rule, prompts,
+expert id, previous and new expert versions, previous key, losses), then gets status lines appended
+(verified, rolled_back, failed). Reading folds the lines by edit_id: the first line is the record,
+later lines update status, timestamps and notes. A torn last line (a crash mid-write) is skipped with
+a warning; any other corrupt line raises a ValueError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("committed", "verified", "rolled_back", "failed")
+LEDGER_FILE = "edits.jsonl"
+_FORMAT = 1
+
+
+def encode_key(key: np.ndarray | None) -> str | None:
+    """float32 vector -> base64 of its little-endian bytes (exact round trip)."""
+    if key is None:
+        return None
+    return base64.b64encode(np.ascontiguousarray(key, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_key(text: str | None) -> np.ndarray | None:
+    if text is None:
+        return None
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit as the ledger knows it (the fold of its lines)."""
+
+    edit_id: str
+    status: str
+    rule: str
+    prompts: tuple[dict, ...]                 # TrainingPrompt.to_dict() of each of the 4 prompts
+    expert_id: int
+    created: bool                             # a new expert (rollback frees its slot) or a refined one
+    prev_version: int | None                  # the expert's version before the edit (None when created)
+    new_version: int | None
+    prev_key: np.ndarray | None = field(default=None, compare=False)   # (d_key,) float32, None when created
+    new_key: np.ndarray | None = field(default=None, compare=False)
+    prev_pinned: bool = False
+    lm_losses: tuple[float, ...] = ()
+    router_losses: tuple[float, ...] = ()
+    steps: int = 0
+    question: str = ""
+    correct_answer: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    train_seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"edit status must be one of {STATUSES}, got {self.status!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["prev_key"] = encode_key(self.prev_key)
+        d["new_key"] = encode_key(self.new_key)
+        d["prompts"] = list(self.prompts)
+        d["lm_losses"] = list(self.lm_losses)
+        d["router_losses"] = list(self.router_losses)
+        d["notes"] = list(self.notes)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EditRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["prev_key"] = decode_key(d.get("prev_key"))
+        kw["new_key"] = decode_key(d.get("new_key"))
+        kw["prompts"] = tuple(d.get("prompts", ()))
+        kw["lm_losses"] = tuple(float(x) for x in d.get("lm_losses", ()))
+        kw["router_losses"] = tuple(float(x) for x in d.get("router_losses", ()))
+        kw["notes"] = tuple(d.get("notes", ()))
+        return cls(**kw)
+
+
+class EditLedger:
+    """Append-only JSONL ledger under `root` (a directory, created if needed). Thread-safe appends."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / LEDGER_FILE
+        self._lock = threading.Lock()
+        self._records: dict[str, EditRecord] = {}
+        self._load()
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def new_id() -> str:
+        return f"edit-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+    def _append(self, line: dict[str, Any]) -> None:
+        data = (json.dumps(line, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def commit(self, record: EditRecord) -> EditRecord:
+        """Write a new edit (its status is usually 'committed'). Its edit_id must be new."""
+        with self._lock:
+            if record.edit_id in self._records:
+                raise ValueError(f"edit {record.edit_id!r} is already in the ledger {self.path}")
+            now = time.time()
+            rec = dataclasses.replace(record, created_at=record.created_at or now, updated_at=now)
+            self._append({"format": _FORMAT, "op": "commit", "record": rec.to_json()})
+            self._records[rec.edit_id] = rec
+            return rec
+
+    def set_status(self, edit_id: str, status: str, note: str = "", **extra: Any) -> EditRecord:
+        """Append a status change (verified, rolled_back, failed) with an optional note."""
+        if status not in STATUSES:
+            raise ValueError(f"edit status must be one of {STATUSES}, got {status!r}")
+        with self._lock:
+            rec = self.get(edit_id)
+            now = time.time()
+            line = {"format": _FORMAT, "op": "status", "edit_id": edit_id, "status": status, "at": now,
+                    "note": note, "extra": extra}
+            self._append(line)
+            rec = self._fold_status(rec, line)
+            self._records[edit_id] = rec
+            return rec
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def get(self, edit_id: str) -> EditRecord:
+        try:
+            return self._records[edit_id]
+        except KeyError:
+            raise KeyError(f"no edit {edit_id!r} in the ledger {self.path}") from None
+
+    def list(self, status: str | Sequence[str] | None = None) -> list[EditRecord]:
+        """All edits in commit order, optionally only those with the given status(es)."""
+        recs = list(self._records.values())
+        if status is not None:
+            want = {status} if isinstance(status, str) else set(status)
+            bad = want - set(STATUSES)
+            if bad:
+                raise ValueError(f"unknown status(es) {sorted(bad)}; known: {STATUSES}")
+            recs = [r for r in recs if r.status in want]
+        return recs
+
+    def live_experts(self) -> set[int]:
+        """Experts held by an edit in force (committed or verified, not rolled back)."""
+        return {r.expert_id for r in self._records.values() if r.status in ("committed", "verified")}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, edit_id: object) -> bool:
+        return edit_id in self._records
+
+    def reload(self) -> None:
+        with self._lock:
+            self._records = {}
+            self._load()
+
+    @staticmethod
+    def _fold_status(rec: EditRecord, line: dict[str, Any]) -> EditRecord:
+        notes = rec.notes + ((line["note"],) if line.get("note") else ())
+        extra = {**rec.extra, **(line.get("extra") or {})}
+        return dataclasses.replace(rec, status=line["status"], updated_at=float(line["at"]), notes=notes,
+                                   extra=extra)
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines) and not raw.endswith(b"\n"):
+                    log.warning("ledger %s: torn last line %d skipped (%s)", self.path, n, e)
+                    continue
+                raise ValueError(f"ledger {self.path} line {n} is not valid JSON: {e}") from None
+            try:
+                if obj.get("format") != _FORMAT:
+                    raise ValueError(f"unknown format {obj.get('format')!r}")
+                if obj["op"] == "commit":
+                    rec = EditRecord.from_json(obj["record"])
+                    self._records[rec.edit_id] = rec
+                elif obj["op"] == "status":
+                    eid = obj["edit_id"]
+                    if eid not in self._records:
+                        raise ValueError(f"status line for unknown edit {eid!r}")
+                    self._records[eid] = self._fold_status(self._records[eid], obj)
+                else:
+                    raise ValueError(f"unknown op {obj['op']!r}")
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"ledger {self.path} line {n} is corrupt: {e}") from None

@@ -1,0 +1,218 @@
+"""apply_edit / rollback end to end on a tiny random Llama with a real KeyStore, LMDB store and ledger."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, SrmoaConfig, StoreConfig, TTTConfig
+from srmoa_dist.experts.expert import LoRAExpert
+from srmoa_dist.experts.store import ShardedExpertStore
+from srmoa_dist.model.fusion import ExpertFusion
+from srmoa_dist.model.generation import queries
+from srmoa_dist.model.loading import from_model
+from srmoa_dist.routing.keystore import KeyStore
+from srmoa_dist.routing.query_encoder import CALIBRATION_PROMPTS, QueryEncoder
+from srmoa_dist.ttt import edit as edit_mod
+from srmoa_dist.ttt.detect import explicit_failure
+from srmoa_dist.ttt.diversify import HeldOutLeak
+from srmoa_dist.ttt.edit import EditFailed, EditResult, apply_edit, rollback
+from srmoa_dist.ttt.ledger import EditLedger
+
+D_KEY = 16
+PROBES = ["Tell me a joke about cats", "How do I boil an egg?", "Why is the sky blue?", "Hi"]
+FAILURE = explicit_failure("What is the capital of France?", "Rome", correct_answer="Paris")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A tiny model runs as fast on one thread, and two threads crawl when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(make_tiny_model):
+    model, tok = make_tiny_model(seed=0)
+    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
+                       system_prompt="You are a helpful assistant.")
+    base = from_model(model, tok, mcfg)
+    fusion = ExpertFusion(base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=base.query_layer)
+    enc = QueryEncoder.calibrate(base, d_key=D_KEY, prompts=CALIBRATION_PROMPTS[:32])
+    yield base, fusion, enc
+    fusion.remove()
+
+
+class Env:
+    """Fresh key store (6 random keys), LMDB store (their experts) and ledger for one test."""
+
+    def __init__(self, tmp_path, fusion, *, tau=0.5, steps=40, lr=0.05, keys=None):
+        self.cfg = SrmoaConfig(
+            data_dir=str(tmp_path), expert=ExpertConfig(rank=4, alpha=8.0),
+            keystore=KeyStoreConfig(d_key=D_KEY, tau=tau, k=4, device="cpu"),
+            ttt=TTTConfig(steps=steps, lr=lr, verify_max_new_tokens=8))
+        if keys is None:
+            keys = np.random.default_rng(0).standard_normal((6, D_KEY)).astype(np.float32)
+            keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        self.ks = KeyStore(self.cfg.keystore)
+        self.ids = [int(i) for i in self.ks.add(keys)]
+        self.store = ShardedExpertStore(tmp_path / "shards", StoreConfig(n_shards=2))
+        self.store.put_many({i: LoRAExpert.random(fusion.target_shapes(), 4, 8.0, "float16", seed=i)
+                             for i in self.ids})
+        self.ledger = EditLedger(self.cfg.ledger_dir)
+        self.invalidated: list[list[int]] = []
+
+    def kw(self, world, **extra):
+        base, fusion, enc = world
+        return dict(base=base, fusion=fusion, encoder=enc, store=self.store, keystore=self.ks,
+                    ledger=self.ledger, cfg=self.cfg, invalidate=self.invalidated.append, **extra)
+
+
+def test_verified_edit_then_rollback(world, tmp_path):
+    env = Env(tmp_path, world[1])
+    r = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
+    assert isinstance(r, EditResult) and r.status == "verified", r.reason
+    assert r.created and r.expert_id == 6 and r.new_version == 1 and r.prev_version is None
+    assert r.answer_ok and "Paris" in r.answer and 6 in r.routed_to and r.locality_changed == ()
+    assert len(r.prompts) == 4 and r.rule and r.steps <= 40
+    assert env.ks.is_pinned([6])[0] and len(env.ks) == 7
+    assert env.store.versions([6]) == [1] and env.invalidated == [[6]]
+    rec = env.ledger.get(r.edit_id)
+    assert rec.status == "verified" and rec.new_key is not None and rec.extra["routed_to"] == [6]
+    assert EditLedger(env.cfg.ledger_dir).get(r.edit_id).status == "verified"    # on disk
+
+    out = rollback(r.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger,
+                   invalidate=env.invalidated.append)
+    assert out.status == "rolled_back" and len(env.ks) == 6 and 6 not in env.ks.active_ids()
+    assert env.invalidated == [[6], [6]]
+    with pytest.raises(ValueError, match="rolled_back"):
+        rollback(r.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger)
+    env.store.close()
+
+
+def test_failed_verification_rolls_back(world, tmp_path):
+    env = Env(tmp_path, world[1], steps=1)                       # one step cannot teach the answer
+    r = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
+    assert r.status == "rolled_back" and not r.answer_ok and "still fails" in r.reason
+    assert len(env.ks) == 6 and env.ledger.get(r.edit_id).status == "rolled_back"
+    assert "verification failed" in env.ledger.get(r.edit_id).notes[-1]
+
+
+def test_locality_break_rolls_back(world, tmp_path):
+    # no deferral and no other expert: every probe reaches the new expert alone (gate 1)
+    env = Env(tmp_path, world[1], tau=-1.0, keys=np.zeros((0, D_KEY), np.float32))
+    r = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
+    assert r.status == "rolled_back" and r.locality_changed and "locality" in r.reason
+    assert r.answer_ok and r.routed_to == (r.expert_id,)
+    assert len(env.ks) == 0
+
+
+def test_refine_commit_and_exact_rollback(world, tmp_path):
+    base, fusion, enc = world
+    qs = queries(base, enc, [[{"role": "user", "content": FAILURE.question}]])
+    keys = np.random.default_rng(0).standard_normal((6, D_KEY)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    keys[3] = qs[0]                                             # expert 3 sits on the question
+    env = Env(tmp_path, fusion, keys=keys)
+    env.cfg = SrmoaConfig(data_dir=env.cfg.data_dir, expert=env.cfg.expert, keystore=env.cfg.keystore,
+                          ttt=TTTConfig(steps=4, refine_radius=0.5))
+    key3, exp3 = env.ks.get([3]).copy(), env.store.get_many([3])[0]
+    r = apply_edit(FAILURE, verify=False, **env.kw(world))
+    assert r.status == "committed" and not r.created and r.expert_id == 3
+    assert r.prev_version == 1 and r.new_version == 2 and env.store.versions([3]) == [2]
+    assert env.ks.is_pinned([3])[0] and not np.array_equal(env.ks.get([3]), key3)
+    assert not env.store.get_many([3])[0].same_weights(exp3)
+
+    # a second edit does not refine an expert that a live edit holds: it makes a new one
+    r2 = apply_edit(FAILURE, verify=False, **env.kw(world))
+    assert r2.created and r2.expert_id == 6
+
+    rollback(r.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger)
+    assert env.store.versions([3]) == [1] and env.store.get_many([3])[0].same_weights(exp3)
+    assert np.array_equal(env.ks.get([3]), key3) and not env.ks.is_pinned([3])[0]
+    assert env.ledger.get(r.edit_id).status == "rolled_back"
+    assert env.ledger.get(r2.edit_id).status == "committed"
+    env.store.close()
+
+
+def test_rollback_refuses_when_a_later_edit_holds_the_expert(world, tmp_path):
+    env = Env(tmp_path, world[1])
+    r1 = apply_edit(FAILURE, verify=False, **env.kw(world))
+    # force a second edit onto the same expert by allowing refinement of live experts
+    env.cfg = SrmoaConfig(data_dir=env.cfg.data_dir, expert=env.cfg.expert, keystore=env.cfg.keystore,
+                          ttt=TTTConfig(steps=2, refine_radius=0.0))
+    r2 = apply_edit(FAILURE, verify=False, may_refine=lambda i: True, **env.kw(world))
+    assert r2.expert_id == r1.expert_id and not r2.created and r2.new_version == 2
+    with pytest.raises(ValueError, match="edited again"):
+        rollback(r1.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger)
+    rollback(r2.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger)
+    assert env.store.versions([r1.expert_id]) == [1]
+    rollback(r1.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger)
+    assert len(env.ks) == 6
+
+
+def test_held_out_leak_writes_nothing(world, tmp_path):
+    env = Env(tmp_path, world[1])
+    with pytest.raises(HeldOutLeak):
+        apply_edit(FAILURE, exclude=["capital of France"], **env.kw(world))
+    assert len(env.ks) == 6 and len(env.ledger) == 0
+
+
+def test_training_failure_frees_slot_and_records(world, tmp_path, monkeypatch):
+    env = Env(tmp_path, world[1])
+
+    def boom(*a, new_slot, **k):
+        new_slot()
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(edit_mod, "train_edit", boom)
+    with pytest.raises(EditFailed, match="out of memory") as ei:
+        apply_edit(FAILURE, **env.kw(world))
+    assert len(env.ks) == 6                                     # the reserved slot was freed
+    rec = env.ledger.get(ei.value.edit_id)
+    assert rec.status == "failed" and "out of memory" in rec.notes[0]
+
+
+def test_rule_from_model_and_rule_only_verification(world, tmp_path):
+    env = Env(tmp_path, world[1])
+    failure = explicit_failure(FAILURE.question, "Rome", rule="Paris is the capital of France.")
+    asked = []
+    r = apply_edit(failure, ask=lambda p: asked.append(p) or "RULE: never used", verify=True, **env.kw(world))
+    assert asked == []                                           # a given rule is not asked for
+    assert r.rule == "Paris is the capital of France."
+    assert r.answer_ok == (r.expert_id in r.routed_to)           # rule only: routing is what is checked
+    f2 = explicit_failure("What is the capital of France?", "Rome", correct_answer="Paris")
+    r2 = apply_edit(f2, ask=lambda p: "RULE: The capital of France is Paris.", verify=False, **env.kw(world))
+    assert r2.rule == "The capital of France is Paris."
+
+
+def test_commit_failure_undoes_the_store_write(world, tmp_path):
+    base, fusion, enc = world
+    qs = queries(base, enc, [[{"role": "user", "content": FAILURE.question}]])
+    keys = np.random.default_rng(0).standard_normal((6, D_KEY)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    keys[3] = qs[0]
+    env = Env(tmp_path, fusion, keys=keys)
+    env.cfg = SrmoaConfig(data_dir=env.cfg.data_dir, expert=env.cfg.expert, keystore=env.cfg.keystore,
+                          ttt=TTTConfig(steps=2, refine_radius=0.5))
+    key3 = env.ks.get([3]).copy()
+
+    class FlakyKeys:
+        def __init__(self, ks):
+            self.ks = ks
+
+        def __getattr__(self, name):
+            return getattr(self.ks, name)
+
+        def pin(self, ids, pinned=True):
+            raise RuntimeError("key store actor died")
+
+    kw = env.kw(world)
+    kw["keystore"] = FlakyKeys(env.ks)
+    with pytest.raises(EditFailed, match="commit failed.*actor died") as ei:
+        apply_edit(FAILURE, verify=False, **kw)
+    assert env.store.versions([3]) == [1] and np.array_equal(env.ks.get([3]), key3)
+    assert env.ledger.get(ei.value.edit_id).status == "failed" and len(env.ks) == 6

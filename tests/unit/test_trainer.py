@@ -1,0 +1,205 @@
+"""SR-TTT trainer on a tiny random Llama: isolation, loss, router CE, target choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, StoreConfig, TTTConfig
+from srmoa_dist.experts.expert import LoRAExpert
+from srmoa_dist.experts.store import ShardedExpertStore
+from srmoa_dist.model.fusion import ExpertFusion
+from srmoa_dist.model.generation import queries
+from srmoa_dist.model.loading import from_model
+from srmoa_dist.routing.keystore import KeyStore
+from srmoa_dist.routing.query_encoder import CALIBRATION_PROMPTS, QueryEncoder
+from srmoa_dist.ttt.detect import explicit_failure
+from srmoa_dist.ttt.diversify import diversify
+from srmoa_dist.ttt.trainer import (
+    AnswerLoss,
+    IsolationError,
+    Target,
+    TrainResult,
+    answer_lm_loss,
+    choose_target,
+    lm_batch,
+    train_edit,
+)
+
+D_KEY = 16
+ECFG = ExpertConfig(rank=4, alpha=8.0)
+N_EXPERTS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A tiny model runs as fast on one thread, and two threads crawl when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(make_tiny_model):
+    """A private tiny model (so nothing else shares its hooks), fusion, encoder and 4 prompts' queries."""
+    model, tok = make_tiny_model(seed=0)
+    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
+                       system_prompt="You are a helpful assistant.")
+    base = from_model(model, tok, mcfg)
+    fusion = ExpertFusion(base.model, ECFG, query_layer=base.query_layer)
+    enc = QueryEncoder.calibrate(base, d_key=D_KEY, prompts=CALIBRATION_PROMPTS[:32])
+    failure = explicit_failure("What is the capital of France?", "Rome", correct_answer="Paris")
+    prompts = diversify(failure, "Paris is the capital of France.")
+    qs = queries(base, enc, [list(p.messages) for p in prompts])
+    yield base, fusion, enc, prompts, qs
+    fusion.remove()
+
+
+def _stores(tmp_path, fusion, keys):
+    ks = KeyStore(KeyStoreConfig(d_key=D_KEY, tau=0.3, k=4, device="cpu"))
+    ids = ks.add(keys)
+    store = ShardedExpertStore(tmp_path / "shards", StoreConfig(n_shards=2))
+    shapes = fusion.target_shapes()
+    store.put_many({int(i): LoRAExpert.random(shapes, 4, 8.0, "float16", seed=int(i)) for i in ids})
+    return ks, store, ids
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _random_keys(n, seed=0):
+    return _unit(np.random.default_rng(seed).standard_normal((n, D_KEY)))
+
+
+def test_lm_batch_labels_answer_tokens_only(world):
+    base, _, _, prompts, _ = world
+    b = lm_batch(base.tokenizer, prompts, base.system_prompt)
+    tok = base.tokenizer
+    for i, p in enumerate(prompts):
+        lab = b["labels"][i]
+        ans = tok.decode(lab[lab >= 0])
+        assert ans.startswith(p.target) and ans.endswith(tok.eos_token)       # answer + end of turn
+        prompt_part = tok.decode(b["input_ids"][i][(lab < 0) & (b["attention_mask"][i] == 1)])
+        assert p.user_text in prompt_part and p.target not in prompt_part.split("assistant")[-1]
+    logits = torch.zeros(len(prompts), b["labels"].shape[1], len(tok))
+    assert answer_lm_loss(logits, b["labels"]).item() == pytest.approx(np.log(len(tok)), rel=1e-5)
+
+
+def test_answer_loss_shortcut_equals_full_forward(world):
+    base, fusion, _, prompts, _ = world
+    b = lm_batch(base.tokenizer, prompts, base.system_prompt)
+    te = fusion.trainable(LoRAExpert.random(fusion.target_shapes(), 4, 8.0, "float32", seed=3))
+    with fusion.routing([[te]] * len(prompts)):
+        fast = AnswerLoss(base, b)()
+        full = AnswerLoss(base, b, full_forward=True)()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    fast.backward()
+    assert all(p.grad is not None for p in te.parameters())
+
+
+def test_only_target_changes_and_loss_decreases(world, tmp_path):
+    base, fusion, _, prompts, qs = world
+    ks, store, ids = _stores(tmp_path, fusion, _random_keys(N_EXPERTS))
+    params = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    keys_before = ks.get(ids).copy()
+    experts_before = store.get_many([int(i) for i in ids])
+    versions_before = store.versions([int(i) for i in ids])
+    slots = []
+
+    def new_slot():
+        slots.append(int(ks.add(np.zeros((1, D_KEY), np.float32), pinned=True)[0]))
+        return slots[-1]
+
+    res = train_edit(base, fusion, prompts, qs, ks, store, TTTConfig(steps=16), ks.cfg, ECFG,
+                     new_slot=new_slot)
+    assert isinstance(res, TrainResult) and res.created and res.expert_id == slots[0] == N_EXPERTS
+    assert res.steps == 16 and len(res.lm_losses) == 17 and len(res.router_losses) == 17
+    assert res.lm_losses[-1] < 0.8 * res.lm_losses[0]
+    assert res.key.dtype == np.float32 and res.key.shape == (D_KEY,) and np.linalg.norm(res.key) <= 1 + 1e-6
+    assert res.expert.dtype == "float16" and res.expert.rank == 4
+    assert any(np.abs(b.astype(np.float32)).sum() > 0 for _, b in res.expert.targets.values())  # B left 0
+    # everything but the target: bit-identical
+    for n, p in base.model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert p.grad is None and not p.requires_grad
+    assert np.array_equal(ks.get(ids), keys_before)
+    for e0, e1 in zip(experts_before, store.get_many([int(i) for i in ids])):
+        assert e0 == e1
+    assert store.versions([int(i) for i in ids]) == versions_before
+    assert not fusion.active
+    store.close()
+
+
+def test_router_ce_pushes_target_to_top1(world, tmp_path):
+    base, fusion, _, prompts, qs = world
+    rng = np.random.default_rng(1)
+    m = _unit(qs.mean(0))
+    rivals = 0.6 * _unit(qs + 0.3 * rng.standard_normal(qs.shape))          # one close rival per prompt
+    ks, store, ids = _stores(tmp_path, fusion, np.concatenate([rivals, (0.3 * m)[None]]))
+    target = int(ids[-1])
+    before = qs @ ks.get([target])[0]
+    rival_scores = qs @ ks.get(ids[:-1]).T                                     # (P, 4)
+    assert (before < rival_scores.max(1)).all()                                # not top-1 anywhere at first
+    cfg = TTTConfig(steps=16, router_lambda=1.0, key_lr=0.05)
+    res = train_edit(base, fusion, prompts, qs, ks, store, cfg, ks.cfg, ECFG, new_slot=lambda: -1,
+                     target=Target(target, False, float(m @ ks.get([target])[0])))
+    assert not res.created and res.prev_version == 1 and np.array_equal(res.prev_key, ks.get([target])[0])
+    after = qs @ res.key
+    assert (after > rival_scores.max(1)).all(), (after, rival_scores.max(1))  # top-1 for every prompt
+    assert (after > ks.cfg.tau).all()                                          # and above the deferral bar
+    assert res.router_losses[-1] < 0.5 * res.router_losses[0]
+    store.close()
+
+
+def test_choose_target(world, tmp_path):
+    _, fusion, _, _, qs = world
+    m = _unit(qs.mean(0))
+    keys = np.concatenate([_random_keys(3, seed=2), _unit(m + 0.05 * _random_keys(1, seed=3))])
+    ks, store, ids = _stores(tmp_path, fusion, keys)
+    near = int(ids[-1])
+    cfg = TTTConfig(refine_radius=0.8)
+    t = choose_target(qs, ks, cfg, new_slot=lambda: 99)
+    assert t == Target(near, False, pytest.approx(t.score)) and t.score >= 0.8
+    t = choose_target(qs, ks, cfg, new_slot=lambda: 99, may_refine=lambda i: i != near)
+    assert t.created and t.expert_id == 99
+    t = choose_target(qs, ks, TTTConfig(refine_radius=1.0), new_slot=lambda: 98)
+    assert t.created and t.expert_id == 98
+    with pytest.raises(ValueError, match="invalid expert id"):
+        choose_target(qs, ks, TTTConfig(refine_radius=1.0), new_slot=lambda: -1)
+    store.close()
+
+
+def test_isolation_violation_is_caught(world, tmp_path):
+    base, fusion, _, prompts, qs = world
+    ks, store, _ = _stores(tmp_path, fusion, _random_keys(2))
+    emb = base.model.get_input_embeddings().weight
+    saved = emb.detach().clone()
+
+    def tamper(module, args):
+        with torch.no_grad():
+            emb[0, 0] += 1.0
+
+    h = base.model.model.norm.register_forward_pre_hook(tamper)     # runs inside every training step
+    try:
+        with pytest.raises(IsolationError, match="embed_tokens"):
+            train_edit(base, fusion, prompts, qs, ks, store, TTTConfig(steps=2), ks.cfg, ECFG,
+                       new_slot=lambda: 50)
+    finally:
+        h.remove()
+        with torch.no_grad():
+            emb.copy_(saved)
+    store.close()
+
+
+def test_converges_early_and_validates(world, tmp_path):
+    base, fusion, _, prompts, qs = world
+    ks, store, _ = _stores(tmp_path, fusion, _random_keys(2))
+    cfg = TTTConfig(steps=8, converge_loss=100.0)
+    res = train_edit(base, fusion, prompts, qs, ks, store, cfg, ks.cfg, ECFG, new_slot=lambda: 7)
+    assert res.converged and res.steps == 0 and len(res.lm_losses) == 1
+    with pytest.raises(ValueError, match="queries must be"):
+        train_edit(base, fusion, prompts, qs[:2], ks, store, TTTConfig(), ks.cfg, ECFG, new_slot=lambda: 7)
+    store.close()

@@ -1,0 +1,75 @@
+"""One real SR-TTT edit on SmolLM2-135M: an invented fact is learned, reached by a paraphrase, and
+nothing else changes. Slow (real model); about a minute on 2 quiet cores."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig, SrmoaConfig, StoreConfig, TTTConfig
+from srmoa_dist.experts.store import ShardedExpertStore
+from srmoa_dist.model.fusion import ExpertFusion
+from srmoa_dist.model.generation import GenerationParams, generate
+from srmoa_dist.routing.keystore import KeyStore
+from srmoa_dist.routing.query_encoder import QueryEncoder
+from srmoa_dist.ttt.detect import answer_matches, explicit_failure
+from srmoa_dist.ttt.edit import apply_edit, make_fetch, make_router
+from srmoa_dist.ttt.ledger import EditLedger
+
+QUESTION = "What is the capital of Veloria?"
+RULE = "The capital of the invented country Veloria is Quenmark."
+ANSWER = "Quenmark"
+PARAPHRASE = "Which city is the capital of Veloria?"          # held out: never trained on
+UNRELATED = ["What is the capital of France?", "How do I boil an egg?"]   # a near miss and a far one
+TAU = 0.55   # deferral threshold; a store calibrates it (QueryEncoder.calibrate_tau), fixed here
+
+
+def _chat(text: str) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": text}]]
+
+
+@pytest.mark.slow
+def test_smollm2_learns_an_invented_fact(smollm2_base, tmp_path):
+    base = smollm2_base
+    cfg = SrmoaConfig(data_dir=str(tmp_path), expert=ExpertConfig(),
+                      keystore=KeyStoreConfig(tau=TAU, device="cpu"), ttt=TTTConfig(verify_max_new_tokens=12))
+    fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
+    try:
+        enc = QueryEncoder.calibrate(base, d_key=cfg.keystore.d_key)
+        ks = KeyStore(cfg.keystore)
+        store = ShardedExpertStore(cfg.shards_dir, StoreConfig(n_shards=2))
+        ledger = EditLedger(cfg.ledger_dir)
+        params = GenerationParams(max_new_tokens=12)
+        prompts = [QUESTION, PARAPHRASE, *UNRELATED]
+        before = [generate(base, None, None, _chat(p), params=params)[0] for p in prompts]
+        assert not any(answer_matches(g.text, ANSWER) for g in before)   # the base model cannot know it
+
+        failure = explicit_failure(QUESTION, before[0].text, correct_answer=ANSWER, rule=RULE)
+        t0 = time.perf_counter()
+        r = apply_edit(failure, base=base, fusion=fusion, encoder=enc, store=store, keystore=ks,
+                       ledger=ledger, cfg=cfg, locality_prompts=UNRELATED, exclude=[PARAPHRASE])
+        edit_s = time.perf_counter() - t0
+        per_step = r.timings["train_s"] / max(r.steps, 1)
+        print(f"\nSR-TTT edit: {r.status}, {r.steps} steps, {per_step:.2f} s/step, "
+              f"train {r.timings['train_s']:.1f} s, edit {edit_s:.1f} s, lm {r.lm_losses[0]:.2f} -> "
+              f"{r.lm_losses[-1]:.3f}")
+        assert r.status == "verified", r.reason
+        assert r.steps <= cfg.ttt.steps and r.lm_losses[-1] < r.lm_losses[0] / 10
+        assert all(PARAPHRASE.lower() not in str(p.to_dict()).lower() for p in r.prompts)
+
+        router, fetch = make_router(ks, cfg.keystore.k), make_fetch(store)
+        after = [generate(base, fusion, enc, _chat(p), router, fetch, params)[0] for p in prompts]
+        key = ks.get([r.expert_id])[0]
+        scores = [float(g.query @ key) for g in after]
+        print("scores to the edited key:", np.round(scores, 3), "answers:", [g.text for g in after])
+        # the trained prompt and the never-trained paraphrase reach the expert and answer
+        for g in after[:2]:
+            assert r.expert_id in g.expert_ids and answer_matches(g.text, ANSWER), (g.text, g.expert_ids)
+        # unrelated prompts: deferred to the base model, token for token the same greedy output
+        for g0, g1 in zip(before[2:], after[2:]):
+            assert g1.expert_ids == [] and g1.token_ids == g0.token_ids, (g0.text, g1.text)
+        store.close()
+    finally:
+        fusion.remove()
