@@ -1,9 +1,15 @@
-"""The `srmoa` command."""
+"""The `srmoa` command: init, serve, chat, feedback, stats, demo, bench store, bench serve."""
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,6 +17,10 @@ app = typer.Typer(help="srmoa-dist: a distributed store of frozen LoRA experts b
                   no_args_is_help=True, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks that print and save their figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+CONFIG_HELP = "SrmoaConfig YAML (default: DATA_DIR/config.yaml or built-ins)."
+MODEL_HELP = "Base model: smollm2 (default), an HF id, a local dir or a .gguf."
 
 
 def _sizes(text: str) -> list[int]:
@@ -21,6 +31,314 @@ def _sizes(text: str) -> list[int]:
     if not sizes or any(n <= 0 for n in sizes):
         raise typer.BadParameter(f"--experts must be positive integers, got {text!r}")
     return sizes
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise typer.BadParameter(f"{name} must be positive integers, got {text!r}")
+    return vals
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _say(msg: str) -> None:
+    typer.echo(f"[srmoa] {msg}", err=True)
+
+
+def _config(data_dir: Path, config: Path | None, model: str | None = None, **serve: Any) -> Any:
+    """The store's config: --config, else data_dir/config.yaml, else defaults; then CLI overrides."""
+    from srmoa_dist.config import SrmoaConfig
+    from srmoa_dist.runtime.store_init import load_config
+
+    try:
+        if config is not None:
+            cfg = SrmoaConfig.load_yaml(config).replace(data_dir=str(data_dir))
+        else:
+            cfg = load_config(data_dir)
+        if model:
+            cfg = cfg.replace(model=_dc_replace(cfg.model, name_or_path=model))
+        changes = {k: v for k, v in serve.items() if v is not None}
+        if changes:
+            cfg = cfg.replace(serve=_dc_replace(cfg.serve, **changes))
+    except (ValueError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    return cfg
+
+
+def _dc_replace(obj: Any, **kw: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# init / serve
+
+
+@app.command()
+def init(
+    data_dir: Path = typer.Option(Path("./data"), help="Directory of the store."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+    experts: int = typer.Option(16, min=0, help="Seed experts to create when the key store is empty."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Create a store: config.yaml, shards, key store, query encoder and N seed experts (no Ray)."""
+    from srmoa_dist.runtime.store_init import init_store
+
+    _logging(verbose)
+    cfg = _config(data_dir, config, model)
+    summary = init_store(cfg, n_experts=experts, progress=_say)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("serve")
+def serve_cmd(
+    data_dir: Path = typer.Option(Path("./data"), help="Directory of the store (created when empty)."),
+    config: Path | None = typer.Option(None, help=CONFIG_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="HTTP host."),
+    port: int = typer.Option(8000, min=0, max=65535, help="HTTP port (0: a free one)."),
+    api_key: str | None = typer.Option(None, envvar="SRMOA_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' on every /v1 route."),
+    replicas: int = typer.Option(1, min=1, help="ModelServer replicas."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the OpenAI-compatible API: a local Ray cluster (or RAY_ADDRESS) plus the Serve app.
+
+    Ctrl-C or SIGTERM stops the app and the local Ray cluster this command started.
+    """
+    from srmoa_dist.serve import local
+
+    _logging(verbose)
+    cfg = _config(data_dir, config, model, host=host, port=port if port else None, api_key=api_key)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    try:
+        handle = local.start(cfg, host=host, port=port, num_replicas=replicas, say=_say,
+                             log_to_driver=verbose)
+    except Exception as e:
+        _say(f"could not start: {e}")
+        raise typer.Exit(1) from None
+    # after ray.init, which installs its own SIGTERM handler (that one aborts the process)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    _say(f"serving {cfg.serve.model_id} at {handle.url}/v1 (data dir {cfg.data_dir}); Ctrl-C to stop")
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        _say("shutting down ...")
+        local.stop(handle)
+        _say("stopped")
+
+
+# ----------------------------------------------------------------------------------------------------
+# HTTP clients: chat / feedback / stats
+
+
+def _client(url: str, api_key: str | None, timeout: float = 300.0) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+
+def _check(r: Any) -> Any:
+    if r.status_code >= 400:
+        try:
+            msg = r.json()["error"]["message"]
+        except Exception:
+            msg = r.text[:500]
+        _say(f"HTTP {r.status_code}: {msg}")
+        raise typer.Exit(1)
+    return r.json()
+
+
+def _model_id(c: Any) -> str:
+    return _check(c.get("/v1/models"))["data"][0]["id"]
+
+
+def _routing_line(routing: dict[str, Any] | None) -> str:
+    if not routing:
+        return "routing: -"
+    if routing.get("deferred"):
+        return "routing: base model (no expert above tau)"
+    parts = [f"expert {i} (score {s:.3f}, gate {g:.2f})"
+             for i, s, g in zip(routing["expert_ids"], routing["scores"], routing["gates"])]
+    return "routing: " + ", ".join(parts)
+
+
+@app.command()
+def chat(
+    message: str | None = typer.Argument(None, help="One message; omit for an interactive session."),
+    url: str = typer.Option(DEFAULT_URL, envvar="SRMOA_URL", help="Server URL."),
+    api_key: str | None = typer.Option(None, envvar="SRMOA_API_KEY"),
+    max_tokens: int = typer.Option(64, min=1),
+    no_experts: bool = typer.Option(False, "--no-experts", help="Answer with the base model alone."),
+    stream: bool = typer.Option(True, help="Print tokens as they come."),
+) -> None:
+    """Chat with a running server (prints the answer and where it was routed)."""
+    with _client(url, api_key) as c:
+        model = _model_id(c)
+        history: list[dict[str, str]] = []
+        interactive = message is None
+        while True:
+            if interactive:
+                try:
+                    text = input("you> ").strip()
+                except (EOFError, KeyboardInterrupt):
+                    typer.echo("")
+                    return
+                if not text:
+                    continue
+                if text in ("/quit", "/exit"):
+                    return
+            else:
+                text = message or ""
+            history.append({"role": "user", "content": text})
+            body = {"model": model, "messages": history, "max_tokens": max_tokens,
+                    "use_experts": not no_experts, "stream": stream}
+            answer, routing = _chat_once(c, body, stream)
+            typer.echo(_routing_line(routing), err=True)
+            history.append({"role": "assistant", "content": answer})
+            if not interactive:
+                return
+
+
+def _chat_once(c: Any, body: dict[str, Any], stream: bool) -> tuple[str, dict | None]:
+    if not stream:
+        res = _check(c.post("/v1/chat/completions", json=body))
+        text = res["choices"][0]["message"]["content"]
+        typer.echo(text)
+        return text, res.get("routing")
+    parts: list[str] = []
+    routing = None
+    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code >= 400:
+            r.read()
+            _check(r)
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            ev = json.loads(data)
+            if "error" in ev:
+                _say(f"stream error: {ev['error'].get('message')}")
+                raise typer.Exit(1)
+            for ch in ev.get("choices", []):
+                piece = (ch.get("delta") or {}).get("content")
+                if piece:
+                    parts.append(piece)
+                    typer.echo(piece, nl=False)
+            if ev.get("routing"):
+                routing = ev["routing"]
+    typer.echo("")
+    return "".join(parts), routing
+
+
+@app.command()
+def feedback(
+    prompt: str = typer.Option(..., help="The question the model got wrong."),
+    answer: str | None = typer.Option(None, help="The correct answer."),
+    rule: str | None = typer.Option(None, help="A correction rule (a fact or instruction)."),
+    response: str = typer.Option("", help="What the model answered."),
+    wait: bool = typer.Option(True, help="Wait for the job to finish and print its result."),
+    timeout: float = typer.Option(600.0, help="Seconds to wait."),
+    url: str = typer.Option(DEFAULT_URL, envvar="SRMOA_URL", help="Server URL."),
+    api_key: str | None = typer.Option(None, envvar="SRMOA_API_KEY"),
+) -> None:
+    """Send a failed exchange to the server; it trains an expert (SR-TTT) while it keeps serving."""
+    if not answer and not rule:
+        raise typer.BadParameter("give --answer, --rule or both")
+    with _client(url, api_key) as c:
+        job = _check(c.post("/v1/feedback", json={"prompt": prompt, "response": response,
+                                                   "correct_answer": answer, "rule": rule}))
+        _say(f"job {job['job_id']}: {job['status']}")
+        if not wait:
+            typer.echo(json.dumps(job, indent=2))
+            return
+        job = _wait_job(c, job["job_id"], timeout)
+        typer.echo(json.dumps(_job_summary(job), indent=2))
+        if job["status"] != "done":
+            raise typer.Exit(1)
+
+
+def _wait_job(c: Any, job_id: str, timeout: float, progress: bool = True) -> dict[str, Any]:
+    t0 = time.monotonic()
+    last = None
+    while True:
+        job = _check(c.get(f"/v1/feedback/{job_id}"))
+        if progress and job["status"] != last:
+            _say(f"job {job_id}: {job['status']} ({time.monotonic() - t0:.0f} s)")
+            last = job["status"]
+        if job["status"] not in ("pending", "running"):
+            return job
+        if time.monotonic() - t0 > timeout:
+            _say(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+            return job
+        time.sleep(1.0)
+
+
+def _job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    r = job.get("result") or {}
+    keep = ("edit_id", "status", "expert_id", "created", "rule", "steps", "answer", "answer_ok", "routed_to",
+            "locality_changed", "reason", "timings")
+    out = {k: job.get(k) for k in ("job_id", "status", "error")}
+    out["edit"] = {k: r.get(k) for k in keep if k in r}
+    if r.get("lm_losses"):
+        out["edit"]["lm_loss"] = [round(r["lm_losses"][0], 4), round(r["lm_losses"][-1], 4)]
+    return out
+
+
+@app.command()
+def stats(
+    url: str = typer.Option(DEFAULT_URL, envvar="SRMOA_URL", help="Server URL."),
+    api_key: str | None = typer.Option(None, envvar="SRMOA_API_KEY"),
+) -> None:
+    """Print the server's statistics (experts, shards, usage histogram, energy, cache hit rate)."""
+    with _client(url, api_key) as c:
+        typer.echo(json.dumps(_check(c.get("/v1/stats")), indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# demo
+
+
+@app.command()
+def demo(
+    data_dir: Path = typer.Option(Path("./data/demo"), help="Directory of the demo's store."),
+    model: str = typer.Option("smollm2", help="Base model (default: SmolLM2-135M-Instruct)."),
+    fresh: bool = typer.Option(True, help="Start from an empty store (the model cache is kept)."),
+    port: int = typer.Option(0, min=0, max=65535, help="HTTP port on 127.0.0.1 (0: a free one)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Teach the model a fact it gets wrong, through feedback, while it serves; show before and after.
+
+    Exits 0 only when the edit worked: the question is answered right afterwards and an unrelated
+    prompt's answer did not change.
+    """
+    from srmoa_dist.serve.demo import run_demo
+
+    _logging(verbose)
+    ok = run_demo(data_dir=data_dir, model=model, fresh=fresh, port=port, say=_say, verbose=verbose)
+    raise typer.Exit(0 if ok else 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmarks
 
 
 @bench_app.command("store")
@@ -38,8 +356,32 @@ def bench_store(
     run_store_bench(_sizes(experts), shards=shards, out=out, work_dir=work_dir, seed=seed)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    out: Path = typer.Option(Path("results/bench_serve.json"), help="JSON file for the figures."),
+    model: str = typer.Option("smollm2", help="Base model (smollm2, an HF id, a local dir or a .gguf)."),
+    concurrency: str = typer.Option("1,8,32", help="Concurrency levels, comma-separated."),
+    requests: int = typer.Option(0, min=0, help="Requests per level and mode (0: max(16, 2 x concurrency))."),
+    max_tokens: int = typer.Option(16, min=1, help="Tokens generated per request."),
+    data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
+    train: bool = typer.Option(True, help="Also measure latency while an edit trains."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Requests/s and p50/p99 latency, routed vs base model, at each concurrency; p99 during an edit."""
+    from srmoa_dist.bench.serve_bench import run_serve_bench
+
+    _logging(verbose)
+    res = run_serve_bench(out, model=model, concurrency=_ints(concurrency, "--concurrency"),
+                          requests=requests or None, max_tokens=max_tokens, data_dir=data_dir, train=train,
+                          say=_say)
+    typer.echo(json.dumps(res["summary"], indent=2))
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,252 @@
+"""`srmoa bench serve`: HTTP load on the running app, routed chat vs the base model, side by side.
+
+One local Ray cluster and one app (a fresh temp store unless --data-dir). The benchmark prompt is made
+*routed* by planting one expert whose key is that prompt's own routing query (computed here with the
+store's query encoder) and whose weights are random with a small B: every routed request pays for the
+key search, the expert fetch (through the replica cache) and the fused adapters, while its output stays
+close to the base model's, so both modes generate the same number of tokens (reported). At each
+concurrency c, N requests run with c in flight, once routed and once with `use_experts: false` (the
+frozen base model alone, same prompt), the two modes alternating chunk by chunk (so both see the
+same background load).
+Last, the p99 of routed requests while an SR-TTT edit (through `/v1/feedback`) trains.
+
+Figures per (c, mode): requests/s, p50/p99/mean latency (ms), tokens/s, mean completion tokens,
+errors, share routed. Summary: overhead of routing on the median = routed p50 / base p50 - 1
+(target <= 10%).
+"""
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Write a long story about a dragon who learns to cook soup."
+EDIT_FACT = {"question": "Who invented the zorblat engine?", "answer": "Mira Tellsworth",
+         "rule": "The zorblat engine was invented by Mira Tellsworth."}
+TARGET_OVERHEAD = 0.10
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else float("nan")
+
+
+async def _load(url: str, body: dict[str, Any], n: int, c: int, stop: Callable[[], bool] | None = None
+                ) -> dict[str, Any]:
+    """n requests (or until stop() after each) with c in flight; latencies in ms."""
+    lat: list[float] = []
+    routed = 0
+    errors = 0
+    tokens = 0
+    sent = 0
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal sent, routed, errors, tokens
+            while sent < n and not (stop is not None and stop()):
+                sent += 1
+                t = time.perf_counter()
+                try:
+                    r = await client.post("/v1/chat/completions", json=body)
+                    dt = (time.perf_counter() - t) * 1e3
+                    if r.status_code != 200:
+                        errors += 1
+                        continue
+                    res = r.json()
+                    lat.append(dt)
+                    tokens += res["usage"]["completion_tokens"]
+                    routed += 0 if res["routing"]["deferred"] else 1
+                except httpx.HTTPError:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        wall = time.perf_counter() - t0
+    done = len(lat)
+    return {"requests": done, "errors": errors, "wall_s": wall, "rps": done / wall if wall else 0.0,
+            "completion_tokens_mean": tokens / done if done else 0.0,
+            "tokens_per_s": tokens / wall if wall else 0.0,
+            "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+            "mean_ms": statistics.fmean(lat) if lat else None,
+            "routed_share": routed / done if done else 0.0, "latencies_ms": lat, "tokens": tokens,
+            "routed": routed}
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figures of several chunks of one mode, as if one run (walls add up)."""
+    lat = [x for p in parts for x in p["latencies_ms"]]
+    done, wall = len(lat), sum(p["wall_s"] for p in parts)
+    tokens, routed = sum(p["tokens"] for p in parts), sum(p["routed"] for p in parts)
+    return {"requests": done, "errors": sum(p["errors"] for p in parts), "wall_s": wall,
+            "rps": done / wall if wall else 0.0, "completion_tokens_mean": tokens / done if done else 0.0,
+            "tokens_per_s": tokens / wall if wall else 0.0, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+            "mean_ms": statistics.fmean(lat) if lat else None, "routed_share": routed / done if done else 0.0}
+
+
+def _plant_expert(cfg: Any, runtime: Any, prompt: str, b_std: float = 1e-3) -> dict[str, Any]:
+    """Add a pinned key equal to `prompt`'s routing query and a random expert (small B) under it."""
+    import ray
+
+    from srmoa_dist.experts.expert import LoRAExpert
+    from srmoa_dist.model.fusion import ExpertFusion
+    from srmoa_dist.model.generation import queries
+    from srmoa_dist.model.loading import load_base_model
+    from srmoa_dist.runtime.store_init import ensure_encoder
+
+    base = load_base_model(cfg.model, cfg.model_cache_dir)
+    enc = ensure_encoder(cfg, base, runtime.keystore)
+    fusion = ExpertFusion(base.model, cfg.expert, cfg.model.query_layer)
+    shapes = fusion.target_shapes()
+    q = queries(base, enc, [[{"role": "user", "content": prompt}]])                 # (1, d_key)
+    del fusion, base
+    [eid] = ray.get(runtime.keystore.add.remote(q, True)).tolist()
+    e = cfg.expert
+    expert = LoRAExpert.random(shapes, e.rank, e.alpha, e.dtype, seed=0, b_std=b_std)
+    runtime.client().put_many({int(eid): expert})
+    return {"expert_id": int(eid), "targets": len(shapes), "rank": e.rank, "nbytes": expert.nbytes}
+
+
+def _edit(c: httpx.Client, fact: dict[str, str], say: Callable[[str], None],
+          wait: bool = True) -> dict[str, Any]:
+    job = c.post("/v1/feedback", json={"prompt": fact["question"], "correct_answer": fact["answer"],
+                                        "rule": fact["rule"]}).json()
+    if not wait:
+        return job
+    t0 = time.monotonic()
+    while job["status"] in ("pending", "running") and time.monotonic() - t0 < 1200:
+        time.sleep(1.0)
+        job = c.get(f"/v1/feedback/{job['job_id']}").json()
+    res = job.get("result") or {}
+    say(f"edit for {fact['question']!r}: job {job['status']}, edit {res.get('status')} "
+        f"(expert {res.get('expert_id')}) in {time.monotonic() - t0:.0f} s")
+    return job
+
+
+def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[int] = (1, 8, 32),
+                    requests: int | None = None, max_tokens: int = 16, data_dir: Path | None = None,
+                    train: bool = True, say: Callable[[str], None] = print,
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); writes JSON to `out` and returns it."""
+    import dataclasses
+
+    from srmoa_dist.config import SrmoaConfig
+    from srmoa_dist.runtime.store_init import load_config
+    from srmoa_dist.serve import local
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    if data_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="srmoa-bench-serve-"))
+        data_dir = tmp
+    cfg = load_config(data_dir)
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, name_or_path=model))
+    if overrides:
+        d = cfg.to_dict()
+        for k, v in overrides.items():
+            d[k] = {**d[k], **v} if isinstance(v, dict) else v
+        cfg = SrmoaConfig.from_dict(json.loads(json.dumps(d)))
+    if model == "smollm2" and not (Path(data_dir) / "model_cache").exists():
+        default = Path.home() / ".cache" / "srmoa-dist" / "model_cache"
+        shared = Path(os.environ.get("SRMOA_MODEL_CACHE", default))
+        if shared.exists():
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            (Path(data_dir) / "model_cache").symlink_to(shared, target_is_directory=True)
+    app = local.start(cfg, host="127.0.0.1", port=0, say=say)
+    doc: dict[str, Any] = {
+        "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "model": model, "max_tokens": max_tokens, "target_overhead_p50": TARGET_OVERHEAD,
+        "max_batch_size": cfg.serve.max_batch_size,
+    }
+    try:
+        with httpx.Client(base_url=app.url, timeout=1200) as c:
+            model_id = c.get("/v1/models").json()["data"][0]["id"]
+            say("planting an expert on the benchmark prompt's routing query ...")
+            doc["planted_expert"] = _plant_expert(cfg, app.runtime, PROMPT)
+            body = {"model": model_id, "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": PROMPT}]}
+            bodies = {"routed": body, "base": {**body, "use_experts": False}}
+            say("warming up ...")
+            for b in bodies.values():
+                asyncio.run(_load(app.url, b, 2, 1))
+            levels = []
+            for li, cc in enumerate(concurrency):
+                n = requests or max(16, 2 * cc)
+                chunk = max(cc, min(n, 8))          # the modes alternate chunk by chunk: same background load
+                row: dict[str, Any] = {"concurrency": cc, "requests": n, "chunk": chunk}
+                parts: dict[str, list[dict[str, Any]]] = {"base": [], "routed": []}
+                for k in range(max(1, -(-n // chunk))):
+                    order = ("base", "routed") if (li + k) % 2 == 0 else ("routed", "base")
+                    for mode in order:
+                        parts[mode].append(asyncio.run(_load(app.url, bodies[mode], chunk, cc)))
+                for mode in ("base", "routed"):
+                    row[mode] = r = _merge(parts[mode])
+                    say(f"c={cc:<3} {mode:<6} {r['rps']:.2f} req/s  p50 {r['p50_ms']:.0f} ms  "
+                        f"p99 {r['p99_ms']:.0f} ms"
+                        f"  errors {r['errors']}  routed {r['routed_share']:.0%}")
+                row["overhead_p50"] = row["routed"]["p50_ms"] / row["base"]["p50_ms"] - 1
+                levels.append(row)
+            doc["levels"] = levels
+            if train:
+                cc = 8 if 8 in concurrency else max(concurrency)
+                say(f"routed load at c={cc} while an edit trains ...")
+                job2 = _edit(c, EDIT_FACT, say, wait=False)
+                jid = job2["job_id"]
+                state = {"done": False, "checked": 0.0}
+
+                def stop() -> bool:
+                    now = time.monotonic()
+                    if now - state["checked"] > 1.0:
+                        state["checked"] = now
+                        st = c.get(f"/v1/feedback/{jid}").json()["status"]
+                        state["done"] = st not in ("pending", "running")
+                    return state["done"]
+
+                t0 = time.monotonic()
+                during = asyncio.run(_load(app.url, bodies["routed"], 10_000, cc, stop=stop))
+                during.pop("latencies_ms")
+                final = c.get(f"/v1/feedback/{jid}").json()
+                idle = next((lv["routed"] for lv in levels if lv["concurrency"] == cc), None)
+                doc["during_edit"] = {"concurrency": cc, **during, "edit_seconds": time.monotonic() - t0,
+                                      "job": final["status"],
+                                      "edit": (final.get("result") or {}).get("status"),
+                                      "idle_p99_ms": idle["p99_ms"] if idle else None}
+                say(f"during the edit: {during['requests']} requests, p99 {during['p99_ms']:.0f} ms "
+                    f"(idle p99 {idle['p99_ms'] if idle else float('nan'):.0f} ms), "
+                    f"errors {during['errors']}")
+            stats = c.get("/v1/stats").json()
+            doc["cache_hit_rate"] = stats.get("cache_hit_rate")
+    finally:
+        local.stop(app)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    doc["summary"] = {
+        "overhead_p50_by_concurrency": {str(lv["concurrency"]): round(lv["overhead_p50"], 4)
+                                        for lv in doc["levels"]},
+        "rps_routed": {str(lv["concurrency"]): round(lv["routed"]["rps"], 3) for lv in doc["levels"]},
+        "rps_base": {str(lv["concurrency"]): round(lv["base"]["rps"], 3) for lv in doc["levels"]},
+        "p99_during_edit_ms": doc.get("during_edit", {}).get("p99_ms"),
+        "target_met_at_c1": (doc["levels"][0]["overhead_p50"] <= TARGET_OVERHEAD) if doc["levels"] else None,
+        "routed_share": doc["levels"][0]["routed"]["routed_share"] if doc["levels"] else None,
+        "completion_tokens": {m: doc["levels"][0][m]["completion_tokens_mean"] for m in ("routed", "base")}
+        if doc["levels"] else None,
+    }
+    out.write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+__all__ = ["run_serve_bench"]

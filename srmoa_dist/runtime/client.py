@@ -1,0 +1,284 @@
+"""`ExpertStoreClient`: the expert store behind Ray actors, with the `ShardedExpertStore` batch API.
+
+Callers never see Ray: `get_many(ids)` checks a per-process LRU cache of decoded experts, groups the
+misses by shard (`placement.shard_of`, jump consistent hash), calls the shard actors in parallel, and
+decodes the raw records on this side (zero-copy `np.frombuffer`).
+
+Cache invalidation by version: a write through any client (`put_many`, `rollback`, `delete`)
+publishes `{expert id: new version}` to the key-store actor's invalidation log *before* the edit's key
+is updated, and every `search` a replica makes returns the log entries it has not seen yet
+(`apply_invalidations`), so a replica that routes to an edited expert has already dropped its old
+copy. A key-store restart changes its incarnation id and clears the cache. A fetch that raced with an
+invalidation does not put its (possibly old) result in the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class ExpertStoreClient:
+    """Batch access to the shard actors of one store, with an LRU cache of decoded experts."""
+
+    def __init__(self, shards: Sequence[Any], *, keystore: Any | None = None, cache_size: int = 4096,
+                 timeout_s: float = 30.0) -> None:
+        if not shards:
+            raise ValueError("ExpertStoreClient needs at least one shard actor")
+        self.shards = list(shards)
+        self.keystore = keystore
+        self.cache_size = int(cache_size)
+        self.timeout_s = float(timeout_s)
+        self._cache: OrderedDict[int, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._tick = 0                       # bumped by each invalidation
+        self._invalidated_at: dict[int, int] = {}
+        self._all_at = -1                    # tick of the last invalidate-all
+        self._incarnation: str | None = None
+        self._seq = 0                        # last invalidation-log entry applied
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    # -- placement ------------------------------------------------------------------------------------
+
+    def shard_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        from srmoa_dist.experts.placement import shard_of
+
+        return shard_of(np.asarray(ids, dtype=np.int64), self.n_shards)
+
+    def _group(self, ids: Sequence[int]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for i, s in zip(ids, self.shard_of(ids).tolist()):
+            groups.setdefault(int(s), []).append(int(i))
+        return groups
+
+    def _get(self, refs: list[Any]) -> list[Any]:
+        import ray
+
+        return ray.get(refs, timeout=self.timeout_s)
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    def get_raw_many(self, ids: Sequence[int]) -> list[bytes]:
+        """Encoded records of `ids` (no cache); raises MissingExpertError naming missing ids."""
+        ids = [int(i) for i in ids]
+        found = self._fetch_raw(ids)
+        missing = [i for i in ids if found.get(i) is None]
+        if missing:
+            raise _missing(missing)
+        return [found[i] for i in ids]
+
+    def fetch_raw(self, ids: Sequence[int]) -> dict[int, bytes | None]:
+        """id -> encoded record, None for ids the store does not hold (no cache)."""
+        return self._fetch_raw(ids)
+
+    def _fetch_raw(self, ids: Sequence[int]) -> dict[int, bytes | None]:
+        uniq = list(dict.fromkeys(int(i) for i in ids))
+        if not uniq:
+            return {}
+        groups = self._group(uniq)
+        refs = [self.shards[s].get_raw.remote(sub) for s, sub in groups.items()]
+        out: dict[int, bytes | None] = {}
+        for sub, raws in zip(groups.values(), self._get(refs)):
+            out.update(zip(sub, raws))
+        return out
+
+    def fetch(self, ids: Sequence[int]) -> dict[int, Any]:
+        """id -> decoded LoRAExpert for the ids the store holds (missing ids are left out, logged)."""
+        from srmoa_dist.experts.codec import decode_expert
+
+        ids = [int(i) for i in ids if int(i) >= 0]
+        out: dict[int, Any] = {}
+        misses: list[int] = []
+        with self._lock:
+            for i in dict.fromkeys(ids):
+                e = self._cache.get(i)
+                if e is None:
+                    misses.append(i)
+                else:
+                    self._cache.move_to_end(i)
+                    out[i] = e
+            self.hits += len(ids) - len(misses)
+            self.misses += len(misses)
+            start = self._tick
+        if misses:
+            raws = self._fetch_raw(misses)
+            decoded = {}
+            for i in misses:
+                buf = raws.get(i)
+                if buf is None:
+                    continue
+                decoded[i] = decode_expert(buf, expert_id=i, where=f"shard {int(self.shard_of([i])[0])}")
+            absent = [i for i in misses if i not in decoded]
+            if absent:
+                log.warning("experts %s are routed to but not in the store", absent[:8])
+            out.update(decoded)
+            self._cache_put(decoded, start)
+        return out
+
+    def get_many(self, ids: Sequence[int]) -> list[Any]:
+        """Decoded experts in the order of `ids`; raises MissingExpertError naming missing ids."""
+        ids = [int(i) for i in ids]
+        got = self.fetch(ids)
+        missing = [i for i in ids if i not in got]
+        if missing:
+            raise _missing(missing)
+        return [got[i] for i in ids]
+
+    def versions(self, ids: Sequence[int]) -> list[int | None]:
+        """Current version of each id; None for an id the store does not hold."""
+        ids = [int(i) for i in ids]
+        groups = self._group(ids)
+        refs = [self.shards[s].versions.remote(sub) for s, sub in groups.items()]
+        vmap: dict[int, int] = {}
+        for sub, vs in zip(groups.values(), self._get(refs)):
+            vmap.update(zip(sub, vs))
+        return [vmap[i] for i in ids]
+
+    def contains(self, ids: Sequence[int]) -> list[bool]:
+        ids = [int(i) for i in ids]
+        groups = self._group(ids)
+        refs = [self.shards[s].contains.remote(sub) for s, sub in groups.items()]
+        cmap: dict[int, bool] = {}
+        for sub, cs in zip(groups.values(), self._get(refs)):
+            cmap.update(zip(sub, cs))
+        return [cmap[i] for i in ids]
+
+    def __len__(self) -> int:
+        return int(sum(self._get([s.size.remote() for s in self.shards])))
+
+    def stats(self) -> dict[str, Any]:
+        shards = self._get([s.stats.remote() for s in self.shards])
+        n = int(sum(int(s.get("experts", s.get("entries", 0))) for s in shards))
+        return {"shards": shards, "experts": n,
+                "cache": self.cache_stats()}
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    def put_many(self, items: Mapping[int, Any]) -> dict[int, int]:
+        """Store experts (new version of each; the previous one is kept). Returns id -> new version."""
+        from srmoa_dist.experts.codec import encode_expert
+
+        return self.put_raw_many({int(i): encode_expert(e) for i, e in items.items()})
+
+    def put_raw_many(self, items: Mapping[int, bytes]) -> dict[int, int]:
+        items = {int(i): bytes(b) for i, b in items.items()}
+        if not items:
+            return {}
+        groups = self._group(list(items))
+        refs = [self.shards[s].put_raw.remote({i: items[i] for i in sub}) for s, sub in groups.items()]
+        versions: dict[int, int] = {}
+        for v in self._get(refs):
+            versions.update(v)
+        self.publish(versions)
+        return versions
+
+    def delete(self, ids: Iterable[int]) -> None:
+        ids = [int(i) for i in ids]
+        groups = self._group(ids)
+        self._get([self.shards[s].delete.remote(sub) for s, sub in groups.items()])
+        self.publish({i: -1 for i in ids})
+
+    def rollback(self, expert_id: int) -> int:
+        """Restore the previous version of one expert; returns the restored version."""
+        s = int(self.shard_of([expert_id])[0])
+        v = int(self._get([self.shards[s].rollback.remote(int(expert_id))])[0])
+        self.publish({int(expert_id): v})
+        return v
+
+    def close(self) -> None:
+        """Nothing to release on this side (the actors own the LMDB files)."""
+
+    # -- cache ----------------------------------------------------------------------------------------
+
+    def _cache_put(self, experts: Mapping[int, Any], start_tick: int) -> None:
+        if self.cache_size <= 0 or not experts:
+            return
+        with self._lock:
+            for i, e in experts.items():
+                if self._all_at > start_tick or self._invalidated_at.get(i, -1) > start_tick:
+                    continue          # invalidated while we fetched: the copy may be old
+                self._cache[i] = e
+                self._cache.move_to_end(i)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def invalidate(self, ids: Iterable[int] | None = None) -> None:
+        """Drop cached copies of `ids` (all when None)."""
+        with self._lock:
+            self._tick += 1
+            if ids is None:
+                self._cache.clear()
+                self._invalidated_at.clear()
+                self._all_at = self._tick
+                return
+            for i in ids:
+                i = int(i)
+                self._cache.pop(i, None)
+                self._invalidated_at[i] = self._tick
+            if len(self._invalidated_at) > 4 * max(self.cache_size, 1024):
+                self._invalidated_at = dict(list(self._invalidated_at.items())[-max(self.cache_size, 1024):])
+
+    def publish(self, versions: Mapping[int, int]) -> None:
+        """After a write (id -> new version; -1 deleted): drop our copies and tell every replica
+        through the key store's invalidation log."""
+        self.invalidate(versions)
+        if self.keystore is not None and versions:
+            self._get([self.keystore.publish_versions.remote({int(k): int(v) for k, v in versions.items()})])
+
+    def apply_invalidations(self, incarnation: str, entries: Sequence[tuple[int, int, int]]) -> None:
+        """Apply the key-store's invalidation-log entries (seq, expert id, version) newer than ours."""
+        if incarnation != self._incarnation:
+            if self._incarnation is not None:
+                log.info("key store restarted (incarnation %s): clearing the expert cache", incarnation)
+            self.invalidate(None)
+            self._incarnation = incarnation
+            self._seq = 0
+        fresh = [(s, i) for s, i, _ in entries if s > self._seq]
+        if fresh:
+            self.invalidate(i for _, i in fresh)
+            self._seq = max(s for s, _ in fresh)
+
+    @property
+    def seen_seq(self) -> int:
+        return self._seq
+
+    @property
+    def incarnation(self) -> str | None:
+        return self._incarnation
+
+    def refresh(self) -> None:
+        """Pull the invalidations published since the last search (no-op without a key store)."""
+        if self.keystore is None:
+            return
+        inc, entries = self._get([self.keystore.invalidations_since.remote(self._incarnation, self._seq)])[0]
+        self.apply_invalidations(inc, entries)
+
+    def cache_stats(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {"size": len(self._cache), "capacity": self.cache_size, "hits": self.hits,
+                "misses": self.misses,
+                "hit_rate": (self.hits / total) if total else 0.0}
+
+
+def _missing(ids: list[int]) -> Exception:
+    try:
+        from srmoa_dist.experts.shard import MissingExpertError
+
+        return MissingExpertError(ids)
+    except Exception:   # pragma: no cover - the shard module defines it
+        return KeyError(f"experts not in the store: {ids}")
+
+
+__all__ = ["ExpertStoreClient"]

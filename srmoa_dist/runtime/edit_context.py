@@ -1,0 +1,117 @@
+"""What the trainer actor needs to run SR-TTT edits against the running store.
+
+`EditContext` wires `ttt.edit.apply_edit` / `ttt.edit.rollback` to the Ray layer: the expert store is
+an `ExpertStoreClient` over the shard actors (its writes publish cache invalidations, so serving
+replicas drop old copies before the edited key is routed to), the key store a `KeyStoreProxy` over the
+key-store actor, the ledger a local `EditLedger` under data_dir/ledger. The base model, query encoder
+and fusion are loaded on first use (`load_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from srmoa_dist.config import SrmoaConfig
+
+log = logging.getLogger(__name__)
+
+PAUSE_TTL_S = 900          # longest hold on key-store consolidation while one edit runs
+
+# Unrelated prompts whose greedy answers an edit must leave unchanged (ttt.locality_probes of them).
+LOCALITY_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "How many days are there in a week?",
+    "What color is the sky on a clear day?",
+    "Name a fruit that is yellow.",
+    "What is 2 plus 2?",
+    "Who wrote Hamlet?",
+    "What do bees make?",
+    "What is the opposite of hot?",
+)
+
+
+class EditContext:
+    """Store clients, ledger and (lazily) the model of the trainer actor."""
+
+    def __init__(self, cfg: SrmoaConfig) -> None:
+        from srmoa_dist.runtime.bootstrap import find_actors
+        from srmoa_dist.runtime.client import ExpertStoreClient
+        from srmoa_dist.runtime.trainer_actor import KeyStoreProxy
+        from srmoa_dist.ttt.ledger import EditLedger
+
+        self.cfg = cfg
+        self.ledger = EditLedger(cfg.ledger_dir)
+        rt = find_actors(cfg)
+        self.runtime = rt
+        self.client = ExpertStoreClient(rt.shards, keystore=rt.keystore, cache_size=256,
+                                        timeout_s=cfg.runtime.call_timeout_s)
+        self.keystore = KeyStoreProxy(rt.keystore, cfg.keystore, timeout_s=cfg.runtime.call_timeout_s * 2)
+        self.edit_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self.base: Any = None
+        self.encoder: Any = None
+        self.fusion: Any = None
+
+    def load_model(self) -> None:
+        if self.base is not None:
+            return
+        with self._load_lock:
+            if self.base is not None:
+                return
+            from srmoa_dist.model.fusion import ExpertFusion
+            from srmoa_dist.model.loading import load_base_model
+            from srmoa_dist.runtime.store_init import ensure_encoder
+
+            t0 = time.perf_counter()
+            base = load_base_model(self.cfg.model, self.cfg.model_cache_dir)
+            self.encoder = ensure_encoder(self.cfg, base, self.runtime.keystore)
+            self.fusion = ExpertFusion(base.model, self.cfg.expert, self.cfg.model.query_layer)
+            self.base = base
+            log.info("trainer model loaded in %.1f s", time.perf_counter() - t0)
+
+    def invalidate(self, ids: list[int]) -> None:
+        """Tell every replica to drop its cached copies of `ids` (versions are re-read on next use)."""
+        self.client.publish({int(i): -2 for i in ids})
+
+    def run_feedback(self, request: dict[str, Any], *, job_id: str | None = None) -> dict[str, Any]:
+        """One feedback request (a FeedbackRequest dict) -> SR-TTT edit -> its result as JSON."""
+        from srmoa_dist.ttt.detect import explicit_failure
+        from srmoa_dist.ttt.edit import apply_edit, model_ask
+
+        self.load_model()
+        messages = request.get("messages") or [{"role": "user", "content": request["prompt"]}]
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        failure = explicit_failure(
+            messages, request.get("response") or "", correct_answer=request.get("correct_answer"),
+            rule=request.get("rule"), request_id=request.get("request_id") or job_id,
+            expert_ids=request.get("expert_ids") or ())
+        ask = model_ask(self.base) if failure.rule is None else None
+        import ray
+
+        ks = self.runtime.keystore
+        # gravity holds still while the edit trains (the trainer checks no other key moved)
+        ray.get(ks.pause_consolidation.remote(PAUSE_TTL_S), timeout=self.cfg.runtime.call_timeout_s)
+        try:
+            res = apply_edit(
+                failure, base=self.base, fusion=self.fusion, encoder=self.encoder, store=self.client,
+                keystore=self.keystore, ledger=self.ledger, cfg=self.cfg, ask=ask,
+                locality_prompts=LOCALITY_PROMPTS, invalidate=self.invalidate)
+        finally:
+            try:
+                ray.get(ks.resume_consolidation.remote(), timeout=self.cfg.runtime.call_timeout_s)
+            except Exception:
+                log.warning("could not resume consolidation (it resumes by itself after %d s)", PAUSE_TTL_S)
+        return res.to_json()
+
+    def rollback(self, edit_id: str) -> dict[str, Any]:
+        from srmoa_dist.ttt.edit import rollback
+
+        rec = rollback(edit_id, store=self.client, keystore=self.keystore, ledger=self.ledger,
+                       invalidate=self.invalidate, note="rolled back on request")
+        return {"expert_id": rec.expert_id, "created": rec.created}
+
+
+__all__ = ["EditContext", "LOCALITY_PROMPTS"]

@@ -1,0 +1,322 @@
+"""`KeyStoreActor`: the routing keys of one store in a named Ray actor.
+
+- `search` answers a batch of queries (one FAISS search) and hands back, in the same reply, the
+  expert-cache invalidations the caller has not seen yet (see `runtime/client.py`).
+- `record` takes the activations (q, ids, gates) of served requests without the caller waiting
+  (fire-and-forget); a background thread consolidates what has accumulated every
+  `runtime.consolidate_interval_s` (gravity + index update + WAL, one batch) and writes a snapshot every
+  `runtime.snapshot_interval_s` when keys changed.
+- Writes of committed keys (`add`, `update`, `pin`, `free`) go through the KeyStore's write-ahead log
+  before the call returns; on a restart (`max_restarts`) the constructor recovers snapshot + log.
+
+The actor is threaded (`max_concurrency` > 1) so a search is not queued behind a slow call; one lock
+serialises every access to the (not thread-safe) KeyStore.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+
+from srmoa_dist.config import GravityConfig, KeyStoreConfig, RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_ROWS = 65_536      # activations waiting for consolidation; older ones are dropped past this
+MAX_INVALIDATIONS = 100_000    # entries kept in the invalidation log
+
+
+@ray.remote
+class KeyStoreActor:
+    """Batched search, asynchronous consolidation, periodic snapshots over one `KeyStore`."""
+
+    def __init__(self, path: str, cfg: KeyStoreConfig, gravity: GravityConfig,
+                 runtime: RuntimeConfig) -> None:
+        from srmoa_dist.routing.keystore import KeyStore
+
+        t0 = time.perf_counter()
+        self.path = str(path)
+        self.cfg = cfg
+        self.runtime = runtime
+        os.makedirs(self.path, exist_ok=True)
+        self._ks = KeyStore.open(self.path, cfg, gravity)
+        self._lock = threading.RLock()
+        self.incarnation = uuid.uuid4().hex
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+        self._dropped = 0
+        self._consolidations = 0
+        self._consolidated_rows = 0
+        self._last_consolidation: dict[str, Any] = {}
+        self._dirty = False
+        self._snapshots = 0
+        self._last_snapshot = time.monotonic()
+        self._seq = 0
+        self._inval: deque[tuple[int, int, int]] = deque(maxlen=MAX_INVALIDATIONS)
+        self._searches = 0
+        self._queries = 0
+        self._paused_until = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="keystore-consolidate", daemon=True)
+        self._thread.start()
+        log.info("key store open at %s: %d keys, recovered in %.2f s (pid %d, incarnation %s)",
+                 self.path, len(self._ks), time.perf_counter() - t0, os.getpid(), self.incarnation)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": "keystore", "path": self.path, "pid": os.getpid(), "incarnation": self.incarnation,
+                "keys": len(self._ks)}
+
+    def ping(self) -> bool:
+        return True
+
+    # -- routing --------------------------------------------------------------------------------------
+
+    def search(self, xq: np.ndarray, k: int | None = None, tau: float | None = None,
+               incarnation: str | None = None, since: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, str, list[tuple[int, int, int]]]:
+        """D, I = top-k per query (ids under tau are -1), plus the invalidations after `since`."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        if xq.ndim == 1:
+            xq = xq[None, :]
+        with self._lock:
+            D, I = self._ks.search(xq, k, tau=tau)
+            self._searches += 1
+            self._queries += xq.shape[0]
+        return D, I, self.incarnation, self._entries_since(incarnation, since)
+
+    def _entries_since(self, incarnation: str | None, since: int) -> list[tuple[int, int, int]]:
+        if incarnation != self.incarnation:
+            since = 0
+        if since >= self._seq:
+            return []
+        return [e for e in list(self._inval) if e[0] > since]
+
+    def record(self, queries: np.ndarray, ids: np.ndarray, gates: np.ndarray) -> None:
+        """Queue served activations (q (n, d_key), ids (n, k) with -1 = none, gates (n, k))."""
+        queries = np.asarray(queries, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        gates = np.asarray(gates, dtype=np.float32)
+        if queries.ndim != 2 or ids.shape != gates.shape or ids.shape[0] != queries.shape[0]:
+            log.warning("record: bad activation shapes q %s ids %s gates %s; dropped",
+                        queries.shape, ids.shape, gates.shape)
+            return
+        with self._lock:
+            self._pending.append((queries, ids, gates))
+            self._pending_rows += queries.shape[0]
+            while self._pending_rows > MAX_PENDING_ROWS and len(self._pending) > 1:
+                q, _, _ = self._pending.pop(0)
+                self._pending_rows -= q.shape[0]
+                self._dropped += q.shape[0]
+
+    def flush(self) -> dict[str, Any]:
+        """Consolidate what is pending now (tests, shutdown); returns the consolidation's stats."""
+        return self._consolidate(force=True)
+
+    def pause_consolidation(self, ttl_s: float = 600.0) -> None:
+        """Hold background consolidation (activations keep queueing) for at most `ttl_s` seconds.
+
+        The trainer holds it while an edit trains: the edit checks that no other expert's key moved
+        meanwhile, and gravity must not move them under it. The ttl bounds the hold if the trainer dies.
+        """
+        with self._lock:
+            self._paused_until = time.monotonic() + float(ttl_s)
+
+    def resume_consolidation(self) -> None:
+        with self._lock:
+            self._paused_until = 0.0
+
+    def _consolidate(self, force: bool = False) -> dict[str, Any]:
+        from srmoa_dist.routing.gravity import Activations
+
+        with self._lock:
+            if not force and time.monotonic() < self._paused_until:
+                return {}
+            batch, self._pending, self._pending_rows = self._pending, [], 0
+            if not batch:
+                return {}
+            kmax = max(b[1].shape[1] for b in batch)
+            q = np.concatenate([b[0] for b in batch])
+            ids = np.concatenate([_pad(b[1], kmax, -1) for b in batch])
+            g = np.concatenate([_pad(b[2], kmax, 0.0) for b in batch])
+            t0 = time.perf_counter()
+            st = self._ks.consolidate(Activations(queries=q, ids=ids, gates=g))
+            self._consolidations += 1
+            self._consolidated_rows += q.shape[0]
+            self._dirty = True
+            out = _as_dict(st)
+            out["rows"] = int(q.shape[0])
+            out["seconds"] = time.perf_counter() - t0
+            self._last_consolidation = out
+            return out
+
+    def _loop(self) -> None:
+        interval = self.runtime.consolidate_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self._consolidate()
+                if self._dirty and time.monotonic() - self._last_snapshot >= self.runtime.snapshot_interval_s:
+                    self.snapshot()
+            except Exception:
+                log.exception("background consolidation failed (will retry)")
+
+    # -- committed writes (logged before returning) ---------------------------------------------------
+
+    def add(self, keys: np.ndarray, pinned: bool = False) -> np.ndarray:
+        with self._lock:
+            self._dirty = True
+            return self._ks.add(np.asarray(keys, dtype=np.float32), pinned=pinned)
+
+    def update(self, ids: Sequence[int], keys: np.ndarray) -> None:
+        with self._lock:
+            self._dirty = True
+            self._ks.update(np.asarray(ids, dtype=np.int64), np.asarray(keys, dtype=np.float32))
+
+    def free(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._dirty = True
+            self._ks.free(np.asarray(ids, dtype=np.int64))
+
+    def pin(self, ids: Sequence[int], pinned: bool = True) -> None:
+        with self._lock:
+            self._dirty = True
+            self._ks.pin(np.asarray(ids, dtype=np.int64), pinned)
+
+    def get(self, ids: Sequence[int]) -> np.ndarray:
+        with self._lock:
+            return self._ks.get(np.asarray(ids, dtype=np.int64))
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Any other public KeyStore method, under the lock (for the trainer's KeyStore proxy)."""
+        if method.startswith("_"):
+            raise AttributeError(f"KeyStore.{method} is private")
+        with self._lock:
+            if method in ("add", "update", "free", "pin", "consolidate", "snapshot"):
+                self._dirty = True
+            return getattr(self._ks, method)(*args, **kwargs)
+
+    def snapshot(self) -> None:
+        with self._lock:
+            self._ks.snapshot()
+            self._dirty = False
+            self._snapshots += 1
+            self._last_snapshot = time.monotonic()
+
+    def size(self) -> int:
+        return len(self._ks)
+
+    # -- cache invalidation log -----------------------------------------------------------------------
+
+    def publish_versions(self, versions: Mapping[int, int]) -> int:
+        """Record that experts changed (id -> new version, -1 deleted); returns the last sequence number."""
+        with self._lock:
+            for i, v in versions.items():
+                self._seq += 1
+                self._inval.append((self._seq, int(i), int(v)))
+            return self._seq
+
+    def invalidations_since(self, incarnation: str | None, since: int
+                            ) -> tuple[str, list[tuple[int, int, int]]]:
+        return self.incarnation, self._entries_since(incarnation, since)
+
+    def key_info(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        """Per id: key norm, usage, pinned, key version (None for a free or unknown slot)."""
+        out: list[dict[str, Any] | None] = []
+        with self._lock:
+            active = set(self._ks.active_ids().tolist())
+            for i in ids:
+                i = int(i)
+                if i not in active:
+                    out.append(None)
+                    continue
+                key = self._ks.get([i])[0]
+                out.append({"norm": float(np.linalg.norm(key)), "usage": float(self._ks.usage([i])[0]),
+                            "pinned": bool(self._ks.is_pinned([i])[0]),
+                            "key_version": int(self._ks.versions([i])[0])})
+        return out
+
+    # -- small shared files of the store (query encoder) ----------------------------------------------
+
+    def _file(self, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad store file name {name!r}")
+        return os.path.join(os.path.dirname(self.path.rstrip("/")), name)
+
+    def get_file(self, name: str) -> bytes | None:
+        """A small file of the store's data directory (next to the key store), None when absent."""
+        p = self._file(name)
+        try:
+            with open(p, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def put_file_if_absent(self, name: str, data: bytes) -> bytes:
+        """Write the file unless it exists (temp + fsync + rename); returns the file's content."""
+        with self._lock:
+            old = self.get_file(name)
+            if old is not None:
+                return old
+            p = self._file(name)
+            tmp = p + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+            return data
+
+    # -- monitoring -----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self._ks.stats())
+        out.update({
+            "incarnation": self.incarnation, "pid": os.getpid(), "searches": self._searches,
+            "queries": self._queries, "pending_activations": self._pending_rows,
+            "dropped_activations": self._dropped, "consolidations": self._consolidations,
+            "consolidated_activations": self._consolidated_rows,
+            "last_consolidation": self._last_consolidation,
+            "snapshots": self._snapshots, "invalidation_seq": self._seq,
+            "consolidation_paused": time.monotonic() < self._paused_until,
+        })
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._consolidate()
+        with self._lock:
+            self._ks.snapshot()
+            self._ks.close()
+
+
+def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:
+    if a.shape[1] == k:
+        return a
+    out = np.full((a.shape[0], k), fill, dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        d = dataclasses.asdict(obj)
+    elif isinstance(obj, Mapping):
+        d = dict(obj)
+    else:
+        d = {"result": repr(obj)}
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in d.items()
+            if not isinstance(v, np.ndarray)}
+
+
+__all__ = ["KeyStoreActor"]

@@ -1,0 +1,305 @@
+"""`TrainerActor`: SR-TTT feedback jobs from a queue, so serving never waits for training.
+
+`submit(request)` records a job (status "pending") and returns at once; one worker thread takes jobs
+in order and runs each (status "running", then "done" with the edit's result or "failed" with the
+error). Every status change is written to data_dir/jobs/<job_id>.json (temp file + rename) before it
+is reported. When the actor restarts after a crash (`max_restarts`), its constructor marks the job
+that was running "failed" (the trainer died under it), and queues the pending ones again: a job is
+never left pending or running forever.
+
+The base model, query encoder and fusion are loaded lazily by the worker (the first job pays for it),
+so the actor answers `job`/`submit` immediately after a (re)start. The store is reached through the
+same actors as serving: an `ExpertStoreClient` (writes publish cache invalidations) and a
+`KeyStoreProxy` with the KeyStore method surface over the key-store actor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from srmoa_dist.config import SrmoaConfig
+
+log = logging.getLogger(__name__)
+
+PUBLIC = ("job_id", "object", "status", "created", "started", "finished", "error", "result", "attempt")
+
+
+class KeyStoreProxy:
+    """The KeyStore API over the key-store actor (what the TTT code calls), numpy in and out."""
+
+    def __init__(self, handle: Any, cfg: Any, timeout_s: float = 60.0) -> None:
+        self.h = handle
+        self.cfg = cfg
+        self.timeout_s = timeout_s
+
+    def _get(self, ref: Any) -> Any:
+        return ray.get(ref, timeout=self.timeout_s)
+
+    def search(self, xq: np.ndarray, k: int | None = None, *, tau: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        D, I, _, _ = self._get(self.h.search.remote(np.asarray(xq, np.float32), k, tau))
+        return D, I
+
+    def get(self, ids: Any) -> np.ndarray:
+        return self._get(self.h.get.remote(np.asarray(ids, np.int64).reshape(-1).tolist()))
+
+    def add(self, keys: np.ndarray, *, pinned: bool = False) -> np.ndarray:
+        return self._get(self.h.add.remote(np.asarray(keys, np.float32), pinned))
+
+    def update(self, ids: Any, keys: np.ndarray) -> None:
+        ids = np.asarray(ids, np.int64).reshape(-1).tolist()
+        self._get(self.h.update.remote(ids, np.asarray(keys, np.float32)))
+
+    def free(self, ids: Any) -> None:
+        self._get(self.h.free.remote(np.asarray(ids, np.int64).reshape(-1).tolist()))
+
+    def pin(self, ids: Any, pinned: bool = True) -> None:
+        self._get(self.h.pin.remote(np.asarray(ids, np.int64).reshape(-1).tolist(), pinned))
+
+    def snapshot(self) -> None:
+        self._get(self.h.snapshot.remote())
+
+    def stats(self) -> dict[str, Any]:
+        return self._get(self.h.stats.remote())
+
+    def __len__(self) -> int:
+        return int(self._get(self.h.size.remote()))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._get(self.h.call.remote(name, *args, **kwargs))
+
+        return call
+
+
+@ray.remote
+class TrainerActor:
+    """A queue of feedback jobs run one at a time by a worker thread (see the module docstring)."""
+
+    def __init__(self, cfg: SrmoaConfig) -> None:
+        from srmoa_dist.runtime.store_init import jobs_dir
+
+        self.cfg = cfg
+        self.dir = jobs_dir(cfg)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._ctx: Any = None
+        self._ctx_error: str | None = None
+        self._current: str | None = None
+        self.incarnation = uuid.uuid4().hex
+        self._recover()
+        self._thread = threading.Thread(target=self._worker, name="ttt-worker", daemon=True)
+        self._thread.start()
+        log.info("trainer ready (pid %d): %d jobs on record, %d queued", os.getpid(), len(self._jobs),
+                 self._queue.qsize())
+
+    # -- persistence ----------------------------------------------------------------------------------
+
+    def _path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.json"
+
+    def _save(self, job: dict[str, Any]) -> None:
+        p = self._path(job["job_id"])
+        tmp = p.with_name(p.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(job, f, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def _recover(self) -> None:
+        jobs = []
+        for p in self.dir.glob("job-*.json"):
+            try:
+                jobs.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                log.warning("unreadable job record %s skipped", p)
+        jobs.sort(key=lambda j: j.get("created", 0))
+        for job in jobs:
+            self._jobs[job["job_id"]] = job
+            if job["status"] == "running":
+                job.update(status="failed", finished=time.time(),
+                           error="the trainer stopped while this job was running (it was restarted); "
+                                 "the edit was not applied — send the feedback again")
+                self._save(job)
+                log.warning("job %s was running when the trainer stopped: marked failed", job["job_id"])
+            elif job["status"] == "pending":
+                self._queue.put(job["job_id"])
+
+    def _prune(self) -> None:
+        done = [j for j in self._jobs.values() if j["status"] not in ("pending", "running")]
+        extra = len(done) - self.cfg.runtime.job_history
+        for j in sorted(done, key=lambda j: j.get("finished") or 0)[: max(0, extra)]:
+            self._jobs.pop(j["job_id"], None)
+            try:
+                self._path(j["job_id"]).unlink()
+            except OSError:
+                pass
+
+    # -- API ------------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {"name": "trainer", "path": str(self.dir), "pid": os.getpid(), "incarnation": self.incarnation}
+
+    def ping(self) -> bool:
+        return True
+
+    def submit(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Queue a feedback job (a FeedbackRequest as a dict); returns the job (status pending/skipped)."""
+        now = time.time()
+        job = {"job_id": f"job-{uuid.uuid4().hex[:16]}", "object": "feedback.job", "status": "pending",
+               "created": now, "started": None, "finished": None, "error": None, "result": None,
+               "attempt": 1, "request": dict(request)}
+        if request.get("verdict") == "correct":
+            job.update(status="skipped", finished=now, result={"reason": "the response was marked correct"})
+        with self._lock:
+            self._jobs[job["job_id"]] = job
+            self._save(job)
+            self._prune()
+        if job["status"] == "pending":
+            self._queue.put(job["job_id"])
+        return _public(job)
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            j = self._jobs.get(job_id)
+            return _public(j) if j is not None else None
+
+    def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            return [_public(j) for j in list(self._jobs.values())[-limit:]]
+
+    def wait(self, job_id: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
+        """The job once it is finished, or as it is after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            j = self.job(job_id)
+            if j is None or j["status"] not in ("pending", "running") or time.monotonic() >= deadline:
+                return j
+            time.sleep(0.05)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counts: dict[str, int] = {}
+            for j in self._jobs.values():
+                counts[j["status"]] = counts.get(j["status"], 0) + 1
+        return {"queued": self._queue.qsize(), "running": self._current, "jobs": counts,
+                "model_loaded": self._ctx is not None, "load_error": self._ctx_error, "pid": os.getpid(),
+                "incarnation": self.incarnation}
+
+    def list_edits(self) -> list[dict[str, Any]]:
+        ctx = self._context(load_model=False)
+        return [_edit_json(r) for r in ctx.ledger.list()]
+
+    def rollback(self, edit_id: str) -> dict[str, Any]:
+        """Undo an edit (expert version, key, ledger); {"error": ...} when it cannot be undone."""
+        ctx = self._context(load_model=False)
+        with ctx.edit_lock:
+            if edit_id not in ctx.ledger:
+                return _err(404, f"no edit '{edit_id}'", "edit_not_found")
+            rec = ctx.ledger.get(edit_id)
+            if rec.status in ("rolled_back", "failed"):
+                return _err(409, f"edit '{edit_id}' is {rec.status}; there is nothing to roll back",
+                            "edit_not_active")
+            try:
+                out = ctx.rollback(edit_id)
+            except Exception as e:
+                log.exception("rollback of %s failed", edit_id)
+                return _err(409, f"edit '{edit_id}' cannot be rolled back: {e}", "rollback_failed")
+        return {"object": "edit.rollback", "edit_id": edit_id, "status": "rolled_back", **(out or {})}
+
+    # -- worker ---------------------------------------------------------------------------------------
+
+    def _context(self, load_model: bool = True) -> Any:
+        from srmoa_dist.runtime.edit_context import EditContext
+
+        with self._lock:
+            if self._ctx is None:
+                self._ctx = EditContext(self.cfg)
+        if load_model:
+            self._ctx.load_model()
+        return self._ctx
+
+    def _set(self, job_id: str, **fields: Any) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            job.update(fields)
+            self._save(job)
+
+    def _worker(self) -> None:
+        from srmoa_dist.serve.engine import set_torch_threads
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        set_torch_threads(self.cfg.runtime.torch_threads, default=max(1, cores // 2))
+        while True:
+            job_id = self._queue.get()
+            with self._lock:
+                job = self._jobs.get(job_id)
+                if job is None or job["status"] != "pending":
+                    continue
+                self._current = job_id
+            self._set(job_id, status="running", started=time.time())
+            try:
+                ctx = self._context()
+                with ctx.edit_lock:
+                    result = ctx.run_feedback(job["request"], job_id=job_id)
+                self._set(job_id, status="done", finished=time.time(), result=result)
+                log.info("job %s done: edit %s %s (expert %s)", job_id, result.get("edit_id"),
+                         result.get("status"), result.get("expert_id"))
+            except Exception as e:
+                log.exception("job %s failed", job_id)
+                self._set(job_id, status="failed", finished=time.time(), error=_brief(e))
+            finally:
+                with self._lock:
+                    self._current = None
+                    self._prune()
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: job.get(k) for k in PUBLIC}
+
+
+def _err(status: int, message: str, code: str) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "code": code}}
+
+
+def _brief(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:500]}" if s else type(e).__name__
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _edit_json(rec: Any) -> dict[str, Any]:
+    d = rec.to_json()
+    d.pop("prev_key", None)
+    d.pop("new_key", None)
+    d["object"] = "edit"
+    return json.loads(json.dumps(d, default=_jsonable))
+
+
+__all__ = ["TrainerActor", "KeyStoreProxy"]

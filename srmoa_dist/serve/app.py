@@ -1,0 +1,602 @@
+"""The Ray Serve application: an `Ingress` (FastAPI, OpenAI-compatible HTTP API) and a `ModelServer`.
+
+    client --HTTP--> Ingress --handle--> ModelServer (Engine: base model, query encoder, expert cache)
+                        |                    |--> KeyStoreActor.search / .record     (routing)
+                        |                    '--> ShardActor.get_raw (via the client, LRU cache first)
+                        '--> TrainerActor (feedback jobs, edits), KeyStoreActor / ShardActors (stats, experts)
+
+Entry point for `serve run` / `serve deploy`: `srmoa_dist.serve.app:build_app` with `args`:
+
+    config       path of a SrmoaConfig YAML (default: <data_dir>/config.yaml when present)
+    data_dir     the store's directory (default: the config's, "./data")
+    model        ModelConfig.name_or_path override ("smollm2", an HF id, a local dir, a .gguf)
+    model_id     the name clients pass as "model" (ServeConfig.model_id)
+    api_key      required bearer token (default: ServeConfig.api_key, else $SRMOA_API_KEY, else none)
+    num_replicas ModelServer replicas (default 1)
+    overrides    nested mapping merged into the config ({"keystore": {"tau": 0.5}, ...})
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/feedback,
+GET /v1/feedback/{job_id}, GET /v1/experts/{id}, GET /v1/edits, DELETE /v1/edits/{edit_id},
+GET /v1/stats, and GET /healthz (no auth).
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.serve.errors import (
+    APIError,
+    bad_request,
+    install_error_handlers,
+    not_found,
+    overloaded,
+    unauthorized,
+)
+from srmoa_dist.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    FeedbackRequest,
+    ModelCard,
+    ModelList,
+    Routing,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+ARGS = ("config", "data_dir", "model", "model_id", "api_key", "num_replicas", "overrides")
+CHARS_PER_TOKEN_BOUND = 16      # a prompt longer than this many chars per allowed token is refused unread
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config from `serve run` / `serve deploy` args
+
+
+def config_from_args(args: dict[str, Any] | None) -> SrmoaConfig:
+    """The SrmoaConfig that `build_app(args)` serves (see the module docstring for the keys)."""
+    from srmoa_dist.runtime.bootstrap import resolve_config
+    from srmoa_dist.runtime.store_init import CONFIG_FILE
+
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(ARGS))
+    if unknown:
+        raise ValueError(f"unknown build_app arg(s) {unknown}; known: {list(ARGS)}")
+    if args.get("config"):
+        cfg = SrmoaConfig.load_yaml(args["config"])
+    else:
+        d = args.get("data_dir") or SrmoaConfig().data_dir
+        p = os.path.join(d, CONFIG_FILE)
+        cfg = SrmoaConfig.load_yaml(p) if os.path.isfile(p) else SrmoaConfig()
+    if args.get("data_dir"):
+        cfg = cfg.replace(data_dir=str(args["data_dir"]))
+    overrides = args.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"build_app arg 'overrides' must be a mapping, got {overrides!r}")
+    d = cfg.to_dict()
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(d.get(section), dict):
+            d[section] = {**d[section], **values}
+        else:
+            d[section] = values
+    if args.get("model"):
+        d["model"]["name_or_path"] = str(args["model"])
+    if args.get("model_id"):
+        d["serve"]["model_id"] = str(args["model_id"])
+    if args.get("api_key"):
+        d["serve"]["api_key"] = str(args["api_key"])
+    cfg = SrmoaConfig.from_dict(_listify_tuples(d))
+    return resolve_config(cfg)
+
+
+def _listify_tuples(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _listify_tuples(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _usage(res: dict[str, Any]) -> Usage:
+    return Usage(prompt_tokens=res["prompt_tokens"], completion_tokens=res["completion_tokens"],
+                 total_tokens=res["prompt_tokens"] + res["completion_tokens"])
+
+
+def _brief(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:300]}" if s else type(e).__name__
+
+
+def _from_error(err: dict[str, Any]) -> APIError:
+    """An engine/trainer {"status", "message", "param", "code"} dict as an APIError."""
+    return APIError(int(err.get("status", 400)), err["message"], param=err.get("param"), code=err.get("code"))
+
+
+def resolve_api_key(cfg: SrmoaConfig) -> str | None:
+    return cfg.serve.api_key or os.environ.get("SRMOA_API_KEY") or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# ModelServer
+
+
+@serve.deployment(name="ModelServer", health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
+class ModelServer:
+    """Frozen base model + query encoder + expert cache; batched generation (`@serve.batch`)."""
+
+    def __init__(self, cfg: SrmoaConfig) -> None:
+        from srmoa_dist.runtime.bootstrap import ensure_actors
+        from srmoa_dist.serve.engine import Engine, set_torch_threads
+
+        logging.basicConfig(level=logging.INFO)
+        threads = set_torch_threads(cfg.runtime.torch_threads)
+        self.cfg = cfg
+        self.runtime = ensure_actors(cfg, trainer=False)
+        self.engine = Engine(cfg, self.runtime)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
+        self._generate_batch.set_max_batch_size(cfg.serve.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        log.info("ModelServer ready (torch threads %d)", threads)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.engine.generate, reqs)
+
+    async def generate(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self._generate_batch(req)
+
+    async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Items {"delta": str}, then the final result; or one {"error": ...} item."""
+        from srmoa_dist.serve.engine import RequestError
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+        cancelled = threading.Event()
+
+        def work() -> None:
+            try:
+                for item in self.engine.stream(req):
+                    if cancelled.is_set():
+                        break
+                    loop.call_soon_threadsafe(q.put_nowait, item)
+            except RequestError as e:
+                loop.call_soon_threadsafe(q.put_nowait, e.as_dict())
+            except Exception as e:
+                log.exception("streamed generation failed")
+                loop.call_soon_threadsafe(q.put_nowait, {"error": {"status": 500, "message": _brief(e),
+                                                                   "code": "internal_error", "param": None}})
+            finally:
+                loop.call_soon_threadsafe(q.put_nowait, done)
+
+        fut = loop.run_in_executor(self._pool, work)
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    break
+                yield item
+        finally:
+            cancelled.set()
+            await asyncio.shield(fut)
+
+    def check_health(self) -> None:
+        self.engine.check_store(timeout_s=10.0)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ingress
+
+api = FastAPI(title="srmoa-dist", docs_url=None, redoc_url=None, openapi_url=None)
+install_error_handlers(api)
+api.state.api_key = None
+
+
+@api.middleware("http")
+async def _auth(request: Request, call_next: Any) -> Any:
+    key = getattr(request.app.state, "api_key", None)
+    if key and not request.url.path.endswith("/healthz"):
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            return unauthorized("missing API key: send 'Authorization: Bearer <key>'").response()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            return unauthorized("invalid API key").response()
+    return await call_next(request)
+
+
+async def _await(ref: Any, timeout: float) -> Any:
+    return await asyncio.wait_for(_as_future(ref), timeout)
+
+
+async def _as_future(ref: Any) -> Any:
+    return await ref
+
+
+def _is_backpressure(e: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__
+
+
+@serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
+@serve.ingress(api)
+class Ingress:
+    """The HTTP API (OpenAI-compatible chat/completions, feedback, edits, experts, stats)."""
+
+    def __init__(self, cfg: SrmoaConfig, server: Any) -> None:
+        from srmoa_dist.runtime.bootstrap import ensure_actors
+        from srmoa_dist.runtime.client import ExpertStoreClient
+
+        logging.basicConfig(level=logging.INFO)
+        self.cfg = cfg
+        self.server = server
+        self.runtime = ensure_actors(cfg, trainer=True)
+        self.client = ExpertStoreClient(self.runtime.shards, keystore=None, cache_size=0,
+                                        timeout_s=cfg.runtime.call_timeout_s)
+        api.state.api_key = resolve_api_key(cfg)
+        self.limit = cfg.serve.max_ongoing_requests + cfg.serve.max_queued_requests
+        self.inflight = 0
+        self.rejected = 0
+        self.timeout = cfg.runtime.call_timeout_s
+        log.info("Ingress ready (auth %s, admission limit %d)", "on" if api.state.api_key else "off",
+                 self.limit)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model != self.cfg.serve.model_id:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                                f"'{self.cfg.serve.model_id}'", param="model", code="model_not_found")
+
+    def _check_limits(self, max_tokens: int | None, texts: list[str]) -> int:
+        s = self.cfg.serve
+        if max_tokens is not None and max_tokens > s.max_tokens_limit:
+            raise bad_request(f"max_tokens is {max_tokens}; this server allows at most {s.max_tokens_limit}",
+                              param="max_tokens", code="invalid_value")
+        chars = sum(len(t) for t in texts)
+        if chars > s.max_prompt_tokens * CHARS_PER_TOKEN_BOUND:
+            raise bad_request(f"the prompt is {chars} characters long, far over the limit of "
+                              f"{s.max_prompt_tokens} tokens", param="messages",
+                              code="context_length_exceeded")
+        return int(max_tokens or min(self.cfg.model.max_new_tokens, s.max_tokens_limit))
+
+    def _admit(self) -> None:
+        if self.inflight >= self.limit:
+            self.rejected += 1
+            raise overloaded(f"{self.inflight} requests in flight (limit {self.limit}); retry later")
+        self.inflight += 1
+
+    def _release(self) -> None:
+        self.inflight -= 1
+
+    async def _call_server(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            res = await self.server.generate.remote(req)
+        except Exception as e:
+            if _is_backpressure(e):
+                raise overloaded("the model server's queue is full; retry later") from None
+            log.exception("generation failed")
+            raise APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
+                           headers={"Retry-After": "1"}) from None
+        if "error" in res:
+            err = res["error"]
+            raise _from_error(err)
+        return res
+
+    @staticmethod
+    def _gen_request(r: Any, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+        return {"messages": messages, "max_tokens": max_tokens, "temperature": r.temperature,
+                "top_p": r.top_p, "seed": r.seed, "stop": r.stop, "use_experts": r.use_experts}
+
+    async def _actor(self, ref: Any, what: str) -> Any:
+        try:
+            return await _await(ref, self.timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"the {what} did not answer in {self.timeout:.0f} s; retry later",
+                           code="unavailable", headers={"Retry-After": "2"}) from None
+        except Exception as e:           # the actor died for good, or is restarting
+            log.warning("the %s is unavailable: %s", what, _brief(e))
+            raise APIError(503, f"the {what} is unavailable ({_brief(e)}); retry later",
+                           code="unavailable", headers={"Retry-After": "2"}) from None
+
+    # -- OpenAI-compatible ----------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.cfg.serve.model_id, created=0)])
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        self._check_model(body.model)
+        messages = body.message_dicts()
+        max_tokens = self._check_limits(body.max_tokens, [m["content"] for m in messages])
+        req = self._gen_request(body, messages, max_tokens)
+        if body.stream:
+            return await self._stream_chat(body, req)
+        self._admit()
+        try:
+            res = await self._call_server(req)
+        finally:
+            self._release()
+        return ChatCompletion(
+            model=body.model,
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=res["text"]),
+                                finish_reason=res["finish_reason"])],
+            usage=_usage(res), routing=Routing(**res["routing"]))
+
+    async def _stream_chat(self, body: ChatCompletionRequest, req: dict[str, Any]) -> Any:
+        self._admit()
+        try:
+            gen = self.server.options(stream=True).stream.remote(req)
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            self._release()
+            raise APIError(500, "the model produced no output", code="internal_error") from None
+        except Exception as e:
+            self._release()
+            if _is_backpressure(e):
+                raise overloaded("the model server's queue is full; retry later") from None
+            log.exception("stream failed to start")
+            raise APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
+                           headers={"Retry-After": "1"}) from None
+        if "error" in first:
+            self._release()
+            err = first["error"]
+            raise _from_error(err)
+
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: ChunkDelta, finish: str | None = None, **extra: Any) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=body.model,
+                                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)], **extra)
+            return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield chunk(ChunkDelta(role="assistant", content=""))
+                item = first
+                while True:
+                    if "error" in item:
+                        yield f"data: {json.dumps({'error': item['error']})}\n\n"
+                        break
+                    if "delta" in item:
+                        yield chunk(ChunkDelta(content=item["delta"]))
+                    else:
+                        yield chunk(ChunkDelta(), item["finish_reason"], routing=Routing(**item["routing"]))
+                        if include_usage:
+                            u = ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[],
+                                                    usage=_usage(item))
+                            yield f"data: {u.model_dump_json()}\n\n"
+                    try:
+                        item = await gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+                yield "data: [DONE]\n\n"
+            except Exception as e:
+                log.exception("stream failed")
+                yield f"data: {json.dumps({'error': {'message': _brief(e), 'type': 'server_error'}})}\n\n"
+            finally:
+                self._release()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        """Each prompt is answered as one user message under the chat template (a chat model)."""
+        self._check_model(body.model)
+        prompts = body.prompts()
+        max_tokens = self._check_limits(body.max_tokens or 16, prompts)
+        reqs = [self._gen_request(body, [{"role": "user", "content": p}], max_tokens) for p in prompts]
+        if body.stream:
+            if len(prompts) != 1:
+                raise bad_request("stream: true takes a single prompt", param="prompt", code="invalid_value")
+            return await self._stream_completion(body, reqs[0])
+        for _ in reqs:
+            self._admit()
+        try:
+            results = await asyncio.gather(*(self._call_server(r) for r in reqs), return_exceptions=True)
+        finally:
+            for _ in reqs:
+                self._release()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        choices = [CompletionChoice(index=i, text=(p if body.echo else "") + r["text"],
+                                    finish_reason=r["finish_reason"])
+                   for i, (p, r) in enumerate(zip(prompts, results))]
+        usage = Usage(prompt_tokens=sum(r["prompt_tokens"] for r in results),
+                      completion_tokens=sum(r["completion_tokens"] for r in results),
+                      total_tokens=sum(r["prompt_tokens"] + r["completion_tokens"] for r in results))
+        routing = [Routing(**r["routing"]) for r in results]
+        return Completion(model=body.model, choices=choices, usage=usage,
+                          routing=routing[0] if isinstance(body.prompt, str) else routing)
+
+    async def _stream_completion(self, body: CompletionRequest, req: dict[str, Any]) -> Any:
+        self._admit()
+        try:
+            gen = self.server.options(stream=True).stream.remote(req)
+            first = await gen.__anext__()
+        except Exception as e:
+            self._release()
+            if _is_backpressure(e):
+                raise overloaded("the model server's queue is full; retry later") from None
+            raise APIError(503, f"generation failed ({_brief(e)})", code="unavailable",
+                           headers={"Retry-After": "1"}) from None
+        if "error" in first:
+            self._release()
+            err = first["error"]
+            raise _from_error(err)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text: str, finish: str | None = None, routing: dict | None = None) -> str:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            d: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created,
+                                 "model": body.model, "choices": [choice]}
+            if routing is not None:
+                d["routing"] = routing
+            return f"data: {json.dumps(d)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                item = first
+                while True:
+                    if "error" in item:
+                        yield f"data: {json.dumps({'error': item['error']})}\n\n"
+                        break
+                    if "delta" in item:
+                        yield chunk(item["delta"])
+                    else:
+                        yield chunk("", item["finish_reason"], item["routing"])
+                    try:
+                        item = await gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                self._release()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # -- feedback and edits ---------------------------------------------------------------------------
+
+    def _trainer(self) -> Any:
+        if self.runtime.trainer is None:
+            raise APIError(503, "no trainer is running", code="unavailable", headers={"Retry-After": "5"})
+        return self.runtime.trainer
+
+    @api.post("/v1/feedback", status_code=202)
+    async def feedback(self, body: FeedbackRequest) -> Any:
+        messages = body.message_dicts()
+        self._check_limits(None, [m["content"] for m in messages] + [body.response])
+        job = await self._actor(self._trainer().submit.remote(body.model_dump(exclude_none=True)), "trainer")
+        return JSONResponse(job, status_code=202)
+
+    @api.get("/v1/feedback/{job_id}")
+    async def feedback_status(self, job_id: str) -> Any:
+        job = await self._actor(self._trainer().job.remote(job_id), "trainer")
+        if job is None:
+            raise not_found(f"no feedback job '{job_id}'", param="job_id", code="job_not_found")
+        return job
+
+    @api.get("/v1/edits")
+    async def edits(self) -> Any:
+        data = await self._actor(self._trainer().list_edits.remote(), "trainer")
+        return {"object": "list", "data": data}
+
+    @api.delete("/v1/edits/{edit_id}")
+    async def rollback_edit(self, edit_id: str) -> Any:
+        res = await self._actor(self._trainer().rollback.remote(edit_id), "trainer")
+        if "error" in res:
+            err = res["error"]
+            raise APIError(int(err.get("status", 400)), err["message"], param="edit_id", code=err.get("code"))
+        return res
+
+    # -- experts and stats ----------------------------------------------------------------------------
+
+    @api.get("/v1/experts/{expert_id}")
+    async def expert(self, expert_id: int) -> Any:
+        from srmoa_dist.experts.codec import decode_expert
+
+        if expert_id < 0:
+            raise bad_request("expert ids are non-negative", param="expert_id", code="invalid_value")
+        loop = asyncio.get_running_loop()
+        raws = await loop.run_in_executor(None, self.client.fetch_raw, [expert_id])
+        raw = raws.get(expert_id)
+        if raw is None:
+            raise not_found(f"no expert {expert_id}", param="expert_id", code="expert_not_found")
+        e = decode_expert(raw, expert_id=expert_id)
+        key = await self._actor(self.runtime.keystore.key_info.remote([expert_id]), "key store")
+        return {"id": expert_id, "object": "expert", "shard": int(self.client.shard_of([expert_id])[0]),
+                "version": e.version, "rank": e.rank, "alpha": e.alpha, "dtype": e.dtype, "nbytes": e.nbytes,
+                "targets": {n: [int(a.shape[1]), int(b.shape[0])] for n, (a, b) in e.targets.items()},
+                "key": key[0] if key else None}
+
+    @api.get("/v1/stats")
+    async def stats(self) -> Any:
+        rt = self.runtime
+        ks_ref = rt.keystore.stats.remote()
+        shard_refs = [s.stats.remote() for s in rt.shards]
+        out: dict[str, Any] = {"object": "stats", "model": self.cfg.serve.model_id}
+        out["keystore"] = await self._actor(ks_ref, "key store")
+        shards = [await self._actor(r, "shard") for r in shard_refs]
+        out["shards"] = shards
+        out["experts"] = int(sum(int(s.get("entries", 0)) for s in shards))
+        try:
+            out["server"] = await asyncio.wait_for(_as_future(self.server.stats.remote()), self.timeout)
+        except Exception as e:
+            out["server"] = {"error": _brief(e)}
+        cache = (out["server"] or {}).get("cache") or {}
+        out["cache_hit_rate"] = cache.get("hit_rate")
+        if rt.trainer is not None:
+            try:
+                out["trainer"] = await _await(rt.trainer.stats.remote(), self.timeout)
+            except Exception as e:
+                out["trainer"] = {"error": _brief(e)}
+        out["ingress"] = {"inflight": self.inflight, "rejected": self.rejected, "limit": self.limit}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The Serve application for `serve run` / `serve deploy` (import path srmoa_dist.serve.app:build_app)."""
+    cfg = config_from_args(args)
+    args = dict(args or {})
+    s, rt = cfg.serve, cfg.runtime
+    if resolve_api_key(cfg) and not cfg.serve.api_key:
+        cfg = cfg.replace(serve=_replace(cfg.serve, api_key=resolve_api_key(cfg)))
+    server = ModelServer.options(
+        num_replicas=int(args.get("num_replicas") or 1),
+        ray_actor_options={"num_cpus": rt.replica_cpus},
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+    ).bind(cfg)
+    return Ingress.options(
+        ray_actor_options={"num_cpus": rt.actor_cpus},
+        max_ongoing_requests=s.max_ongoing_requests + s.max_queued_requests + 64,
+    ).bind(cfg, server)
+
+
+def _replace(obj: Any, **kw: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+__all__ = ["build_app", "config_from_args", "ModelServer", "Ingress", "api"]

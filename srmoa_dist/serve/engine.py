@@ -1,0 +1,241 @@
+"""`Engine`: what one ModelServer replica holds and does, without Serve.
+
+The frozen base model, its query encoder and expert fusion, the `ExpertStoreClient` (LRU cache of
+decoded experts) and the key-store actor handle. `generate` runs a batch of requests through
+`model.generation.generate` with a router that asks the key-store actor (one search per batch) and a
+fetch that reads through the client; `stream` does the same for one request, token by token. After
+each batch the activations (q, ids, gates) go to the key store without waiting.
+
+Requests and results are plain dicts so that they cross Serve handles cheaply:
+
+    request  {"messages": [...], "max_tokens": int, "temperature": float, "top_p": float,
+              "seed": int | None, "stop": [str] | None, "use_experts": bool}
+    result   {"text", "finish_reason", "prompt_tokens", "completion_tokens",
+              "routing": {"expert_ids", "scores", "gates", "deferred", "use_experts"}}
+          or {"error": {"status", "message", "param", "code"}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from srmoa_dist.config import SrmoaConfig
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (too long, ...): becomes a 4xx for the client."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "message": str(self), "param": self.param,
+                          "code": self.code}}
+
+
+def set_torch_threads(n: int, default: int | None = None) -> int:
+    """torch intra-op threads: n, else `default`, else every core this process may use."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    want = n or default or cores
+    torch.set_num_threads(max(1, int(want)))
+    return torch.get_num_threads()
+
+
+class Engine:
+    """The model side of serving (one per replica). `runtime` is a `bootstrap.Runtime` (or None: no store)."""
+
+    def __init__(self, cfg: SrmoaConfig, runtime: Any | None, *, base: Any | None = None) -> None:
+        from srmoa_dist.model.fusion import ExpertFusion
+        from srmoa_dist.model.loading import load_base_model
+        from srmoa_dist.runtime.store_init import ensure_encoder
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.runtime = runtime
+        self.base = base if base is not None else load_base_model(cfg.model, cfg.model_cache_dir)
+        self.encoder = ensure_encoder(cfg, self.base, runtime.keystore if runtime is not None else None)
+        self.fusion = ExpertFusion(self.base.model, cfg.expert, cfg.model.query_layer)
+        self.client = runtime.client() if runtime is not None else None
+        self.keystore = runtime.keystore if runtime is not None else None
+        self.tau = cfg.keystore.tau
+        self.requests = 0
+        self.batches = 0
+        self.routed = 0
+        self.deferred = 0
+        self.load_seconds = time.perf_counter() - t0
+        log.info("engine ready in %.1f s: model %s, d_key %d", self.load_seconds, self.base.name,
+                 self.encoder.d_key)
+
+    # -- store access ---------------------------------------------------------------------------------
+
+    def _router(self, use: Sequence[bool]):
+        """xq (B, d_key) -> D, I (B, k) from the key-store actor; rows with use=False get no expert."""
+        import ray
+
+        def router(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if self.keystore is None:
+                B = xq.shape[0]
+                return np.zeros((B, 1), np.float32), np.full((B, 1), -1, np.int64)
+            c = self.client
+            D, I, inc, entries = ray.get(
+                self.keystore.search.remote(xq, self.cfg.keystore.k, self.tau, c.incarnation, c.seen_seq),
+                timeout=self.cfg.runtime.call_timeout_s)
+            c.apply_invalidations(inc, entries)
+            I = np.array(I, dtype=np.int64, copy=True)
+            for b, u in enumerate(use):
+                if not u:
+                    I[b] = -1
+            return D, I
+
+        return router
+
+    def _fetch(self, ids: list[int]) -> dict[int, Any]:
+        return self.client.fetch(ids) if self.client is not None else {}
+
+    def _record(self, gens: Sequence[Any]) -> None:
+        """Send the activations of routed sequences to the key store (fire-and-forget)."""
+        rows = [g for g in gens if g.expert_ids]
+        if not rows or self.keystore is None:
+            return
+        k = max(len(g.expert_ids) for g in rows)
+        q = np.stack([g.query for g in rows]).astype(np.float32)                 # (n, d_key)
+        ids = np.full((len(rows), k), -1, np.int64)
+        gates = np.zeros((len(rows), k), np.float32)
+        for r, g in enumerate(rows):
+            ids[r, : len(g.expert_ids)] = g.expert_ids
+            gates[r, : len(g.gates)] = g.gates
+        try:
+            self.keystore.record.remote(q, ids, gates)
+        except Exception:      # the key store restarting must not fail a request
+            log.warning("could not send activations to the key store", exc_info=True)
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        from srmoa_dist.model.chat import encode_one, with_system
+
+        ids, _, _ = encode_one(self.base.tokenizer, with_system(messages, self.base.system_prompt),
+                               add_generation_prompt=True)
+        return len(ids)
+
+    def check(self, req: dict[str, Any]) -> None:
+        """Raise RequestError when the prompt is over the limit."""
+        limit = self.cfg.serve.max_prompt_tokens
+        try:
+            n = self.prompt_tokens(req["messages"])
+        except ValueError as e:
+            raise RequestError(f"invalid messages: {e}", param="messages", code="invalid_value") from None
+        if n > limit:
+            raise RequestError(f"the prompt is {n} tokens long; this server accepts at most {limit}",
+                               param="messages", code="context_length_exceeded")
+
+    def _params(self, req: dict[str, Any]) -> Any:
+        from srmoa_dist.model.generation import GenerationParams
+
+        return GenerationParams(
+            max_new_tokens=int(req.get("max_tokens") or self.cfg.model.max_new_tokens),
+            temperature=float(req.get("temperature") or 0.0),
+            top_p=float(req.get("top_p") or 1.0),
+            seed=req.get("seed"),
+            gate_temperature=self.cfg.keystore.temperature,
+            stop=tuple(req.get("stop") or ()),
+        )
+
+    def generate(self, reqs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A batch of requests -> results in order (equal sampling parameters share one forward)."""
+        from srmoa_dist.model.generation import generate
+
+        out: list[dict[str, Any] | None] = [None] * len(reqs)
+        groups: dict[Any, list[int]] = {}
+        for j, r in enumerate(reqs):
+            try:
+                self.check(r)
+                p = self._params(r)
+            except RequestError as e:
+                out[j] = e.as_dict()
+                continue
+            except ValueError as e:
+                out[j] = RequestError(str(e)).as_dict()
+                continue
+            groups.setdefault(p, []).append(j)
+        for p, idx in groups.items():
+            use = [bool(reqs[j].get("use_experts", True)) for j in idx]
+            gens = generate(self.base, self.fusion, self.encoder, [reqs[j]["messages"] for j in idx],
+                            router=self._router(use), fetch=self._fetch, params=p)
+            self._record(gens)
+            for j, u, g in zip(idx, use, gens):
+                out[j] = _result(g, u)
+            self.batches += 1
+        self.requests += len(reqs)
+        for r in out:
+            if r is not None and "routing" in r:
+                if r["routing"]["deferred"]:
+                    self.deferred += 1
+                else:
+                    self.routed += 1
+        return [r if r is not None else RequestError("no result").as_dict() for r in out]
+
+    def stream(self, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """One request streamed: {"delta": str} items, then the final result dict (with "routing")."""
+        from srmoa_dist.model.generation import Generation, generate_stream
+
+        self.check(req)
+        use = bool(req.get("use_experts", True))
+        for item in generate_stream(self.base, self.fusion, self.encoder, req["messages"],
+                                    router=self._router([use]), fetch=self._fetch, params=self._params(req)):
+            if isinstance(item, Generation):
+                self._record([item])
+                self.requests += 1
+                if item.expert_ids:
+                    self.routed += 1
+                else:
+                    self.deferred += 1
+                yield _result(item, use)
+            elif item:
+                yield {"delta": item}
+
+    # -- health and stats -----------------------------------------------------------------------------
+
+    def check_store(self, timeout_s: float = 5.0) -> None:
+        """Raise when the key store or a shard does not answer within `timeout_s`."""
+        if self.runtime is None:
+            return
+        import ray
+
+        handles = [self.runtime.keystore, *self.runtime.shards]
+        refs = [h.ping.remote() for h in handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            raise RuntimeError(f"{len(refs) - len(ready)} of {len(refs)} store actors did not answer "
+                               f"in {timeout_s} s")
+        ray.get(ready)
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": self.requests, "batches": self.batches, "routed": self.routed,
+                "deferred": self.deferred, "model": self.base.name, "load_seconds": self.load_seconds,
+                "cache": self.client.cache_stats() if self.client is not None else None}
+
+
+def _result(g: Any, use: bool) -> dict[str, Any]:
+    return {
+        "text": g.text,
+        "finish_reason": g.finish_reason if g.finish_reason in ("stop", "length") else "stop",
+        "prompt_tokens": int(g.prompt_tokens),
+        "completion_tokens": int(g.completion_tokens),
+        "routing": {"expert_ids": [int(i) for i in g.expert_ids], "scores": [float(s) for s in g.scores],
+                    "gates": [float(x) for x in g.gates], "deferred": not g.expert_ids, "use_experts": use},
+    }
+
+
+__all__ = ["Engine", "RequestError", "set_torch_threads"]

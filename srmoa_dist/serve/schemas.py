@@ -1,0 +1,279 @@
+"""Pydantic request/response models of the HTTP API (OpenAI-compatible, plus routing and feedback).
+
+Requests accept the OpenAI fields this server implements and ignore unknown ones (clients send many
+optional fields); fields of the wrong type or out of range are rejected with a 400 naming the field.
+Extensions beyond OpenAI:
+
+- request ``use_experts`` (default true): false answers with the frozen base model alone (the
+  benchmark's baseline);
+- response ``routing``: the experts the request reached, their scores and gates.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Role = Literal["system", "user", "assistant"]
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Req):
+    role: Role
+    content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _join_parts(cls, v: str | list[TextPart]) -> str:
+        return v if isinstance(v, str) else "".join(p.text for p in v)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": str(self.content)}
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+class _Sampling(_Req):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)   # None or 0: greedy
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    use_experts: bool = True
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else list(v)
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if not any(m.role == "user" and str(m.content).strip() for m in self.messages):
+            raise ValueError("messages must hold at least one non-empty user message")
+        return self
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [m.as_dict() for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts:
+            raise ValueError("prompt must not be an empty list")
+        if len(prompts) > 16:
+            raise ValueError("at most 16 prompts per request")
+        if any(not p.strip() for p in prompts):
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Responses
+
+
+class Routing(BaseModel):
+    """Where one request went: the experts kept after deferral, their scores and gates."""
+
+    expert_ids: list[int] = Field(default_factory=list)
+    scores: list[float] = Field(default_factory=list)
+    gates: list[float] = Field(default_factory=list)
+    deferred: bool = True          # no expert passed tau: the base model answered alone
+    use_experts: bool = True
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    routing: Routing
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    routing: Routing | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    routing: Routing | list[Routing]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "srmoa"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feedback, edits, experts, stats
+
+
+class FeedbackRequest(_Req):
+    """A failed exchange: the prompt (messages or a bare prompt), what the model said, and what is
+    right (a correct answer and/or a rule). `verdict` "correct" records nothing and trains nothing."""
+
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    response: str = ""
+    verdict: Literal["wrong", "correct"] = "wrong"
+    correct_answer: str | None = Field(default=None, min_length=1)
+    rule: str | None = Field(default=None, min_length=1)
+    expert_ids: list[int] = Field(default_factory=list)
+    request_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FeedbackRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if self.messages is not None and self.messages[-1].role != "user":
+            raise ValueError("messages must end with the user's turn that failed")
+        if self.verdict == "wrong" and not (self.correct_answer or self.rule):
+            raise ValueError("a 'wrong' verdict needs a correct_answer, a rule, or both")
+        return self
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        if self.messages is not None:
+            return [m.as_dict() for m in self.messages]
+        return [{"role": "user", "content": str(self.prompt)}]
+
+
+JobStatus = Literal["pending", "running", "done", "failed", "skipped"]
+
+
+class FeedbackJob(BaseModel):
+    job_id: str
+    object: Literal["feedback.job"] = "feedback.job"
+    status: JobStatus
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class ExpertInfo(BaseModel):
+    id: int
+    object: Literal["expert"] = "expert"
+    shard: int
+    version: int
+    rank: int
+    alpha: float
+    dtype: str
+    nbytes: int
+    targets: dict[str, list[int]]
+    key: dict[str, Any] | None = None
+
+
+class EditList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+
+
+__all__ = [
+    "ChatMessage", "ChatCompletionRequest", "CompletionRequest", "Routing", "Usage", "ChatCompletion",
+    "ChatCompletionChunk", "ChatChunkChoice", "ChunkDelta", "ChatChoice", "AssistantMessage",
+    "Completion", "CompletionChoice", "ModelCard", "ModelList", "FeedbackRequest", "FeedbackJob",
+    "ExpertInfo", "EditList", "JobStatus",
+]

@@ -1,0 +1,228 @@
+"""The HTTP API end to end: the real `openai` client for chat, completions and streaming; httpx for
+feedback, edits, experts, stats, auth and every bad-input case (status + OpenAI-style error body)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.ray
+
+Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    assert "Traceback" not in r.text
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def test_models_and_chat_with_openai_client(oai, model_id):
+    assert [m.id for m in oai.models.list().data] == [model_id]
+    r = oai.chat.completions.create(model=model_id, messages=Q, max_tokens=6)
+    assert r.object == "chat.completion" and isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 0
+    routing = r.model_extra["routing"]
+    assert set(routing) >= {"expert_ids", "scores", "gates", "deferred"}
+
+
+def test_completions_with_openai_client(oai, model_id):
+    r = oai.completions.create(model=model_id, prompt="Tell me a joke about cats", max_tokens=5)
+    assert r.object == "text_completion" and len(r.choices) == 1 and isinstance(r.choices[0].text, str)
+    assert "routing" in r.model_extra
+    r2 = oai.completions.create(model=model_id, prompt=["one", "two"], max_tokens=3)
+    assert [c.index for c in r2.choices] == [0, 1] and len(r2.model_extra["routing"]) == 2
+
+
+def test_streaming_chat_with_openai_client(oai, model_id):
+    full = oai.chat.completions.create(model=model_id, messages=Q, max_tokens=6)
+    chunks = list(oai.chat.completions.create(model=model_id, messages=Q, max_tokens=6, stream=True,
+                                              stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content          # greedy: the same tokens streamed
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and "routing" in finals[0].model_extra
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_streaming_completion_over_sse(http, model_id):
+    with http.stream("POST", "/v1/completions", json={"model": model_id, "prompt": "Hello", "max_tokens": 4,
+                                                      "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "routing" in events[-1]
+
+
+def test_feedback_edit_route_and_rollback(http, model_id):
+    fb = {"prompt": "What is the capital of Zorbania?", "response": "I do not know",
+          "correct_answer": "Paris"}
+    r = http.post("/v1/feedback", json=fb)
+    assert r.status_code == 202
+    job = r.json()
+    assert job["status"] == "pending" and job["object"] == "feedback.job"
+    t0 = time.monotonic()
+    while job["status"] in ("pending", "running") and time.monotonic() - t0 < 120:
+        time.sleep(0.2)
+        job = http.get(f"/v1/feedback/{job['job_id']}").json()
+    assert job["status"] == "done", job
+    res = job["result"]
+    assert res["status"] == "verified", res
+    eid = res["expert_id"]
+    # the failing prompt now reaches the edited expert
+    ask = {"model": model_id, "max_tokens": 8, "messages": [{"role": "user", "content": fb["prompt"]}]}
+    chat = http.post("/v1/chat/completions", json=ask).json()
+    assert eid in chat["routing"]["expert_ids"] and not chat["routing"]["deferred"]
+    assert "Paris" in chat["choices"][0]["message"]["content"]
+    ex = http.get(f"/v1/experts/{eid}").json()
+    assert ex["id"] == eid and ex["version"] == res["new_version"] and ex["key"]["pinned"] is True
+    edits = http.get("/v1/edits").json()["data"]
+    assert res["edit_id"] in [e["edit_id"] for e in edits]
+    # rollback: the key slot is freed, the prompt goes back to the base model
+    r = http.delete(f"/v1/edits/{res['edit_id']}")
+    assert r.status_code == 200 and r.json()["status"] == "rolled_back"
+    ask = {"model": model_id, "max_tokens": 8, "messages": [{"role": "user", "content": fb["prompt"]}]}
+    chat = http.post("/v1/chat/completions", json=ask).json()
+    assert eid not in chat["routing"]["expert_ids"]
+    _error(http.delete(f"/v1/edits/{res['edit_id']}"), 409, "edit_not_active")
+    st = http.get("/v1/stats").json()
+    assert st["keystore"]["n_active"] >= 0 and len(st["shards"]) == 2 and "usage_hist" in st["keystore"]
+    assert 0.0 <= st["cache_hit_rate"] <= 1.0 and st["trainer"]["jobs"]["done"] >= 1
+
+
+def test_feedback_marked_correct_is_skipped(http):
+    r = http.post("/v1/feedback", json={"prompt": "2+2?", "response": "4", "verdict": "correct"})
+    assert r.status_code == 202 and r.json()["status"] == "skipped"
+
+
+BAD_CHAT = [
+    # (body, status, code, param)
+    ({"model": "srmoa-smollm2"}, 400, "missing_required_parameter", "messages"),
+    ({"model": "srmoa-smollm2", "messages": []}, 400, "invalid_value", "messages"),
+    ({"model": "srmoa-smollm2", "messages": "hello"}, 400, None, "messages"),
+    ({"model": "srmoa-smollm2", "messages": [{"role": "user"}]}, 400, "missing_required_parameter",
+     "messages[0].content"),
+    ({"model": "srmoa-smollm2", "messages": [{"role": "wizard", "content": "hi"}]}, 400, None,
+     "messages[0].role"),
+    ({"model": "srmoa-smollm2", "messages": [{"role": "user", "content": "   "}]}, 400, None, None),
+    ({"model": "srmoa-smollm2", "messages": Q, "max_tokens": "many"}, 400, "invalid_value", "max_tokens"),
+    ({"model": "srmoa-smollm2", "messages": Q, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ({"model": "srmoa-smollm2", "messages": Q, "max_tokens": 10_000}, 400, "invalid_value", "max_tokens"),
+    ({"model": "srmoa-smollm2", "messages": Q, "temperature": 7}, 400, "invalid_value", "temperature"),
+    ({"model": "srmoa-smollm2", "messages": Q, "n": 3}, 400, "invalid_value", "n"),
+    ({"model": "no-such-model", "messages": Q}, 404, "model_not_found", "model"),
+    ({"model": "srmoa-smollm2", "messages": [{"role": "user", "content": "word " * 300}]}, 400,
+     "context_length_exceeded", "messages"),
+    ({"model": "srmoa-smollm2", "messages": [{"role": "user", "content": "x" * 100_000}]}, 400,
+     "context_length_exceeded", "messages"),
+    ([1, 2, 3], 400, None, None),
+]
+
+
+@pytest.mark.parametrize("body,status,code,param", BAD_CHAT)
+def test_bad_chat_requests(http, body, status, code, param):
+    _error(http.post("/v1/chat/completions", json=body), status, code, param)
+
+
+def test_bad_chat_request_streaming_gets_json_error(http):
+    body = {"model": "srmoa-smollm2", "stream": True,
+            "messages": [{"role": "user", "content": "word " * 300}]}
+    _error(http.post("/v1/chat/completions", json=body), 400, "context_length_exceeded")
+
+
+def test_malformed_json_and_routes(http):
+    r = http.post("/v1/chat/completions", content=b'{"model": "srmoa-smollm2", "messages": [',
+                  headers={"content-type": "application/json"})
+    _error(r, 400, "invalid_json")
+    _error(http.post("/v1/completions", json={"model": "srmoa-smollm2", "prompt": ""}), 400, None, "prompt")
+    _error(http.post("/v1/completions", json={"model": "srmoa-smollm2", "prompt": 42}), 400, None, "prompt")
+    _error(http.get("/v1/nope"), 404, "unknown_route")
+    _error(http.get("/v1/chat/completions"), 405, "method_not_allowed")
+
+
+def test_bad_feedback_experts_and_edits(http):
+    _error(http.post("/v1/feedback", json={"prompt": "Why?"}), 400, None, None)          # no answer, no rule
+    _error(http.post("/v1/feedback", json={"correct_answer": "x"}), 400, None, None)     # no prompt
+    _error(http.post("/v1/feedback", json={"prompt": "q", "correct_answer": ""}), 400, None, "correct_answer")
+    _error(http.get("/v1/feedback/job-doesnotexist"), 404, "job_not_found")
+    _error(http.get("/v1/experts/999999"), 404, "expert_not_found")
+    _error(http.get("/v1/experts/abc"), 400, None, "expert_id")
+    _error(http.get("/v1/experts/-3"), 400, None, "expert_id")
+    _error(http.delete("/v1/edits/edit-nope"), 404, "edit_not_found")
+
+
+def test_api_key_auth(ray_cluster, serve_port, tmp_path_factory, e2e_tiny_model_dir, model_id):
+    """A second app with --api-key: 401 JSON without or with a wrong key, 200 with the right one."""
+    from e2e_support import API_KEY, tiny_app_config
+    from ray import serve
+
+    from srmoa_dist.serve.app import build_app
+    from srmoa_dist.serve.local import build_args
+
+    cfg = tiny_app_config(tmp_path_factory.mktemp("auth") / "data", e2e_tiny_model_dir,
+                          serve={"api_key": API_KEY})
+    serve.run(build_app(build_args(cfg)), name="srmoa-auth", route_prefix="/auth", blocking=False)
+    base = f"http://127.0.0.1:{serve_port}/auth"
+    try:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            e = _error(c.get("/v1/models"), 401, "invalid_api_key")
+            assert "missing" in e["message"] and e["type"] == "authentication_error"
+            _error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
+            basic = {"Authorization": "Basic abc"}
+            _error(c.post("/v1/feedback", json={}, headers=basic), 401, "invalid_api_key")
+            ok = c.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+            assert ok.status_code == 200 and ok.json()["data"][0]["id"] == model_id
+        import openai
+
+        cli = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
+        assert cli.chat.completions.create(model=model_id, messages=Q, max_tokens=3).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        serve.delete("srmoa-auth")
+
+
+def test_overload_gets_503_with_retry_after(ray_cluster, serve_port, tmp_path_factory, e2e_tiny_model_dir,
+                                            model_id):
+    """Bounded queues: past max_ongoing + max_queued requests in flight, a 503 JSON error with Retry-After."""
+    import asyncio
+
+    from e2e_support import tiny_app_config
+    from ray import serve
+
+    from srmoa_dist.serve.app import build_app
+    from srmoa_dist.serve.local import build_args
+
+    cfg = tiny_app_config(tmp_path_factory.mktemp("tight") / "data", e2e_tiny_model_dir,
+                          serve={"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1})
+    serve.run(build_app(build_args(cfg)), name="srmoa-tight", route_prefix="/tight", blocking=False)
+    base = f"http://127.0.0.1:{serve_port}/tight"
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+            body = {"model": model_id, "max_tokens": 64, "messages": Q}
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(24)))
+
+    try:
+        rs = asyncio.run(burst())
+        codes = sorted(r.status_code for r in rs)
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        for r in rs:
+            if r.status_code == 503:
+                _error(r, 503, "overloaded")
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "service_unavailable_error"
+    finally:
+        serve.delete("srmoa-tight")

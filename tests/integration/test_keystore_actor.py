@@ -1,0 +1,104 @@
+"""KeyStoreActor: batched search, background consolidation, snapshots, restart recovery, and the
+cache-invalidation log that ExpertStoreClient follows."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from srmoa_dist.experts.expert import LoRAExpert
+from srmoa_dist.runtime.client import ExpertStoreClient
+
+pytestmark = pytest.mark.ray
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _wait(pred, timeout: float = 20.0, every: float = 0.1):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def test_search_consolidate_in_background_and_recover(ray_cluster, store_runtime):
+    ks = store_runtime.keystore
+    rng = np.random.default_rng(0)
+    keys = _unit(rng.standard_normal((8, 16)))
+    ids = np.asarray(ray_cluster.get(ks.add.remote(keys)))
+    assert ids.tolist() == list(range(8))
+    D, I, inc, entries = ray_cluster.get(ks.search.remote(keys[:3], 2, 0.5, None, 0))
+    assert I[:, 0].tolist() == [0, 1, 2] and np.allclose(D[:, 0], 1.0, atol=1e-5)
+    assert isinstance(inc, str) and entries == []
+
+    # activations go in without waiting; the background loop consolidates them (query pull moves key 0)
+    q = _unit(keys[0] + 0.5 * _unit(rng.standard_normal(16)))
+    before = ray_cluster.get(ks.get.remote([0]))[0]
+    for _ in range(5):
+        ks.record.remote(q[None], np.array([[0, -1]]), np.array([[1.0, 0.0]], np.float32))
+    _wait(lambda: ray_cluster.get(ks.stats.remote())["consolidated_activations"] >= 5)
+    after = ray_cluster.get(ks.get.remote([0]))[0]
+    assert not np.allclose(after, before)
+    assert float(after @ q) > float(before @ q)          # pulled toward the query
+
+    # committed keys survive a crash: snapshot + WAL replayed by the restarted actor
+    ray_cluster.get(ks.pin.remote([3], True))
+    ray_cluster.get(ks.update.remote([5], _unit(rng.standard_normal((1, 16)))))
+    ray_cluster.get(ks.flush.remote())
+    truth = ray_cluster.get(ks.get.remote(list(range(8))))
+    pid = ray_cluster.get(ks.info.remote())["pid"]
+    ray_cluster.kill(ks, no_restart=False)
+    info = _wait(lambda: _info_if_new(ray_cluster, ks, pid), timeout=60)
+    assert info["keys"] == 8 and info["incarnation"] != inc
+    assert np.array_equal(ray_cluster.get(ks.get.remote(list(range(8)))), truth)
+    assert bool(ray_cluster.get(ks.call.remote("is_pinned", [3]))[0])
+
+
+def _info_if_new(ray, ks, pid):
+    try:
+        info = ray.get(ks.info.remote(), timeout=5)
+    except Exception:
+        return None
+    return info if info["pid"] != pid else None
+
+
+def test_stats_and_key_info(ray_cluster, store_runtime):
+    ks = store_runtime.keystore
+    ray_cluster.get(ks.add.remote(_unit(np.ones((2, 16)))))
+    st = ray_cluster.get(ks.stats.remote())
+    assert st["n_active"] == 2 and "energy" in st and "usage_hist" in st
+    info = ray_cluster.get(ks.key_info.remote([0, 1, 7]))
+    assert info[0]["norm"] == pytest.approx(1.0, abs=1e-5) and info[2] is None
+
+
+def test_cache_invalidation_across_clients(ray_cluster, store_runtime):
+    rt = store_runtime
+    shapes = {"layers.2.mlp": (16, 16)}
+    ks = rt.keystore
+    [eid] = ray_cluster.get(ks.add.remote(_unit(np.ones((1, 16)))))
+    writer = ExpertStoreClient(rt.shards, keystore=ks)
+    reader = ExpertStoreClient(rt.shards, keystore=ks)      # a serving replica's client
+    e1 = LoRAExpert.random(shapes, 2, 4.0, "float16", seed=1)
+    e2 = LoRAExpert.random(shapes, 2, 4.0, "float16", seed=2)
+    writer.put_many({int(eid): e1})
+    assert reader.get_many([eid])[0].same_weights(e1)
+    assert reader.get_many([eid])[0].same_weights(e1)       # cached now
+    assert reader.cache_stats()["hits"] == 1
+    writer.put_many({int(eid): e2})                          # an edit commits elsewhere
+    assert reader.get_many([eid])[0].same_weights(e1)       # not seen yet: stale cache
+    # a replica sees the invalidation in the reply of its next search
+    D, I, inc, entries = ray_cluster.get(ks.search.remote(_unit(np.ones((1, 16))), 1, None,
+                                                          reader.incarnation, reader.seen_seq))
+    reader.apply_invalidations(inc, entries)
+    got = reader.get_many([eid])[0]
+    assert got.same_weights(e2) and got.version == 2
+    writer.rollback(int(eid))
+    reader.refresh()
+    assert reader.get_many([eid])[0].same_weights(e1)

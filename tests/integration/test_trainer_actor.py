@@ -1,0 +1,80 @@
+"""TrainerActor: feedback jobs from a queue on the tiny model; a job whose trainer dies is failed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from itest_support import TINY_MODEL, TINY_TTT, small_config
+
+from srmoa_dist.runtime.bootstrap import ensure_actors
+
+pytestmark = pytest.mark.ray
+
+FEEDBACK = {"prompt": "What is the capital of France?", "response": "Lyon", "correct_answer": "Paris",
+            "verdict": "wrong"}
+
+
+def _runtime(tmp_path, tiny_model_dir, **ttt):
+    cfg = small_config(tmp_path / "data", model={"name_or_path": str(tiny_model_dir), **TINY_MODEL},
+                       ttt={**TINY_TTT, **ttt})
+    return ensure_actors(cfg, trainer=True)
+
+
+def _poll(ray, trainer, job_id, until, timeout=120.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            job = ray.get(trainer.job.remote(job_id), timeout=10)
+        except Exception:
+            job = None                    # restarting
+        if job is not None and until(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached the expected state")
+
+
+def test_job_lifecycle_edit_and_rollback(ray_cluster, tmp_path, tiny_model_dir):
+    rt = _runtime(tmp_path, tiny_model_dir)
+    try:
+        t = rt.trainer
+        job = ray_cluster.get(t.submit.remote(FEEDBACK))
+        assert job["status"] == "pending" and job["job_id"].startswith("job-")
+        done = ray_cluster.get(t.wait.remote(job["job_id"], 120.0))
+        assert done["status"] == "done", done
+        res = done["result"]
+        assert res["status"] == "verified", res
+        assert res["answer_ok"] and res["expert_id"] in res["routed_to"]
+        skipped = ray_cluster.get(t.submit.remote({**FEEDBACK, "verdict": "correct"}))
+        assert skipped["status"] == "skipped"
+        edits = ray_cluster.get(t.list_edits.remote())
+        assert [e["edit_id"] for e in edits] == [res["edit_id"]] and edits[0]["status"] == "verified"
+        out = ray_cluster.get(t.rollback.remote(res["edit_id"]))
+        assert out["status"] == "rolled_back"
+        again = ray_cluster.get(t.rollback.remote(res["edit_id"]))
+        assert again["error"]["status"] == 409
+        assert ray_cluster.get(t.rollback.remote("edit-nope"))["error"]["status"] == 404
+        # the created expert's key slot is free again: nothing routes there
+        assert ray_cluster.get(rt.keystore.key_info.remote([res["expert_id"]])) == [None]
+        st = ray_cluster.get(t.stats.remote())
+        assert st["jobs"] == {"done": 1, "skipped": 1} and st["model_loaded"]
+    finally:
+        rt.kill_actors()
+
+
+def test_job_of_a_dead_trainer_is_failed_not_pending(ray_cluster, tmp_path, tiny_model_dir):
+    rt = _runtime(tmp_path, tiny_model_dir, steps=100_000, converge_loss=0.0)      # trains for minutes
+    try:
+        t = rt.trainer
+        job = ray_cluster.get(t.submit.remote(FEEDBACK))
+        queued = ray_cluster.get(t.submit.remote({**FEEDBACK, "correct_answer": "Paris, France"}))
+        _poll(ray_cluster, t, job["job_id"], lambda j: j["status"] == "running")
+        time.sleep(1.0)
+        ray_cluster.kill(t, no_restart=False)             # the trainer process dies mid-job
+        failed = _poll(ray_cluster, t, job["job_id"], lambda j: j["status"] == "failed", timeout=60)
+        assert "trainer stopped" in failed["error"]
+        # the job queued behind it was not lost: it is pending or running again after the restart
+        again = _poll(ray_cluster, t, queued["job_id"], lambda j: j["status"] in ("pending", "running"))
+        assert again["status"] in ("pending", "running")
+    finally:
+        rt.kill_actors()
