@@ -81,7 +81,6 @@ def ensure_store_meta(root: str | Path, cfg: StoreConfig, readonly: bool = False
     _write_meta(root, cfg.n_shards)
 
 
-_check_meta = ensure_store_meta  # former private name, used by the Ray bootstrap
 
 
 class ShardedExpertStore:

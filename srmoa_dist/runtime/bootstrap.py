@@ -176,9 +176,9 @@ def placement(cfg: SrmoaConfig) -> dict[str, dict[str, Any]]:
 @ray.remote
 def _check_store_layout(cfg: SrmoaConfig) -> None:
     """Refuse a data dir whose shard count differs from store.n_shards (records it when new)."""
-    from srmoa_dist.experts.store import _check_meta
+    from srmoa_dist.experts.store import ensure_store_meta
 
-    _check_meta(Path(cfg.shards_dir), cfg.store, False)
+    ensure_store_meta(Path(cfg.shards_dir), cfg.store, False)
 
 
 def find_actors(cfg: SrmoaConfig) -> Runtime:
