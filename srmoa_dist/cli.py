@@ -377,6 +377,22 @@ def bench_serve(
     typer.echo(json.dumps(res["summary"], indent=2))
 
 
+@bench_app.command("ttt")
+def bench_ttt(
+    edits: int = typer.Option(50, min=1, help="Sequential edits of generated fictional facts."),
+    out: Path = typer.Option(Path("results/bench_ttt.json"), help="JSON file for the figures."),
+    data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
+    seed: int = typer.Option(0),
+    rule_option: bool = typer.Option(True, help="Also measure the routed expert plus its rule in context."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Reliability, generalization, locality and routing precision after N edits, beside two baselines."""
+    from srmoa_dist.bench.ttt_bench import run_ttt_bench
+
+    _logging(verbose)
+    run_ttt_bench(edits, out, data_dir=data_dir, seed=seed, with_rule_option=rule_option, say=_say)
+
+
 def main() -> None:
     try:
         app()
