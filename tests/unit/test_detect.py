@@ -117,3 +117,29 @@ def test_answer_matches():
     assert not answer_matches("The capital is Paris.", "Quenmark")
     assert answer_matches("so she pays $1,080 in total", "1080")
     assert not answer_matches("so she pays 1,081", "1080")
+
+
+def _gsm8k_dev() -> list[dict]:
+    """GSM8K's development split, read in place from $SRMOA_SHARED_DIR (default ../shared)."""
+    import json
+    import os
+    from pathlib import Path
+
+    shared = Path(os.environ.get("SRMOA_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
+    path = shared / "data" / "gsm8k" / "dev.jsonl"
+    if not path.exists():
+        pytest.skip(f"GSM8K dev split not found at {path}: set SRMOA_SHARED_DIR to the folder holding data/")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_numeric_checker_on_the_gsm8k_dev_split():
+    """Every reference parses; its own worked solution is judged right, and an off-by-one answer wrong."""
+    rows = _gsm8k_dev()
+    assert len(rows) > 100
+    chk = NumericAnswerChecker()
+    for row in rows:
+        messages = [{"role": "user", "content": row["question"]}]
+        ref = parse_reference(row["answer"])
+        worked = row["answer"].split("####")[0].strip() + f"\nThe answer is {ref}."
+        assert chk(messages, worked, row["answer"]).correct, row["question"]
+        assert not chk(messages, f"The answer is {ref + 1}.", row["answer"]).correct, row["question"]
