@@ -248,6 +248,9 @@ class RuntimeConfig:
     torch_threads: int = 0            # torch threads in the model server and trainer; 0 = all cores
     call_timeout_s: float = 30.0      # timeout of one call to a store actor
     job_history: int = 1000           # finished feedback jobs the trainer remembers
+    store_placement: str = "auto"     # auto: pin store actors to the srmoa_* resources a cluster advertises;
+    #                                   pinned: wait for them (Kubernetes: the store pod may join late)
+    store_wait_s: float = 600.0       # how long "pinned" waits for the store node's resources
 
     def __post_init__(self) -> None:
         _positive("runtime.num_cpus", self.num_cpus)
@@ -257,6 +260,8 @@ class RuntimeConfig:
         _non_negative("runtime.torch_threads", self.torch_threads)
         _positive("runtime.call_timeout_s", self.call_timeout_s)
         _positive("runtime.job_history", self.job_history)
+        _choice("runtime.store_placement", self.store_placement, ("auto", "pinned"))
+        _positive("runtime.store_wait_s", self.store_wait_s)
         if self.object_store_memory_mb < 78:
             raise ValueError(
                 "runtime.object_store_memory_mb must be >= 78 (Ray's minimum), "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,21 +156,33 @@ def ensure_actors(cfg: SrmoaConfig, *, trainer: bool = True, wait: bool = True) 
 def placement(cfg: SrmoaConfig) -> dict[str, dict[str, Any]]:
     """Custom-resource requests that pin the store actors to the node holding the store volume.
 
-    Used only when the cluster advertises them (k8s/rayservice.yaml's store group):
-    `srmoa_shard_<i>` for shard i, `srmoa_keystore` for the key store, `srmoa_store` for the trainer
-    (it writes the ledger and job records under data_dir) and store-side tasks. A local cluster
-    advertises none, and everything runs anywhere.
+    The store group of k8s/rayservice.yaml advertises `srmoa_shard_<i>` for shard i, `srmoa_keystore`
+    for the key store, and `srmoa_store` for the trainer (it writes the ledger and job records under
+    data_dir) and store-side tasks. With `runtime.store_placement: auto` only the advertised ones are
+    requested (a local cluster advertises none, and everything runs anywhere); with `pinned` all are
+    required, and this waits up to `runtime.store_wait_s` for the store node to join, so that named
+    detached actors are never created on a node without the store volume.
     """
-
+    names = ["srmoa_store", "srmoa_keystore", *(f"srmoa_shard_{i}" for i in range(cfg.store.n_shards))]
     have = ray.cluster_resources()
-    out: dict[str, dict[str, Any]] = {"store": {}, "keystore": {}}
-    if "srmoa_store" in have:
-        out["store"] = {"resources": {"srmoa_store": 1}}
-    if "srmoa_keystore" in have:
-        out["keystore"] = {"resources": {"srmoa_keystore": 1}}
+    if cfg.runtime.store_placement == "pinned":
+        deadline = time.monotonic() + cfg.runtime.store_wait_s
+        while missing := [n for n in names if n not in have]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"runtime.store_placement is 'pinned' but the cluster advertises no {missing} after "
+                    f"{cfg.runtime.store_wait_s:.0f} s: start the store node (k8s: the store worker group) "
+                    "or set runtime.store_placement to 'auto'")
+            log.info("waiting for the store node's resources %s", missing)
+            time.sleep(2.0)
+            have = ray.cluster_resources()
+
+    def req(name: str) -> dict[str, Any]:
+        return {"resources": {name: 1}} if name in have else {}
+
+    out = {"store": req("srmoa_store"), "keystore": req("srmoa_keystore")}
     for i in range(cfg.store.n_shards):
-        name = f"srmoa_shard_{i}"
-        out[f"shard_{i}"] = {"resources": {name: 1}} if name in have else {}
+        out[f"shard_{i}"] = req(f"srmoa_shard_{i}")
     return out
 
 

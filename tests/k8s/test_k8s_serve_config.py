@@ -66,7 +66,12 @@ def test_serve_config_parses_with_rays_schema(serve_config):
     (app,) = parsed.applications
     assert app.name == "srmoa" and app.route_prefix == "/"
     assert app.import_path == "srmoa_dist.serve.app:build_app"
-    assert app.args == {"data_dir": "/data"}
+    assert app.args["data_dir"] == "/data"
+    # The args build a valid root config; store actors wait for the store pod instead of landing elsewhere.
+    from srmoa_dist.serve.app import config_from_args
+
+    cfg = config_from_args(app.args)
+    assert cfg.data_dir == "/data" and cfg.runtime.store_placement == "pinned"
     assert parsed.http_options.host == "0.0.0.0" and parsed.http_options.port == 8000
     deps = {d.name: d for d in app.deployments}
     assert set(deps) == {"Ingress", "ModelServer"}
