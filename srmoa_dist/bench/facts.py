@@ -12,7 +12,8 @@ is invented too, so the base model cannot know it. Each fact carries:
 - ``near_misses``: the same relation asked of real entities ("What is the capital of France?").
 
 `make_facts(n, seed)` gives the same n facts for the same seed, and the first n facts of a longer list
-(facts do not depend on n). Names are unique across every entity and answer of a call (and against
+(facts do not depend on n), for n up to 160 (16 per relation: the word lists of answers run out after
+that). Names are unique across every entity and answer of a call (and against
 `avoid`), and no name contains another, so an answer found in a reply belongs to one fact only.
 
 `make_probes(seed)` gives disjoint prompt sets that no fact mentions: the shared locality probes of the

@@ -106,6 +106,14 @@ def _machine() -> dict[str, Any]:
             "cuda": torch.cuda.is_available(), "loadavg_at_start": load}
 
 
+def _load1() -> float | None:
+    """The 1-minute load average (edit timings on a shared machine swing with it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _shared_model_cache() -> Path:
     return Path(os.environ.get("SRMOA_MODEL_CACHE", Path.home() / ".cache" / "srmoa-dist" / "model_cache"))
 
@@ -278,6 +286,7 @@ def run_ttt_bench(
     cfg = cfg.replace(data_dir=str(root),
                       keystore=dataclasses.replace(cfg.keystore, index="exact", device="cpu"))
     machine = _machine()
+    fusion = store = keystore = None
     try:
         # 1. model, fusion, encoder ------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -354,7 +363,7 @@ def run_ttt_bench(
                 log.exception("edit of fact %d failed", j)
                 r, err = None, f"{type(e).__name__}: {e}"
             secs = time.perf_counter() - t0
-            rec: dict[str, Any] = {"fact": j, "seconds": secs, "error": err}
+            rec: dict[str, Any] = {"fact": j, "seconds": secs, "error": err, "loadavg_1m": _load1()}
             if r is not None:
                 if r.status in ("verified", "committed"):
                     fact_expert[j] = r.expert_id
@@ -416,6 +425,10 @@ def run_ttt_bench(
                 "routing (and so the rule found) comes from the SR-TTT edits' keys; no expert weights used")
 
         steps = [e["steps"] for e in edits if "steps" in e]
+        # "quiet" edits: 1-minute load at most cores + 1 (this process alone accounts for about the cores)
+        ncpu = os.cpu_count() or 1
+        quiet = [e["seconds"] for e in edits
+                 if e["status"] != "error" and e["loadavg_1m"] is not None and e["loadavg_1m"] <= ncpu + 1]
         train_s = [e["timings"].get("train_s") for e in edits if "timings" in e]
         doc: dict[str, Any] = {
             "benchmark": "ttt",
@@ -433,7 +446,9 @@ def run_ttt_bench(
                 "errors": sum(e["status"] == "error" for e in edits),
                 "edit_seconds_p50": _p50(edit_secs), "edit_seconds_p90": (
                     float(np.percentile(edit_secs, 90)) if edit_secs else None),
+                "edit_seconds_min": min(edit_secs) if edit_secs else None,
                 "edit_seconds_max": max(edit_secs) if edit_secs else None,
+                "edit_seconds_p50_quiet": _p50(quiet), "n_quiet_edits": len(quiet),
                 "train_seconds_p50": _p50([s for s in train_s if s is not None]),
                 "steps_p50": _p50(steps), "steps_max": max(steps) if steps else None,
                 "seconds_per_step_p50": _p50([t / s for t, s in zip(train_s, steps) if t and s]),
@@ -461,10 +476,12 @@ def run_ttt_bench(
             "outputs": _outputs(prompts, facts, variants, top1),
         }
         out.write_text(json.dumps(doc, indent=1, default=_json_default))
-        store.close()
-        keystore.close()
-        fusion.remove()
     finally:
+        for closer in (store, keystore):
+            if closer is not None:
+                closer.close()
+        if fusion is not None:
+            fusion.remove()                 # the base model is the plain model again
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if say is not None:
