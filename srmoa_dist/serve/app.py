@@ -239,6 +239,15 @@ async def _as_future(ref: Any) -> Any:
     return await ref
 
 
+def _generation_error(e: Exception) -> APIError:
+    """The HTTP error for a failed call to the model server: 503 (queue full, or the call failed)."""
+    if _is_backpressure(e):
+        return overloaded("the model server's queue is full; retry later")
+    log.error("generation failed: %s", _brief(e), exc_info=e)
+    return APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
+                    headers={"Retry-After": "1"})
+
+
 def _is_backpressure(e: BaseException) -> bool:
     from ray.serve.exceptions import BackPressureError
 
@@ -300,11 +309,7 @@ class Ingress:
         try:
             res = await self.server.generate.remote(req)
         except Exception as e:
-            if _is_backpressure(e):
-                raise overloaded("the model server's queue is full; retry later") from None
-            log.exception("generation failed")
-            raise APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
-                           headers={"Retry-After": "1"}) from None
+            raise _generation_error(e) from None
         if "error" in res:
             err = res["error"]
             raise _from_error(err)
@@ -365,11 +370,7 @@ class Ingress:
             raise APIError(500, "the model produced no output", code="internal_error") from None
         except Exception as e:
             self._release()
-            if _is_backpressure(e):
-                raise overloaded("the model server's queue is full; retry later") from None
-            log.exception("stream failed to start")
-            raise APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
-                           headers={"Retry-After": "1"}) from None
+            raise _generation_error(e) from None
         if "error" in first:
             self._release()
             err = first["error"]
@@ -452,10 +453,7 @@ class Ingress:
             first = await gen.__anext__()
         except Exception as e:
             self._release()
-            if _is_backpressure(e):
-                raise overloaded("the model server's queue is full; retry later") from None
-            raise APIError(503, f"generation failed ({_brief(e)})", code="unavailable",
-                           headers={"Retry-After": "1"}) from None
+            raise _generation_error(e) from None
         if "error" in first:
             self._release()
             err = first["error"]
