@@ -198,7 +198,7 @@ class TTTConfig:
     """SR-TTT: one failure -> rule -> 4 prompts -> a few AdamW steps on one expert and its key."""
 
     steps: int = 16
-    lr: float = 1e-2
+    lr: float = 2e-2                  # bench ttt N=50: 10 steps (8.1 s) vs 14 at 1e-2, same quality
     router_lambda: float = 0.5        # weight of the router cross-entropy
     grad_clip: float = 1.0
     converge_loss: float = 0.05       # stop early when the LM loss falls under this
