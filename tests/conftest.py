@@ -123,3 +123,14 @@ def make_tiny_model():
 @pytest.fixture(scope="session")
 def smollm2_cache_dir() -> Path:
     return model_cache_dir()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """A tiny model runs as fast on one thread, and two threads crawl when the cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -360,7 +360,9 @@ class Ingress:
                                 finish_reason=res["finish_reason"])],
             usage=_usage(res), routing=Routing(**res["routing"]))
 
-    async def _stream_chat(self, body: ChatCompletionRequest, req: dict[str, Any]) -> Any:
+    async def _open_stream(self, req: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Admit a streaming request and start it: (generator, first item). The caller releases it
+        when the stream ends; an error before the first item releases it here and raises."""
         self._admit()
         try:
             gen = self.server.options(stream=True).stream.remote(req)
@@ -373,9 +375,11 @@ class Ingress:
             raise _generation_error(e) from None
         if "error" in first:
             self._release()
-            err = first["error"]
-            raise _from_error(err)
+            raise _from_error(first["error"])
+        return gen, first
 
+    async def _stream_chat(self, body: ChatCompletionRequest, req: dict[str, Any]) -> Any:
+        gen, first = await self._open_stream(req)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -447,17 +451,7 @@ class Ingress:
                           routing=routing[0] if isinstance(body.prompt, str) else routing)
 
     async def _stream_completion(self, body: CompletionRequest, req: dict[str, Any]) -> Any:
-        self._admit()
-        try:
-            gen = self.server.options(stream=True).stream.remote(req)
-            first = await gen.__anext__()
-        except Exception as e:
-            self._release()
-            raise _generation_error(e) from None
-        if "error" in first:
-            self._release()
-            err = first["error"]
-            raise _from_error(err)
+        gen, first = await self._open_stream(req)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None = None, routing: dict | None = None) -> str:

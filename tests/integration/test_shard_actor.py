@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -80,5 +82,10 @@ def test_raw_bytes_round_trip_and_restart(ray_cluster, shards):
     ray_cluster.kill(shards[s], no_restart=False)
     raw_after = c.get_raw_many([5])[0]          # retried across the restart
     assert raw_after == raw_before
-    assert ray_cluster.get(shards[s].info.remote())["pid"] != pid
+    # ray.kill is asynchronous: the read above may have beaten it, so wait for the new process.
+    deadline = time.monotonic() + 60
+    while ray_cluster.get(shards[s].info.remote())["pid"] == pid:
+        assert time.monotonic() < deadline, "the shard actor was not restarted"
+        time.sleep(0.2)
+    assert c.get_raw_many([5])[0] == raw_before
     assert np.array_equal(c.get_many([5])[0].targets["layers.1.mlp"][0], e.targets["layers.1.mlp"][0])

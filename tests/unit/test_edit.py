@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, SrmoaConfig, StoreConfig, TTTConfig
 from srmoa_dist.experts.expert import LoRAExpert
@@ -25,13 +24,7 @@ PROBES = ["Tell me a joke about cats", "How do I boil an egg?", "Why is the sky 
 FAILURE = explicit_failure("What is the capital of France?", "Rome", correct_answer="Paris")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A tiny model runs as fast on one thread, and two threads crawl when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ ECFG = ExpertConfig(rank=4, alpha=8.0)
 N_EXPERTS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A tiny model runs as fast on one thread, and two threads crawl when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
