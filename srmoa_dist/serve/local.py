@@ -7,10 +7,12 @@ shuts Serve and Ray down so that no Ray process is left behind.
 """
 
 import logging
+import random
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +24,41 @@ log = logging.getLogger(__name__)
 APP_NAME = "srmoa"
 
 
+BIND_TRIES = 5
+
+
+class PortInUseError(RuntimeError):
+    """Serve's HTTP proxy could not bind host:port."""
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now, chosen below the kernel's ephemeral range.
+
+    A port from `bind(0)` is an ephemeral one, which any outgoing connection (Ray opens many)
+    may take before Serve binds it; ports between Ray's worker range (10002-19999) and the
+    ephemeral range are only ever taken by a listener asking for them by number.
+    """
+    lo, hi = 20000, _ephemeral_low() - 1
+    for _ in range(100 if hi > lo else 0):
+        port = random.randint(lo, hi)
+        if _bindable(host, port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -56,17 +92,15 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
     say = say or (lambda s: log.info("%s", s))
     cfg = resolve_config(cfg)
     host = host or cfg.serve.host
+    auto_port = port == 0
     port = cfg.serve.port if port is None else (port or free_port(host))
     addr = cfg.runtime.ray_address
     say(f"connecting to Ray at {addr} ..." if addr else "starting Ray ...")
     runtime = connect(cfg, log_to_driver=log_to_driver)
     try:
-        from pathlib import Path
-
         if not (Path(cfg.data_dir) / CONFIG_FILE).exists():
             save_config(cfg)
-        serve.start(http_options={"host": host, "port": port})
-        host, port = _actual_http(host, port, say)
+        host, port = _start_http(host, port, auto_port, say)
         say(f"deploying the model server ({cfg.model.name_or_path}; the first start converts and caches "
             "the model, which can take a minute) ...")
         serve.run(build_app(build_args(cfg, num_replicas=num_replicas)), name=name, route_prefix=route_prefix,
@@ -77,6 +111,27 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
         runtime.shutdown()
         raise
     return LocalApp(cfg=cfg, runtime=runtime, url=url, name=name)
+
+
+def _start_http(host: str, port: int, auto_port: bool, say: Callable[[str], None]) -> tuple[str, int]:
+    """Start Serve's HTTP proxy; with an auto-chosen port, retry on another when it was taken."""
+    from ray import serve
+    from ray.exceptions import RayTaskError
+
+    for _ in range(BIND_TRIES):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            return _actual_http(host, port, say)
+        except RayTaskError as e:
+            if "Failed to bind" not in str(e):
+                raise
+            serve.shutdown()        # only a Serve this call just started fails this way
+        if not auto_port:
+            raise PortInUseError(f"port {port} on {host} is in use; pass another --port "
+                                 "(or --port 0 for a free one)")
+        say(f"port {port} was taken before Serve could bind it; trying another")
+        port = free_port(host)
+    raise PortInUseError(f"no free port on {host} after {BIND_TRIES} tries")
 
 
 def _actual_http(host: str, port: int, say: Callable[[str], None]) -> tuple[str, int]:
@@ -121,4 +176,4 @@ def stop(app: LocalApp) -> None:
         log.warning("shutdown was not clean", exc_info=True)
 
 
-__all__ = ["start", "stop", "wait_ready", "free_port", "build_args", "LocalApp", "APP_NAME"]
+__all__ = ["start", "stop", "wait_ready", "free_port", "build_args", "LocalApp", "PortInUseError", "APP_NAME"]

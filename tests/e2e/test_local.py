@@ -1,0 +1,62 @@
+"""`serve/local.py`: picking Serve's HTTP port. An auto-chosen port that another process takes first
+is replaced by another (CI once lost the demo to this race); a port the user named that is taken is
+a clear error, not a Ray traceback. Each case runs in a subprocess with its own local Ray cluster,
+because the session cluster's Serve is already bound."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from srmoa_dist.serve.local import _ephemeral_low, free_port
+
+pytestmark = pytest.mark.ray
+
+
+def test_free_port_is_bindable_and_below_the_ephemeral_range():
+    for _ in range(20):
+        port = free_port()
+        assert 20000 <= port < _ephemeral_low()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+RETRY_SCRIPT = """
+import socket, httpx, ray
+from ray import serve
+from srmoa_dist.serve import local
+
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+busy = held.getsockname()[1]
+ray.init(num_cpus=1, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
+said = []
+host, port = local._start_http("127.0.0.1", busy, True, said.append)
+assert port != busy, (port, busy)
+assert any(str(busy) in s for s in said), said
+r = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=10)    # Serve's proxy answers there
+assert r.status_code in (200, 503), (r.status_code, r.text)     # 503 until an app is deployed
+serve.shutdown()
+try:
+    local._start_http("127.0.0.1", busy, False, said.append)
+    raise SystemExit("a named busy port was accepted")
+except local.PortInUseError as e:
+    assert f"port {busy} on 127.0.0.1 is in use" in str(e), e
+ray.shutdown()
+print("OK", busy, port)
+"""
+
+
+def test_taken_port_is_retried_when_auto_and_named_when_given():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(RETRY_SCRIPT)], capture_output=True,
+                       text=True, timeout=240, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "OK" in r.stdout, out[-3000:]
