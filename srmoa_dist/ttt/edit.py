@@ -355,7 +355,7 @@ def rollback(
     **extra: Any,
 ) -> EditRecord:
     """Undo a committed or verified edit: the previous expert version and key come back (an expert the
-    edit created has its key slot freed). Only the latest live edit of an expert can be undone (the
+    edit created has its key slot freed and its record deleted). Only the latest live edit of an expert can be undone (the
     store keeps one previous version). Returns the ledger record, now "rolled_back"."""
     rec = ledger.get(edit_id)
     if rec.status not in ("committed", "verified"):
@@ -369,7 +369,8 @@ def rollback(
     eid = rec.expert_id
     ids = np.array([eid], np.int64)
     if rec.created:
-        keystore.free(ids)                      # unreachable now; its stored record stays as an orphan
+        keystore.free(ids)                      # unreachable first: a request routed just before reads
+        store.delete([eid])                     # a missing expert as "no expert", never a half record
     else:
         if rec.prev_key is None:
             raise ValueError(f"edit {edit_id!r} refined expert {eid} but recorded no previous key")

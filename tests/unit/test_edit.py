@@ -80,6 +80,7 @@ def test_verified_edit_then_rollback(world, tmp_path):
     out = rollback(r.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger,
                    invalidate=env.invalidated.append)
     assert out.status == "rolled_back" and len(env.ks) == 6 and 6 not in env.ks.active_ids()
+    assert env.store.contains([6]) == [False] and len(env.store) == 6      # no orphaned record
     assert env.invalidated == [[6], [6]]
     with pytest.raises(ValueError, match="rolled_back"):
         rollback(r.edit_id, store=env.store, keystore=env.ks, ledger=env.ledger)
@@ -91,6 +92,7 @@ def test_failed_verification_rolls_back(world, tmp_path):
     r = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
     assert r.status == "rolled_back" and not r.answer_ok and "still fails" in r.reason
     assert len(env.ks) == 6 and env.ledger.get(r.edit_id).status == "rolled_back"
+    assert env.store.contains([r.expert_id]) == [False]
     assert "verification failed" in env.ledger.get(r.edit_id).notes[-1]
 
 
