@@ -3,7 +3,10 @@
 - `search` answers a batch of queries (one FAISS search) and hands back, in the same reply, the
   expert-cache invalidations the caller has not seen yet (see `runtime/client.py`).
 - `record` takes the activations (q, ids, gates) of served requests without the caller waiting
-  (fire-and-forget); a background thread consolidates what has accumulated every
+  (fire-and-forget), stamped with the (incarnation, slot epoch) that `search` returned. A slot that was
+  freed and reused after that search belongs to another expert now: its entries are dropped, so a late
+  activation never pulls the new owner's key; a batch from a previous incarnation is dropped whole.
+  A background thread consolidates what has accumulated every
   `runtime.consolidate_interval_s` (gravity + index update + WAL, one batch) and writes a snapshot every
   `runtime.snapshot_interval_s` when keys changed.
 - Writes of committed keys (`add`, `update`, `pin`, `free`) go through the KeyStore's write-ahead log
@@ -51,9 +54,12 @@ class KeyStoreActor:
         self._ks = KeyStore.open(self.path, cfg, gravity)
         self._lock = threading.RLock()
         self.incarnation = uuid.uuid4().hex
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int | None]] = []
         self._pending_rows = 0
         self._dropped = 0
+        self._dropped_stale = 0                     # activation entries of a since-reused slot
+        self._epoch = 0                             # slot lifecycle events (add, free) so far
+        self._born = np.zeros(0, dtype=np.int64)    # (N,) epoch of each slot's last add or free
         self._consolidations = 0
         self._consolidated_rows = 0
         self._last_consolidation: dict[str, Any] = {}
@@ -82,8 +88,9 @@ class KeyStoreActor:
 
     def search(self, xq: np.ndarray, k: int | None = None, tau: float | None = None,
                incarnation: str | None = None, since: int = 0
-               ) -> tuple[np.ndarray, np.ndarray, str, list[tuple[int, int, int]]]:
-        """D, I = top-k per query (ids under tau are -1), plus the invalidations after `since`."""
+               ) -> tuple[np.ndarray, np.ndarray, str, list[tuple[int, int, int]], int]:
+        """D, I = top-k per query (ids under tau are -1), this incarnation, the invalidations after
+        `since`, and the slot epoch (pass the incarnation and epoch back to `record`)."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         if xq.ndim == 1:
             xq = xq[None, :]
@@ -91,7 +98,8 @@ class KeyStoreActor:
             D, I = self._ks.search(xq, k, tau=tau)
             self._searches += 1
             self._queries += xq.shape[0]
-        return D, I, self.incarnation, self._entries_since(incarnation, since)
+            epoch = self._epoch
+        return D, I, self.incarnation, self._entries_since(incarnation, since), epoch
 
     def _entries_since(self, incarnation: str | None, since: int) -> list[tuple[int, int, int]]:
         if incarnation != self.incarnation:
@@ -100,8 +108,10 @@ class KeyStoreActor:
             return []
         return [e for e in list(self._inval) if e[0] > since]
 
-    def record(self, queries: np.ndarray, ids: np.ndarray, gates: np.ndarray) -> None:
-        """Queue served activations (q (n, d_key), ids (n, k) with -1 = none, gates (n, k))."""
+    def record(self, queries: np.ndarray, ids: np.ndarray, gates: np.ndarray,
+               incarnation: str | None = None, epoch: int | None = None) -> None:
+        """Queue served activations (q (n, d_key), ids (n, k) with -1 = none, gates (n, k)), routed by
+        the search that returned (incarnation, epoch); without them no slot-reuse check is made."""
         queries = np.asarray(queries, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         gates = np.asarray(gates, dtype=np.float32)
@@ -110,10 +120,13 @@ class KeyStoreActor:
                         queries.shape, ids.shape, gates.shape)
             return
         with self._lock:
-            self._pending.append((queries, ids, gates))
+            if incarnation is not None and incarnation != self.incarnation:
+                self._dropped_stale += int((ids >= 0).sum())    # slot epochs restarted with this actor
+                return
+            self._pending.append((queries, ids, gates, epoch))
             self._pending_rows += queries.shape[0]
             while self._pending_rows > MAX_PENDING_ROWS and len(self._pending) > 1:
-                q, _, _ = self._pending.pop(0)
+                q, _, _, _ = self._pending.pop(0)
                 self._pending_rows -= q.shape[0]
                 self._dropped += q.shape[0]
 
@@ -145,7 +158,7 @@ class KeyStoreActor:
                 return {}
             kmax = max(b[1].shape[1] for b in batch)
             q = np.concatenate([b[0] for b in batch])
-            ids = np.concatenate([_pad(b[1], kmax, -1) for b in batch])
+            ids = np.concatenate([_pad(self._drop_reused(b[1], b[3]), kmax, -1) for b in batch])
             g = np.concatenate([_pad(b[2], kmax, 0.0) for b in batch])
             t0 = time.perf_counter()
             st = self._ks.consolidate(Activations(queries=q, ids=ids, gates=g))
@@ -157,6 +170,29 @@ class KeyStoreActor:
             out["seconds"] = time.perf_counter() - t0
             self._last_consolidation = out
             return out
+
+    def _drop_reused(self, ids: np.ndarray, epoch: int | None) -> np.ndarray:
+        """ids (n, k) with the entries of slots added or freed after `epoch` set to -1."""
+        if epoch is None:
+            return ids
+        born = np.zeros(ids.shape, dtype=np.int64)                               # (n, k)
+        known = (ids >= 0) & (ids < self._born.size)
+        born[known] = self._born[ids[known]]
+        reused = born > epoch
+        if reused.any():
+            self._dropped_stale += int(reused.sum())
+            ids = np.where(reused, -1, ids)
+        return ids
+
+    def _mark_lifecycle(self, ids: np.ndarray) -> None:
+        """A slot got a new owner (add) or lost one (free): later activations from before are stale."""
+        self._epoch += 1
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and ids.max() >= self._born.size:
+            grown = np.zeros(max(int(ids.max()) + 1, 2 * self._born.size), dtype=np.int64)
+            grown[: self._born.size] = self._born
+            self._born = grown
+        self._born[ids] = self._epoch
 
     def _loop(self) -> None:
         interval = self.runtime.consolidate_interval_s
@@ -173,7 +209,9 @@ class KeyStoreActor:
     def add(self, keys: np.ndarray, pinned: bool = False) -> np.ndarray:
         with self._lock:
             self._dirty = True
-            return self._ks.add(np.asarray(keys, dtype=np.float32), pinned=pinned)
+            ids = self._ks.add(np.asarray(keys, dtype=np.float32), pinned=pinned)
+            self._mark_lifecycle(ids)
+            return ids
 
     def update(self, ids: Sequence[int], keys: np.ndarray) -> None:
         with self._lock:
@@ -183,7 +221,9 @@ class KeyStoreActor:
     def free(self, ids: Sequence[int]) -> None:
         with self._lock:
             self._dirty = True
-            self._ks.free(np.asarray(ids, dtype=np.int64))
+            ids = np.asarray(ids, dtype=np.int64)
+            self._ks.free(ids)
+            self._mark_lifecycle(ids)
 
     def pin(self, ids: Sequence[int], pinned: bool = True) -> None:
         with self._lock:
@@ -282,7 +322,8 @@ class KeyStoreActor:
         out.update({
             "incarnation": self.incarnation, "pid": os.getpid(), "searches": self._searches,
             "queries": self._queries, "pending_activations": self._pending_rows,
-            "dropped_activations": self._dropped, "consolidations": self._consolidations,
+            "dropped_activations": self._dropped, "stale_activations": self._dropped_stale,
+            "consolidations": self._consolidations,
             "consolidated_activations": self._consolidated_rows,
             "last_consolidation": self._last_consolidation,
             "snapshots": self._snapshots, "invalidation_seq": self._seq,

@@ -48,7 +48,7 @@ class KeyStoreProxy:
 
     def search(self, xq: np.ndarray, k: int | None = None, *, tau: float | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        D, I, _, _ = self._get(self.h.search.remote(np.asarray(xq, np.float32), k, tau))
+        D, I, *_ = self._get(self.h.search.remote(np.asarray(xq, np.float32), k, tau))
         return D, I
 
     def get(self, ids: Any) -> np.ndarray:

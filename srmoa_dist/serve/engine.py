@@ -79,34 +79,15 @@ class Engine:
 
     # -- store access ---------------------------------------------------------------------------------
 
-    def _router(self, use: Sequence[bool]):
-        """xq (B, d_key) -> D, I (B, k) from the key-store actor; rows with use=False get no expert."""
-        import ray
-
-        def router(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if self.keystore is None:
-                B = xq.shape[0]
-                return np.zeros((B, 1), np.float32), np.full((B, 1), -1, np.int64)
-            c = self.client
-            D, I, inc, entries = ray.get(
-                self.keystore.search.remote(xq, self.cfg.keystore.k, self.tau, c.incarnation, c.seen_seq),
-                timeout=self.cfg.runtime.call_timeout_s)
-            c.apply_invalidations(inc, entries)
-            I = np.array(I, dtype=np.int64, copy=True)
-            for b, u in enumerate(use):
-                if not u:
-                    I[b] = -1
-            return D, I
-
-        return router
-
     def _fetch(self, ids: list[int]) -> dict[int, Any]:
         return self.client.fetch(ids) if self.client is not None else {}
 
-    def _record(self, gens: Sequence[Any]) -> None:
-        """Send the activations of routed sequences to the key store (fire-and-forget)."""
+    def _record(self, gens: Sequence[Any], router: _Router) -> None:
+        """Send the activations of routed sequences to the key store (fire-and-forget), stamped with the
+        key store's incarnation and slot epoch at routing time so it can drop activations of a slot
+        that was freed and reused since."""
         rows = [g for g in gens if g.expert_ids]
-        if not rows or self.keystore is None:
+        if not rows or self.keystore is None or router.routed_at is None:
             return
         k = max(len(g.expert_ids) for g in rows)
         q = np.stack([g.query for g in rows]).astype(np.float32)                 # (n, d_key)
@@ -116,7 +97,7 @@ class Engine:
             ids[r, : len(g.expert_ids)] = g.expert_ids
             gates[r, : len(g.gates)] = g.gates
         try:
-            self.keystore.record.remote(q, ids, gates)
+            self.keystore.record.remote(q, ids, gates, *router.routed_at)
         except Exception:      # the key store restarting must not fail a request
             log.warning("could not send activations to the key store", exc_info=True)
 
@@ -171,9 +152,10 @@ class Engine:
             groups.setdefault(p, []).append(j)
         for p, idx in groups.items():
             use = [bool(reqs[j].get("use_experts", True)) for j in idx]
+            router = _Router(self, use)
             gens = generate(self.base, self.fusion, self.encoder, [reqs[j]["messages"] for j in idx],
-                            router=self._router(use), fetch=self._fetch, params=p)
-            self._record(gens)
+                            router=router, fetch=self._fetch, params=p)
+            self._record(gens, router)
             for j, u, g in zip(idx, use, gens):
                 out[j] = _result(g, u)
             self.batches += 1
@@ -192,10 +174,11 @@ class Engine:
 
         self.check(req)
         use = bool(req.get("use_experts", True))
+        router = _Router(self, [use])
         for item in generate_stream(self.base, self.fusion, self.encoder, req["messages"],
-                                    router=self._router([use]), fetch=self._fetch, params=self._params(req)):
+                                    router=router, fetch=self._fetch, params=self._params(req)):
             if isinstance(item, Generation):
-                self._record([item])
+                self._record([item], router)
                 self.requests += 1
                 if item.expert_ids:
                     self.routed += 1
@@ -225,6 +208,36 @@ class Engine:
         return {"requests": self.requests, "batches": self.batches, "routed": self.routed,
                 "deferred": self.deferred, "model": self.base.name, "load_seconds": self.load_seconds,
                 "cache": self.client.cache_stats() if self.client is not None else None}
+
+
+class _Router:
+    """One batch's router: xq (B, d_key) -> D, I (B, k) from the key-store actor (one search), applying
+    the batch's pending cache invalidations; rows with use=False get no expert (I = -1). Remembers the
+    key store's (incarnation, slot epoch) of the search for `Engine._record`."""
+
+    def __init__(self, engine: Engine, use: Sequence[bool]) -> None:
+        self.engine = engine
+        self.use = list(use)
+        self.routed_at: tuple[str, int] | None = None
+
+    def __call__(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        e = self.engine
+        if e.keystore is None:
+            B = xq.shape[0]
+            return np.zeros((B, 1), np.float32), np.full((B, 1), -1, np.int64)
+        c = e.client
+        D, I, inc, entries, epoch = ray.get(
+            e.keystore.search.remote(xq, e.cfg.keystore.k, e.tau, c.incarnation, c.seen_seq),
+            timeout=e.cfg.runtime.call_timeout_s)
+        c.apply_invalidations(inc, entries)
+        self.routed_at = (inc, int(epoch))
+        I = np.array(I, dtype=np.int64, copy=True)                                 # (B, k)
+        for b, u in enumerate(self.use):
+            if not u:
+                I[b] = -1
+        return D, I
 
 
 def _result(g: Any, use: bool) -> dict[str, Any]:

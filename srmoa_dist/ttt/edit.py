@@ -355,8 +355,9 @@ def rollback(
     **extra: Any,
 ) -> EditRecord:
     """Undo a committed or verified edit: the previous expert version and key come back (an expert the
-    edit created has its key slot freed and its record deleted). Only the latest live edit of an expert can be undone (the
-    store keeps one previous version). Returns the ledger record, now "rolled_back"."""
+    edit created has its key slot freed and its record deleted). Only the latest live edit of an
+    expert can be undone (the store keeps one previous version). Returns the ledger record, now
+    "rolled_back"."""
     rec = ledger.get(edit_id)
     if rec.status not in ("committed", "verified"):
         raise ValueError(f"edit {edit_id!r} is {rec.status}: only committed or verified edits can be "

@@ -34,7 +34,7 @@ def test_search_consolidate_in_background_and_recover(ray_cluster, store_runtime
     keys = _unit(rng.standard_normal((8, 16)))
     ids = np.asarray(ray_cluster.get(ks.add.remote(keys)))
     assert ids.tolist() == list(range(8))
-    D, I, inc, entries = ray_cluster.get(ks.search.remote(keys[:3], 2, 0.5, None, 0))
+    D, I, inc, entries, epoch = ray_cluster.get(ks.search.remote(keys[:3], 2, 0.5, None, 0))
     assert I[:, 0].tolist() == [0, 1, 2] and np.allclose(D[:, 0], 1.0, atol=1e-5)
     assert isinstance(inc, str) and entries == []
 
@@ -94,7 +94,7 @@ def test_cache_invalidation_across_clients(ray_cluster, store_runtime):
     writer.put_many({int(eid): e2})                          # an edit commits elsewhere
     assert reader.get_many([eid])[0].same_weights(e1)       # not seen yet: stale cache
     # a replica sees the invalidation in the reply of its next search
-    D, I, inc, entries = ray_cluster.get(ks.search.remote(_unit(np.ones((1, 16))), 1, None,
+    D, I, inc, entries, _ = ray_cluster.get(ks.search.remote(_unit(np.ones((1, 16))), 1, None,
                                                           reader.incarnation, reader.seen_seq))
     reader.apply_invalidations(inc, entries)
     got = reader.get_many([eid])[0]
@@ -102,3 +102,32 @@ def test_cache_invalidation_across_clients(ray_cluster, store_runtime):
     writer.rollback(int(eid))
     reader.refresh()
     assert reader.get_many([eid])[0].same_weights(e1)
+
+
+def test_late_activation_of_a_reused_slot_is_dropped(ray_cluster, store_runtime):
+    ks = store_runtime.keystore
+    rng = np.random.default_rng(3)
+    keys = _unit(rng.standard_normal((2, 16)))
+    ray_cluster.get(ks.add.remote(keys))
+    q = _unit(keys[1] + 0.5 * _unit(rng.standard_normal(16)))
+    *_, inc, _, epoch = ray_cluster.get(ks.search.remote(q[None], 2, -1.0, None, 0))
+    # slot 1 is freed and reused by another expert before the activation routed to it arrives
+    ray_cluster.get(ks.free.remote([1]))
+    new_key = _unit(rng.standard_normal((1, 16)))
+    assert ray_cluster.get(ks.add.remote(new_key)).tolist() == [1]
+    one = (q[None], np.array([[1, -1]]), np.array([[1.0, 0.0]], np.float32))
+    ks.record.remote(*one, inc, epoch)                      # routed before the reuse: stale
+    ks.record.remote(*one, "an-earlier-incarnation", 10**9)  # routed by a previous actor: stale
+    ray_cluster.get(ks.flush.remote())
+    kept = ray_cluster.get(ks.get.remote([1]))[0]
+    assert float(_unit(kept) @ new_key[0]) == pytest.approx(1.0, abs=1e-6)   # decayed, not pulled
+    st = ray_cluster.get(ks.stats.remote())
+    assert st["stale_activations"] == 2
+
+    # routed after the reuse: it pulls the new owner's key as usual
+    *_, inc, _, epoch = ray_cluster.get(ks.search.remote(q[None], 2, -1.0, None, 0))
+    ks.record.remote(*one, inc, epoch)
+    ray_cluster.get(ks.flush.remote())
+    after = ray_cluster.get(ks.get.remote([1]))[0]
+    assert float(_unit(after) @ q) > float(new_key[0] @ q) + 1e-3                # pulled toward q
+    assert ray_cluster.get(ks.stats.remote())["stale_activations"] == 2
