@@ -224,7 +224,7 @@ class _Router:
         import ray
 
         e = self.engine
-        if e.keystore is None:
+        if e.keystore is None or not any(self.use):     # the base model alone: no search at all
             B = xq.shape[0]
             return np.zeros((B, 1), np.float32), np.full((B, 1), -1, np.int64)
         c = e.client

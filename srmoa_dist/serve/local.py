@@ -100,7 +100,7 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
     try:
         if not (Path(cfg.data_dir) / CONFIG_FILE).exists():
             save_config(cfg)
-        host, port = _start_http(host, port, auto_port, say)
+        host, port = start_http(host, port, auto_port, say)
         say(f"deploying the model server ({cfg.model.name_or_path}; the first start converts and caches "
             "the model, which can take a minute) ...")
         serve.run(build_app(build_args(cfg, num_replicas=num_replicas)), name=name, route_prefix=route_prefix,
@@ -113,8 +113,10 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
     return LocalApp(cfg=cfg, runtime=runtime, url=url, name=name)
 
 
-def _start_http(host: str, port: int, auto_port: bool, say: Callable[[str], None]) -> tuple[str, int]:
-    """Start Serve's HTTP proxy; with an auto-chosen port, retry on another when it was taken."""
+def start_http(host: str, port: int, auto_port: bool, say: Callable[[str], None]) -> tuple[str, int]:
+    """Start Serve's HTTP proxy; returns the (host, port) it listens on. With `auto_port` (the port
+    was picked by `free_port`) a port taken before Serve bound it is replaced by another; a port the
+    user named that is taken raises PortInUseError."""
     from ray import serve
     from ray.exceptions import RayTaskError
 
@@ -176,4 +178,5 @@ def stop(app: LocalApp) -> None:
         log.warning("shutdown was not clean", exc_info=True)
 
 
-__all__ = ["start", "stop", "wait_ready", "free_port", "build_args", "LocalApp", "PortInUseError", "APP_NAME"]
+__all__ = ["start", "stop", "wait_ready", "start_http", "free_port", "build_args", "LocalApp",
+           "PortInUseError", "APP_NAME"]

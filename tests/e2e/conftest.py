@@ -40,12 +40,9 @@ def e2e_tiny_model_dir(tmp_path_factory, make_tiny_model):
 
 @pytest.fixture(scope="session")
 def serve_port(ray_cluster):
-    from ray import serve
+    from srmoa_dist.serve.local import free_port, start_http
 
-    from srmoa_dist.serve.local import free_port
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _, port = start_http("127.0.0.1", free_port(), True, print)
     return port
 
 

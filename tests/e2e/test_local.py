@@ -37,14 +37,14 @@ held.listen()
 busy = held.getsockname()[1]
 ray.init(num_cpus=1, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
 said = []
-host, port = local._start_http("127.0.0.1", busy, True, said.append)
+host, port = local.start_http("127.0.0.1", busy, True, said.append)
 assert port != busy, (port, busy)
 assert any(str(busy) in s for s in said), said
 r = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=10)    # Serve's proxy answers there
 assert r.status_code in (200, 503), (r.status_code, r.text)     # 503 until an app is deployed
 serve.shutdown()
 try:
-    local._start_http("127.0.0.1", busy, False, said.append)
+    local.start_http("127.0.0.1", busy, False, said.append)
     raise SystemExit("a named busy port was accepted")
 except local.PortInUseError as e:
     assert f"port {busy} on 127.0.0.1 is in use" in str(e), e

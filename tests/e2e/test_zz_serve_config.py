@@ -25,7 +25,7 @@ def test_repo_serve_config_deploys_and_answers(ray_cluster, tmp_path, e2e_tiny_m
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    from srmoa_dist.serve.local import build_args, free_port
+    from srmoa_dist.serve.local import build_args, free_port, start_http
 
     doc = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(doc)                      # valid as committed
@@ -38,11 +38,9 @@ def test_repo_serve_config_deploys_and_answers(ray_cluster, tmp_path, e2e_tiny_m
         opts = d.setdefault("ray_actor_options", {})
         opts["num_gpus"] = 0
         opts["num_cpus"] = 0.1
-    port = free_port()
-    doc["http_options"] = {**doc.get("http_options", {}), "host": "127.0.0.1", "port": port}
-
     serve.shutdown()
-    serve.start(http_options=doc["http_options"])
+    _, port = start_http("127.0.0.1", free_port(), True, print)
+    doc["http_options"] = {**doc.get("http_options", {}), "host": "127.0.0.1", "port": port}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(doc))
     try:
         t0 = time.monotonic()
