@@ -365,15 +365,19 @@ def bench_serve(
     max_tokens: int = typer.Option(16, min=1, help="Tokens generated per request."),
     data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
     train: bool = typer.Option(True, help="Also measure latency while an edit trains."),
+    batch_wait_ms: float | None = typer.Option(
+        None, min=0, help="serve.batch_wait_timeout_s in ms for this run (default: the config's). A longer "
+        "wait makes a burst of requests form the same batches in both modes."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Requests/s and p50/p99 latency, routed vs base model, at each concurrency; p99 during an edit."""
     from srmoa_dist.bench.serve_bench import run_serve_bench
 
     _logging(verbose)
+    overrides = None if batch_wait_ms is None else {"serve": {"batch_wait_timeout_s": batch_wait_ms / 1e3}}
     res = run_serve_bench(out, model=model, concurrency=_ints(concurrency, "--concurrency"),
                           requests=requests or None, max_tokens=max_tokens, data_dir=data_dir, train=train,
-                          say=_say)
+                          say=_say, overrides=overrides)
     typer.echo(json.dumps(res["summary"], indent=2))
 
 

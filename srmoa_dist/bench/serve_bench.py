@@ -11,10 +11,11 @@ same background load).
 Last, the p99 of routed requests while an SR-TTT edit (through `/v1/feedback`) trains.
 
 Figures per (c, mode): requests/s, p50/p99/mean latency (ms), tokens/s, mean completion tokens,
-errors, share routed. Summary: overhead of routing on the median = routed p50 / base p50 - 1
-(target <= 10%), and beside it on the mean latency and on throughput (base req/s / routed req/s - 1):
-at c >= the batch size the median of one run swings with how requests fall into batches, while the
-mean and the throughput are steadier.
+errors, share routed, and the mean size of the batches the model server formed (from /v1/stats).
+Summary: overhead of routing on the median = routed p50 / base p50 - 1 (target <= 10%), and beside
+it on the mean latency and on throughput (base req/s / routed req/s - 1). At c > 1 a burst of
+requests splits into batches by arrival timing (1 + 7, 2 + 6, 8, ...), which moves one run's median
+far more than routing does; `--batch-wait-ms` makes the splits alike in both modes.
 """
 
 import asyncio
@@ -92,10 +93,17 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     lat = [x for p in parts for x in p["latencies_ms"]]
     done, wall = len(lat), sum(p["wall_s"] for p in parts)
     tokens, routed = sum(p["tokens"] for p in parts), sum(p["routed"] for p in parts)
+    batches = sum(p.get("batches", 0) for p in parts)
     return {"requests": done, "errors": sum(p["errors"] for p in parts), "wall_s": wall,
             "rps": done / wall if wall else 0.0, "completion_tokens_mean": tokens / done if done else 0.0,
             "tokens_per_s": tokens / wall if wall else 0.0, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
-            "mean_ms": statistics.fmean(lat) if lat else None, "routed_share": routed / done if done else 0.0}
+            "mean_ms": statistics.fmean(lat) if lat else None, "routed_share": routed / done if done else 0.0,
+            "mean_batch_size": done / batches if batches else None}
+
+
+def _batches_served(c: httpx.Client) -> int:
+    """The model server's batch count so far (one replica)."""
+    return int(c.get("/v1/stats").json()["server"]["batches"])
 
 
 def _plant_expert(cfg: Any, runtime: Any, prompt: str, b_std: float = 1e-3) -> dict[str, Any]:
@@ -172,7 +180,7 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
         "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "model": model, "max_tokens": max_tokens, "target_overhead_p50": TARGET_OVERHEAD,
-        "max_batch_size": cfg.serve.max_batch_size,
+        "max_batch_size": cfg.serve.max_batch_size, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
     }
     try:
         with httpx.Client(base_url=app.url, timeout=1200) as c:
@@ -194,11 +202,14 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
                 for k in range(max(1, -(-n // chunk))):
                     order = ("base", "routed") if (li + k) % 2 == 0 else ("routed", "base")
                     for mode in order:
-                        parts[mode].append(asyncio.run(_load(app.url, bodies[mode], chunk, cc)))
+                        b0 = _batches_served(c)
+                        part = asyncio.run(_load(app.url, bodies[mode], chunk, cc))
+                        part["batches"] = _batches_served(c) - b0
+                        parts[mode].append(part)
                 for mode in ("base", "routed"):
                     row[mode] = r = _merge(parts[mode])
                     say(f"c={cc:<3} {mode:<6} {r['rps']:.2f} req/s  p50 {r['p50_ms']:.0f} ms  "
-                        f"p99 {r['p99_ms']:.0f} ms"
+                        f"p99 {r['p99_ms']:.0f} ms  mean batch {r['mean_batch_size'] or 0:.1f}"
                         f"  errors {r['errors']}  routed {r['routed_share']:.0%}")
                 row["overhead_p50"] = row["routed"]["p50_ms"] / row["base"]["p50_ms"] - 1
                 row["overhead_mean"] = row["routed"]["mean_ms"] / row["base"]["mean_ms"] - 1
