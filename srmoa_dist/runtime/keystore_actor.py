@@ -238,6 +238,8 @@ class KeyStoreActor:
         """Any other public KeyStore method, under the lock (for the trainer's KeyStore proxy)."""
         if method.startswith("_"):
             raise AttributeError(f"KeyStore.{method} is private")
+        if method in ("add", "free"):           # the actor's own: they mark slot lifecycles
+            return getattr(self, method)(*args, **kwargs)
         with self._lock:
             if method in ("add", "update", "free", "pin", "consolidate", "snapshot"):
                 self._dirty = True

@@ -116,8 +116,9 @@ def test_late_activation_of_a_reused_slot_is_dropped(ray_cluster, store_runtime)
     new_key = _unit(rng.standard_normal((1, 16)))
     assert ray_cluster.get(ks.add.remote(new_key)).tolist() == [1]
     one = (q[None], np.array([[1, -1]]), np.array([[1.0, 0.0]], np.float32))
-    ks.record.remote(*one, inc, epoch)                      # routed before the reuse: stale
-    ks.record.remote(*one, "an-earlier-incarnation", 10**9)  # routed by a previous actor: stale
+    # (waited for: calls to a threaded actor may run out of order, and flush must come after)
+    ray_cluster.get(ks.record.remote(*one, inc, epoch))                      # routed before the reuse
+    ray_cluster.get(ks.record.remote(*one, "an-earlier-incarnation", 10**9))  # by a previous actor
     ray_cluster.get(ks.flush.remote())
     kept = ray_cluster.get(ks.get.remote([1]))[0]
     assert float(_unit(kept) @ new_key[0]) == pytest.approx(1.0, abs=1e-6)   # decayed, not pulled
@@ -126,8 +127,13 @@ def test_late_activation_of_a_reused_slot_is_dropped(ray_cluster, store_runtime)
 
     # routed after the reuse: it pulls the new owner's key as usual
     *_, inc, _, epoch = ray_cluster.get(ks.search.remote(q[None], 2, -1.0, None, 0))
-    ks.record.remote(*one, inc, epoch)
+    ray_cluster.get(ks.record.remote(*one, inc, epoch))
     ray_cluster.get(ks.flush.remote())
     after = ray_cluster.get(ks.get.remote([1]))[0]
     assert float(_unit(after) @ q) > float(new_key[0] @ q) + 1e-3                # pulled toward q
     assert ray_cluster.get(ks.stats.remote())["stale_activations"] == 2
+
+    # the generic `call` path (the trainer's KeyStore proxy) marks slot lifecycles too
+    ray_cluster.get(ks.call.remote("free", [1]))
+    *_, later = ray_cluster.get(ks.search.remote(q[None], 2, -1.0, None, 0))
+    assert later == epoch + 1
