@@ -28,8 +28,12 @@ Shape legend (einsum letters):
     delta = einsum("btkr,bkor,bk->bto", h, B, g)    # back out, weighted by the gates
     y     = f(x) + delta                             # only for the routed rows; others are untouched
 
-The scaling ``s_k = alpha_k / rank_k`` is folded into the gates once per `routing` call
-(mathematically the same as folding it into B). A sequence with no expert gets exactly the base
+The hooks compute exactly this as two batched matmuls over the experts' concatenated rank spaces
+(``kr`` = K*R): ``At = A`` as (b, d, kr) and ``Bg = g * B`` as (b, kr, o), built once per `routing`
+call, then ``h = bmm(x, At)`` and ``y = baddbmm(f(x), h, Bg)``: two kernels a module per decode
+step instead of two einsums (a decode step runs them in every adapted layer, so dispatch cost counts).
+The scaling ``s_k = alpha_k / rank_k`` is folded into the gates, and the gates into B, once per
+`routing` call. A sequence with no expert gets exactly the base
 output: its row is not touched (``torch.index_add`` on the routed rows only), so logits compare
 equal with ``torch.equal``.
 """
@@ -129,9 +133,8 @@ class _Site:
     """The routed tensors of one target for the current batch."""
 
     rows: torch.Tensor | None  # (b,) long: rows of the batch with an expert; None = every row
-    A: torch.Tensor  # (b, K, R, d_in)
-    B: torch.Tensor  # (b, K, d_out, R)
-    g: torch.Tensor  # (b, K) gates * scaling; zero for padding slots
+    At: torch.Tensor  # (b, d_in, K*R)   A of every expert of a row, side by side
+    Bg: torch.Tensor  # (b, K*R, d_out)  B times the gate (scaling folded in; zero for padding slots)
 
 
 @dataclass
@@ -351,7 +354,10 @@ class ExpertFusion:
                     for seq in pairs
                 ]
             )  # (b, K, d_out, R)
-            sites[name] = _Site(rows=rows, A=A, B=B, g=g)
+            b_, K_, R_ = A.shape[0], A.shape[1], A.shape[2]
+            At = A.reshape(b_, K_ * R_, d_in).transpose(1, 2)  # (b, d_in, K*R)
+            Bg = torch.einsum("bkor,bk->bkro", B, g).reshape(b_, K_ * R_, d_out)  # (b, K*R, d_out)
+            sites[name] = _Site(rows=rows, At=At, Bg=Bg)
         return PreparedRouting(n_seq, sites)
 
     def _make_hook(self, name: str):
@@ -367,12 +373,11 @@ class ExpertFusion:
                 raise RuntimeError(
                     f"routing was set for a batch of {state.batch_size}, forward got {x.shape[0]}"
                 )
-            xs = x if site.rows is None else x.index_select(0, site.rows)  # (b, T, d_in)
-            h = torch.einsum("btd,bkrd->btkr", xs, site.A)  # (b, T, K, R)
-            delta = torch.einsum("btkr,bkor,bk->bto", h, site.B, site.g)  # (b, T, d_out)
             if site.rows is None:
-                return output + delta
-            return output.index_add(0, site.rows, delta)
+                h = torch.bmm(x, site.At)  # (B, T, K*R)
+                return torch.baddbmm(output, h, site.Bg)  # (B, T, d_out)
+            h = torch.bmm(x.index_select(0, site.rows), site.At)  # (b, T, K*R)
+            return output.index_add(0, site.rows, torch.bmm(h, site.Bg))  # (B, T, d_out)
 
         return hook
 
