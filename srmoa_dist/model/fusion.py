@@ -33,9 +33,8 @@ The hooks compute exactly this as two batched matmuls over the experts' concaten
 call, then ``h = bmm(x, At)`` and ``y = baddbmm(f(x), h, Bg)``: two kernels a module per decode
 step instead of two einsums (a decode step runs them in every adapted layer, so dispatch cost counts).
 The scaling ``s_k = alpha_k / rank_k`` is folded into the gates, and the gates into B, once per
-`routing` call. A sequence with no expert gets exactly the base
-output: its row is not touched (``torch.index_add`` on the routed rows only), so logits compare
-equal with ``torch.equal``.
+`routing` call. A sequence with no expert gets exactly the base output: its row is not touched
+(``torch.index_add`` on the routed rows only), so logits compare equal with ``torch.equal``.
 """
 
 from __future__ import annotations
@@ -354,9 +353,9 @@ class ExpertFusion:
                     for seq in pairs
                 ]
             )  # (b, K, d_out, R)
-            b_, K_, R_ = A.shape[0], A.shape[1], A.shape[2]
-            At = A.reshape(b_, K_ * R_, d_in).transpose(1, 2)  # (b, d_in, K*R)
-            Bg = torch.einsum("bkor,bk->bkro", B, g).reshape(b_, K_ * R_, d_out)  # (b, K*R, d_out)
+            nb = len(routed)
+            At = A.reshape(nb, K * R, d_in).transpose(1, 2)  # (b, d_in, K*R)
+            Bg = torch.einsum("bkor,bk->bkro", B, g).reshape(nb, K * R, d_out)  # (b, K*R, d_out)
             sites[name] = _Site(rows=rows, At=At, Bg=Bg)
         return PreparedRouting(n_seq, sites)
 
