@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -378,33 +378,22 @@ class Ingress:
             raise _from_error(first["error"])
         return gen, first
 
-    async def _stream_chat(self, body: ChatCompletionRequest, req: dict[str, Any]) -> Any:
-        gen, first = await self._open_stream(req)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(delta: ChunkDelta, finish: str | None = None, **extra: Any) -> str:
-            c = ChatCompletionChunk(id=cid, created=created, model=body.model,
-                                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)], **extra)
-            return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
+    def _sse(self, gen: Any, first: dict[str, Any], render: Callable[[dict[str, Any]], Iterator[str]],
+             head: str | None = None) -> StreamingResponse:
+        """Server-sent events of an opened stream: `head`, render(item) for every item, `[DONE]`. An
+        error item or a failure mid-stream ends it with an error event; the request is released."""
 
         async def events() -> AsyncIterator[str]:
             try:
-                yield chunk(ChunkDelta(role="assistant", content=""))
+                if head is not None:
+                    yield head
                 item = first
                 while True:
                     if "error" in item:
                         yield f"data: {json.dumps({'error': item['error']})}\n\n"
                         break
-                    if "delta" in item:
-                        yield chunk(ChunkDelta(content=item["delta"]))
-                    else:
-                        yield chunk(ChunkDelta(), item["finish_reason"], routing=Routing(**item["routing"]))
-                        if include_usage:
-                            u = ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[],
-                                                    usage=_usage(item))
-                            yield f"data: {u.model_dump_json()}\n\n"
+                    for event in render(item):
+                        yield event
                     try:
                         item = await gen.__anext__()
                     except StopAsyncIteration:
@@ -418,6 +407,29 @@ class Ingress:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _stream_chat(self, body: ChatCompletionRequest, req: dict[str, Any]) -> Any:
+        gen, first = await self._open_stream(req)
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: ChunkDelta, finish: str | None = None, **extra: Any) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=body.model,
+                                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)], **extra)
+            return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
+
+        def render(item: dict[str, Any]) -> Iterator[str]:
+            if "delta" in item:
+                yield chunk(ChunkDelta(content=item["delta"]))
+                return
+            yield chunk(ChunkDelta(), item["finish_reason"], routing=Routing(**item["routing"]))
+            if include_usage:
+                u = ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[],
+                                        usage=_usage(item))
+                yield f"data: {u.model_dump_json()}\n\n"
+
+        return self._sse(gen, first, render, head=chunk(ChunkDelta(role="assistant", content="")))
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:
@@ -462,27 +474,13 @@ class Ingress:
                 d["routing"] = routing
             return f"data: {json.dumps(d)}\n\n"
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                item = first
-                while True:
-                    if "error" in item:
-                        yield f"data: {json.dumps({'error': item['error']})}\n\n"
-                        break
-                    if "delta" in item:
-                        yield chunk(item["delta"])
-                    else:
-                        yield chunk("", item["finish_reason"], item["routing"])
-                    try:
-                        item = await gen.__anext__()
-                    except StopAsyncIteration:
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                self._release()
+        def render(item: dict[str, Any]) -> Iterator[str]:
+            if "delta" in item:
+                yield chunk(item["delta"])
+            else:
+                yield chunk("", item["finish_reason"], item["routing"])
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return self._sse(gen, first, render)
 
     # -- feedback and edits ---------------------------------------------------------------------------
 
