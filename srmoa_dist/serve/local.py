@@ -4,11 +4,17 @@
 store itself is created on first use), starts Serve's HTTP proxy on host:port and deploys
 `build_app`; `stop(handle)` deletes the app and, when this process started the local Ray cluster,
 shuts Serve and Ray down so that no Ray process is left behind.
+
+When `start` runs in the main thread and starts the local cluster, SIGTERM is turned into a
+KeyboardInterrupt (as Ctrl-C): Ray's own handler ends the process in the middle of its shutdown and
+leaves Ray's agent processes running, while an interrupt lets the caller's `finally: stop(app)` run.
 """
 
 import logging
 import random
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +103,8 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
     addr = cfg.runtime.ray_address
     say(f"connecting to Ray at {addr} ..." if addr else "starting Ray ...")
     runtime = connect(cfg, log_to_driver=log_to_driver)
+    if runtime.started_local and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)        # after ray.init, which installs its own
     try:
         if not (Path(cfg.data_dir) / CONFIG_FILE).exists():
             save_config(cfg)
@@ -111,6 +119,10 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
         runtime.shutdown()
         raise
     return LocalApp(cfg=cfg, runtime=runtime, url=url, name=name)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def start_http(host: str, port: int, auto_port: bool, say: Callable[[str], None]) -> tuple[str, int]:

@@ -6,6 +6,7 @@ because the session cluster's Serve is already bound."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,3 +61,58 @@ def test_taken_port_is_retried_when_auto_and_named_when_given():
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "OK" in r.stdout, out[-3000:]
+
+
+START_SCRIPT = """
+import sys, time
+from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.serve import local
+
+app = local.start(SrmoaConfig.load_yaml(sys.argv[1]), host="127.0.0.1", port=0)
+try:
+    print("READY", app.url, flush=True)
+    while True:
+        time.sleep(0.2)
+finally:
+    local.stop(app)
+    print("STOPPED", flush=True)
+"""
+
+
+def test_sigterm_stops_the_app_and_its_local_ray_cluster(tmp_path, e2e_tiny_model_dir):
+    """SIGTERM to a process that started the app (as `srmoa demo` and `srmoa bench` do) runs its
+    cleanup: no Ray process is left behind (Ray's own handler used to leave its agents running)."""
+    import time
+
+    import psutil
+    from e2e_support import tiny_app_config
+
+    cfg = tiny_app_config(tmp_path / "data", e2e_tiny_model_dir,
+                          runtime={"num_cpus": 2, "object_store_memory_mb": 128})
+    cfg.save_yaml(tmp_path / "srmoa.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-c", textwrap.dedent(START_SCRIPT), str(tmp_path / "srmoa.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("READY"):
+                break
+        assert lines and lines[-1].startswith("READY"), "".join(lines)[-3000:]
+        ray_pids = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert ray_pids, "no Ray processes under the app?"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "STOPPED" in out, "".join(lines)[-2000:] + out[-2000:]
+    deadline = time.monotonic() + 30
+    while True:
+        alive = [p for p in ray_pids
+                 if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, [psutil.Process(p).cmdline()[:2] for p in alive]
