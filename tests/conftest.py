@@ -121,6 +121,27 @@ def make_tiny_model():
 
 
 @pytest.fixture(scope="session")
+def make_tiny_world(make_tiny_model):
+    """A callable (ExpertConfig, d_key) -> (base, fusion, encoder) over a private tiny model (so no other
+    test shares its hooks); the caller removes the fusion's hooks when done."""
+    from srmoa_dist.config import ModelConfig
+    from srmoa_dist.model.fusion import ExpertFusion
+    from srmoa_dist.model.loading import from_model
+    from srmoa_dist.routing.query_encoder import CALIBRATION_PROMPTS, QueryEncoder
+
+    def make(ecfg, d_key: int):
+        model, tok = make_tiny_model(seed=0)
+        mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
+                           system_prompt="You are a helpful assistant.")
+        base = from_model(model, tok, mcfg)
+        fusion = ExpertFusion(base.model, ecfg, query_layer=base.query_layer)
+        enc = QueryEncoder.calibrate(base, d_key=d_key, prompts=CALIBRATION_PROMPTS[:32])
+        return base, fusion, enc
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def smollm2_cache_dir() -> Path:
     return model_cache_dir()
 

@@ -87,7 +87,7 @@ class Engine:
         key store's incarnation and slot epoch at routing time so it can drop activations of a slot
         that was freed and reused since."""
         rows = [g for g in gens if g.expert_ids]
-        if not rows or self.keystore is None or router.routed_at is None:
+        if not rows or router.routed_at is None:       # None: no key store, or no search made
             return
         k = max(len(g.expert_ids) for g in rows)
         q = np.stack([g.query for g in rows]).astype(np.float32)                 # (n, d_key)

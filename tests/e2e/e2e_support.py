@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,3 +23,17 @@ def tiny_app_config(data_dir: Path, model_dir: Path, **sections):
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
     return small_config(data_dir, **base)
+
+
+def own_cluster_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess that starts a local Ray cluster of its own (not the session's)."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
+
+
+def own_cluster_config(tmp_path: Path, model_dir: Path) -> Path:
+    """A tiny app config (data under tmp_path/data, a small local cluster) saved as YAML; its path."""
+    small = {"num_cpus": 2, "object_store_memory_mb": 128}
+    cfg = tiny_app_config(tmp_path / "data", model_dir, runtime=small)
+    path = tmp_path / "srmoa.yaml"
+    cfg.save_yaml(path)
+    return path

@@ -3,7 +3,6 @@ answers chat/feedback/stats from the CLI clients, and SIGTERM leaves no Ray proc
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -34,17 +33,14 @@ def _srmoa(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedPr
 
 @pytest.mark.ray
 def test_serve_subprocess_clients_and_clean_sigterm(tmp_path, e2e_tiny_model_dir):
-    from e2e_support import tiny_app_config
+    from e2e_support import own_cluster_config, own_cluster_env
 
     from srmoa_dist.serve.local import free_port
 
     data = tmp_path / "data"
-    cfg = tiny_app_config(data, e2e_tiny_model_dir, runtime={"num_cpus": 2, "object_store_memory_mb": 128})
-    cfg_file = tmp_path / "srmoa.yaml"
-    cfg.save_yaml(cfg_file)
+    cfg_file = own_cluster_config(tmp_path, e2e_tiny_model_dir)
     port = free_port()
-    env = {**os.environ, "SRMOA_API_KEY": ""}
-    env.pop("RAY_ADDRESS", None)
+    env = own_cluster_env(SRMOA_API_KEY="")
     proc = subprocess.Popen([sys.executable, "-m", "srmoa_dist.cli", "serve", "--data-dir", str(data),
                              "--config", str(cfg_file), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

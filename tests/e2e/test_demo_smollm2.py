@@ -3,7 +3,6 @@ an invented fact taught through feedback; exit 0 only when the edit worked."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -17,9 +16,10 @@ def test_demo_teaches_an_invented_fact(tmp_path, smollm2_cache_dir):
     data.mkdir()
     if smollm2_cache_dir.exists():          # the converted GGUF (conversion alone takes ~40 s)
         (data / "model_cache").symlink_to(smollm2_cache_dir, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    from e2e_support import own_cluster_env
+
     r = subprocess.run([sys.executable, "-m", "srmoa_dist.cli", "demo", "--data-dir", str(data)],
-                       capture_output=True, text=True, timeout=900, env=env)
+                       capture_output=True, text=True, timeout=900, env=own_cluster_env())
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "the edit worked" in out

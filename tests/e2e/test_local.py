@@ -5,7 +5,6 @@ because the session cluster's Serve is already bound."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -55,9 +54,10 @@ print("OK", busy, port)
 
 
 def test_taken_port_is_retried_when_auto_and_named_when_given():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    from e2e_support import own_cluster_env
+
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(RETRY_SCRIPT)], capture_output=True,
-                       text=True, timeout=240, env=env)
+                       text=True, timeout=240, env=own_cluster_env())
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "OK" in r.stdout, out[-3000:]
@@ -85,14 +85,12 @@ def test_sigterm_stops_the_app_and_its_local_ray_cluster(tmp_path, e2e_tiny_mode
     import time
 
     import psutil
-    from e2e_support import tiny_app_config
+    from e2e_support import own_cluster_config, own_cluster_env
 
-    cfg = tiny_app_config(tmp_path / "data", e2e_tiny_model_dir,
-                          runtime={"num_cpus": 2, "object_store_memory_mb": 128})
-    cfg.save_yaml(tmp_path / "srmoa.yaml")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-c", textwrap.dedent(START_SCRIPT), str(tmp_path / "srmoa.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cfg_file = own_cluster_config(tmp_path, e2e_tiny_model_dir)
+    cmd = [sys.executable, "-c", textwrap.dedent(START_SCRIPT), str(cfg_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=own_cluster_env())
     lines: list[str] = []
     try:
         for line in proc.stdout:

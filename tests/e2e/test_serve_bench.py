@@ -5,7 +5,6 @@ its raw ones. It runs in a subprocess because it starts (and stops) a Ray cluste
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -29,15 +28,13 @@ run_serve_bench(Path(sys.argv[2]), model=cfg.model.name_or_path, concurrency=(1,
 
 
 def test_serve_bench_writes_consistent_json(tmp_path, e2e_tiny_model_dir):
-    from e2e_support import tiny_app_config
+    from e2e_support import own_cluster_config, own_cluster_env
 
-    data = tmp_path / "data"
-    cfg = tiny_app_config(data, e2e_tiny_model_dir, runtime={"num_cpus": 2, "object_store_memory_mb": 128})
-    cfg.save_yaml(tmp_path / "srmoa.yaml")
+    cfg_file = own_cluster_config(tmp_path, e2e_tiny_model_dir)
     out = tmp_path / "bench_serve.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path / "srmoa.yaml"), str(out),
-                        str(data)], capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), str(cfg_file), str(out),
+                        str(tmp_path / "data")], capture_output=True, text=True, timeout=600,
+                       env=own_cluster_env())
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     doc = json.loads(out.read_text())
     assert [lv["concurrency"] for lv in doc["levels"]] == [1, 2]

@@ -5,14 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, SrmoaConfig, StoreConfig, TTTConfig
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig, SrmoaConfig, StoreConfig, TTTConfig
 from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.experts.store import ShardedExpertStore
-from srmoa_dist.model.fusion import ExpertFusion
 from srmoa_dist.model.generation import queries
-from srmoa_dist.model.loading import from_model
 from srmoa_dist.routing.keystore import KeyStore
-from srmoa_dist.routing.query_encoder import CALIBRATION_PROMPTS, QueryEncoder
 from srmoa_dist.ttt import edit as edit_mod
 from srmoa_dist.ttt.detect import explicit_failure
 from srmoa_dist.ttt.diversify import HeldOutLeak
@@ -28,13 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(make_tiny_model):
-    model, tok = make_tiny_model(seed=0)
-    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                       system_prompt="You are a helpful assistant.")
-    base = from_model(model, tok, mcfg)
-    fusion = ExpertFusion(base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=base.query_layer)
-    enc = QueryEncoder.calibrate(base, d_key=D_KEY, prompts=CALIBRATION_PROMPTS[:32])
+def world(make_tiny_world):
+    base, fusion, enc = make_tiny_world(ExpertConfig(rank=4, alpha=8.0), D_KEY)
     yield base, fusion, enc
     fusion.remove()
 

@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, StoreConfig, TTTConfig
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig, StoreConfig, TTTConfig
 from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.experts.store import ShardedExpertStore
-from srmoa_dist.model.fusion import ExpertFusion
 from srmoa_dist.model.generation import queries
-from srmoa_dist.model.loading import from_model
 from srmoa_dist.routing.keystore import KeyStore
-from srmoa_dist.routing.query_encoder import CALIBRATION_PROMPTS, QueryEncoder
 from srmoa_dist.ttt.detect import explicit_failure
 from srmoa_dist.ttt.diversify import diversify
 from srmoa_dist.ttt.trainer import (
@@ -36,14 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(make_tiny_model):
-    """A private tiny model (so nothing else shares its hooks), fusion, encoder and 4 prompts' queries."""
-    model, tok = make_tiny_model(seed=0)
-    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                       system_prompt="You are a helpful assistant.")
-    base = from_model(model, tok, mcfg)
-    fusion = ExpertFusion(base.model, ECFG, query_layer=base.query_layer)
-    enc = QueryEncoder.calibrate(base, d_key=D_KEY, prompts=CALIBRATION_PROMPTS[:32])
+def world(make_tiny_world):
+    """A private tiny model, fusion, encoder and 4 prompts' queries."""
+    base, fusion, enc = make_tiny_world(ECFG, D_KEY)
     failure = explicit_failure("What is the capital of France?", "Rome", correct_answer="Paris")
     prompts = diversify(failure, "Paris is the capital of France.")
     qs = queries(base, enc, [list(p.messages) for p in prompts])
