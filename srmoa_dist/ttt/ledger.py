@@ -3,14 +3,18 @@
 An edit is written once when committed (everything needed to audit and roll it back: rule, prompts,
 expert id, previous and new expert versions, previous key, losses), then gets status lines appended
 (verified, rolled_back, failed). Reading folds the lines by edit_id: the first line is the record,
-later lines update status, timestamps and notes. A torn last line (a crash mid-write) is skipped with
-a warning; any other corrupt line raises a ValueError naming the file and line.
+later lines update status, timestamps and notes. A line is complete when its newline is written (one
+``write`` per line, fsynced). A torn last line (a crash mid-write, no newline yet) is dropped with a
+warning and truncated away on open, so the next append starts on a clean line; any other corrupt line
+raises a ValueError naming the file and line. Appends and the repair on open hold an exclusive
+``flock`` on the file, so opening a ledger never cuts off another process's append in flight.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -118,10 +122,11 @@ class EditLedger:
         data = (json.dumps(line, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, data)
             os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)                      # closing releases the flock
 
     def commit(self, record: EditRecord) -> EditRecord:
         """Write a new edit (its status is usually 'committed'). Its edit_id must be new."""
@@ -190,19 +195,31 @@ class EditLedger:
                                    extra=extra)
 
     def _load(self) -> None:
+        """Fold the file's complete lines into `_records`; cut a torn last line off the file (fsynced)."""
         if not self.path.exists():
             return
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        for n, line in enumerate(lines, start=1):
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)    # no append of another process is half-written meanwhile
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read()
+            complete = raw.rfind(b"\n") + 1  # end of the last complete line (0: none)
+            if complete < len(raw):
+                log.warning("ledger %s: torn last line (%d byte(s) without a newline after byte %d) "
+                            "dropped and truncated away", self.path, len(raw) - complete, complete)
+                os.ftruncate(fd, complete)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._fold_lines(raw[:complete])
+
+    def _fold_lines(self, raw: bytes) -> None:
+        for n, line in enumerate(raw.split(b"\n"), start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                if n == len(lines) and not raw.endswith(b"\n"):
-                    log.warning("ledger %s: torn last line %d skipped (%s)", self.path, n, e)
-                    continue
                 raise ValueError(f"ledger {self.path} line {n} is not valid JSON: {e}") from None
             try:
                 if obj.get("format") != _FORMAT:
@@ -217,5 +234,5 @@ class EditLedger:
                     self._records[eid] = self._fold_status(self._records[eid], obj)
                 else:
                     raise ValueError(f"unknown op {obj['op']!r}")
-            except (KeyError, TypeError, ValueError) as e:
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"ledger {self.path} line {n} is corrupt: {e}") from None

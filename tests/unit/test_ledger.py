@@ -80,3 +80,39 @@ def test_key_codec_exact():
     assert np.array_equal(decode_key(encode_key(k)), k)
     assert encode_key(None) is None and decode_key(None) is None
     assert EditLedger.new_id() != EditLedger.new_id()
+
+
+def test_torn_last_line_is_truncated_so_later_appends_stay_readable(tmp_path):
+    led = EditLedger(tmp_path)
+    led.commit(_record("e1"))
+    led.set_status("e1", "verified")
+    good = led.path.read_bytes()
+    with open(led.path, "ab") as f:
+        f.write(b'{"format": 1, "op": "status", "edit_id": "e1", "sta')      # a crash mid-append
+    again = EditLedger(tmp_path)
+    assert again.path.read_bytes() == good                                   # cut back to the last newline
+    again.commit(_record("e2", expert_id=9))
+    again.set_status("e2", "verified")
+    third = EditLedger(tmp_path)                                             # would refuse the joined line
+    assert [e.edit_id for e in third.list()] == ["e1", "e2"]
+    assert third.get("e1").status == "verified" and third.get("e2").status == "verified"
+
+
+def test_last_line_without_newline_is_dropped_not_joined(tmp_path):
+    led = EditLedger(tmp_path)
+    led.commit(_record("e1"))
+    whole = led.path.read_bytes()
+    led.path.write_bytes(whole + whole.rstrip(b"\n").replace(b'"e1"', b'"e2"'))   # torn right before "\n"
+    again = EditLedger(tmp_path)
+    assert [e.edit_id for e in again.list()] == ["e1"] and again.path.read_bytes() == whole
+    again.commit(_record("e3"))
+    assert [e.edit_id for e in EditLedger(tmp_path).list()] == ["e1", "e3"]
+
+
+def test_non_object_line_is_a_clear_error(tmp_path):
+    led = EditLedger(tmp_path)
+    led.commit(_record("e1"))
+    with open(led.path, "ab") as f:
+        f.write(b"[1, 2]\n")
+    with pytest.raises(ValueError, match="line 2 is corrupt"):
+        EditLedger(tmp_path)
