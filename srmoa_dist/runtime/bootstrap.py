@@ -123,6 +123,9 @@ def ensure_actors(cfg: SrmoaConfig, *, trainer: bool = True, wait: bool = True) 
     place = placement(cfg)
     ray.get(_check_store_layout.options(num_cpus=0, **place["store"]).remote(cfg),
             timeout=rt.call_timeout_s * 4)
+    # Calls in flight when an actor dies are resubmitted to its restart: the methods are idempotent
+    # (KeyStoreActor.free skips free slots), and those that are not opt out per method
+    # (KeyStoreActor.add: `@ray.method(max_task_retries=0)`, which wins over this default).
     common = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_task_retries}
     shards = [
         _get_or_create(ShardActor, SHARD_NAME.format(i=i), ns,

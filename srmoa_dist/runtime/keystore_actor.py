@@ -11,6 +11,12 @@
   `runtime.snapshot_interval_s` when keys changed.
 - Writes of committed keys (`add`, `update`, `pin`, `free`) go through the KeyStore's write-ahead log
   before the call returns; on a restart (`max_restarts`) the constructor recovers snapshot + log.
+- Retries: the actor is created with `runtime.max_task_retries`, and Ray resubmits a call that was in
+  flight when the actor died to its restarted incarnation. `free` is idempotent (a slot already free is
+  skipped, logged), so a retried free is harmless. `add` is never retried by Ray (a retry after the
+  first try was logged would take a second slot): the caller sees the failure. A caller that resubmits
+  an `add` itself passes the same `request_id`: the actor remembers the last `MAX_ADD_REQUESTS`
+  request ids (in memory, per incarnation) and answers a repeat with the ids of the first.
 
 The actor is threaded (`max_concurrency` > 1) so a search is not queued behind a slow call; one lock
 serialises every access to the (not thread-safe) KeyStore.
@@ -23,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_ROWS = 65_536      # activations waiting for consolidation; older ones are dropped past this
 MAX_INVALIDATIONS = 100_000    # entries kept in the invalidation log
+MAX_ADD_REQUESTS = 4096        # recent `add` request ids remembered (request id -> slot ids)
 
 
 @ray.remote
@@ -68,6 +75,7 @@ class KeyStoreActor:
         self._last_snapshot = time.monotonic()
         self._seq = 0
         self._inval: deque[tuple[int, int, int]] = deque(maxlen=MAX_INVALIDATIONS)
+        self._add_requests: OrderedDict[str, np.ndarray] = OrderedDict()   # request id -> slot ids
         self._searches = 0
         self._queries = 0
         self._paused_until = 0.0
@@ -206,11 +214,30 @@ class KeyStoreActor:
 
     # -- committed writes (logged before returning) ---------------------------------------------------
 
-    def add(self, keys: np.ndarray, pinned: bool = False) -> np.ndarray:
+    @ray.method(max_task_retries=0)
+    def add(self, keys: np.ndarray, pinned: bool = False, request_id: str | None = None) -> np.ndarray:
+        """Add keys (n, d_key); returns their slot ids. Not retried by Ray; a repeat of `request_id`
+        (a caller's own resubmission) returns the first call's ids without adding again."""
+        keys = np.asarray(keys, dtype=np.float32)
         with self._lock:
+            if request_id is not None:
+                seen = self._add_requests.get(request_id)
+                if seen is not None:
+                    n = keys.shape[0] if keys.ndim == 2 else 1
+                    if seen.size != n:
+                        raise ValueError(f"add request_id {request_id!r} was used for {seen.size} key(s), "
+                                         f"now for {n}: use a new request id for a new request")
+                    self._add_requests.move_to_end(request_id)
+                    log.info("add: request %s repeated; answering its slot ids %s", request_id,
+                             seen[:8].tolist())
+                    return seen.copy()
             self._dirty = True
-            ids = self._ks.add(np.asarray(keys, dtype=np.float32), pinned=pinned)
+            ids = self._ks.add(keys, pinned=pinned)
             self._mark_lifecycle(ids)
+            if request_id is not None:
+                self._add_requests[request_id] = np.asarray(ids, dtype=np.int64).copy()
+                while len(self._add_requests) > MAX_ADD_REQUESTS:
+                    self._add_requests.popitem(last=False)
             return ids
 
     def update(self, ids: Sequence[int], keys: np.ndarray) -> None:
@@ -219,9 +246,20 @@ class KeyStoreActor:
             self._ks.update(np.asarray(ids, dtype=np.int64), np.asarray(keys, dtype=np.float32))
 
     def free(self, ids: Sequence[int]) -> None:
+        """Free slots; idempotent: ids already free (or never allocated) are skipped and logged, so a
+        retried free is a no-op. A negative id is a ValueError."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if ids.size and ids[0] < 0:
+            raise ValueError(f"free: slot ids must be >= 0, got {ids[ids < 0][:8].tolist()}")
         with self._lock:
+            active = np.isin(ids, self._ks.active_ids())
+            if not active.all():
+                log.info("free: slot(s) %s already free; skipped (a retried or repeated free)",
+                         ids[~active][:8].tolist())
+            ids = ids[active]
+            if ids.size == 0:
+                return
             self._dirty = True
-            ids = np.asarray(ids, dtype=np.int64)
             self._ks.free(ids)
             self._mark_lifecycle(ids)
 

@@ -137,3 +137,37 @@ def test_late_activation_of_a_reused_slot_is_dropped(ray_cluster, store_runtime)
     ray_cluster.get(ks.call.remote("free", [1]))
     *_, later = ray_cluster.get(ks.search.remote(q[None], 2, -1.0, None, 0))
     assert later == epoch + 1
+
+
+def test_free_is_idempotent_and_add_is_not_retried(ray_cluster, store_runtime):
+    ks = store_runtime.keystore
+    rng = np.random.default_rng(5)
+    ray_cluster.get(ks.add.remote(_unit(rng.standard_normal((3, 16)))))
+    ray_cluster.get(ks.free.remote([1]))
+    *_, epoch = ray_cluster.get(ks.search.remote(_unit(np.ones((1, 16))), 1, None, None, 0))
+    ray_cluster.get(ks.free.remote([1]))                   # a retried free: no KeyError, nothing changes
+    ray_cluster.get(ks.free.remote([1, 2, 2]))             # frees 2, skips 1
+    *_, later = ray_cluster.get(ks.search.remote(_unit(np.ones((1, 16))), 1, None, None, 0))
+    assert later == epoch + 1                              # one lifecycle event: slot 2's free
+    assert ray_cluster.get(ks.size.remote()) == 1
+    assert ray_cluster.get(ks.key_info.remote([0, 1, 2]))[1:] == [None, None]
+    with pytest.raises(ray_cluster.exceptions.RayTaskError, match="must be >= 0"):
+        ray_cluster.get(ks.free.remote([-1]))
+    # Ray never resubmits an add to a restarted actor (it could take a second slot); reads still retry
+    assert ks.add._max_task_retries == 0
+    assert ks.search._max_task_retries == store_runtime.cfg.runtime.max_task_retries > 0
+
+
+def test_add_with_a_request_id_answers_a_repeat_with_the_same_slots(ray_cluster, store_runtime):
+    ks = store_runtime.keystore
+    rng = np.random.default_rng(6)
+    keys = _unit(rng.standard_normal((2, 16)))
+    first = ray_cluster.get(ks.add.remote(keys, False, "req-1"))
+    again = ray_cluster.get(ks.add.remote(keys, False, "req-1"))      # the caller resubmits
+    assert again.tolist() == first.tolist() == [0, 1]
+    assert ray_cluster.get(ks.size.remote()) == 2
+    other = ray_cluster.get(ks.add.remote(keys[:1], True, "req-2"))
+    assert other.tolist() == [2] and ray_cluster.get(ks.size.remote()) == 3
+    with pytest.raises(ray_cluster.exceptions.RayTaskError, match="new request id"):
+        ray_cluster.get(ks.add.remote(keys, False, "req-2"))           # same id, another request
+    assert ray_cluster.get(ks.add.remote(keys[:1])).tolist() == [3]    # no id: a plain add
