@@ -7,7 +7,7 @@ One call of `consolidate` is one *batch step* t -> t + 1. For every key i the pe
 
     n_i      = number of valid entries of the batch naming i (an activation count, gates ignored)
     a_i      = alpha / (1 + u_i),  b_i = beta / (1 + u_i)         (inertia; u_i is usage *before* the batch)
-    k_i     += a_i * qbar_i + b_i * pbar_i                           (only if n_i > 0; pinned keys too)
+    k_i     += a_i * qbar_i + b_i * pbar_i                           (only if n_i > 0 and i is not anchored)
         qbar_i = sum_e w_e (q_e - k_i) / sum_e w_e                  over the entries e naming i
         pbar_i = sum_e w_e (c_e - k_i) / sum_e w_e                  over the entries with a peer in their row
         c_e    = sum_{e' in row(e), e' != e} w_e' k_e' / sum w_e'   (gate-weighted mean of the row's peers)
@@ -18,6 +18,13 @@ One call of `consolidate` is one *batch step* t -> t + 1. For every key i the pe
     free i                     if |k_i| < min_norm and i is not pinned
 
 All right-hand sides use the keys as they were before the batch (simultaneous, Jacobi-style update).
+
+**Anchored keys.** A pinned key (an edited expert's) is an anchor: SR-TTT trained it against its
+neighbours with the router loss, and a query pull would drag it back toward whatever misrouted queries
+reach it (for instance unedited questions about the same entity), undoing that separation. So a pinned
+key never moves (no pull, no decay, never freed); its usage still counts its activations, and it still
+pulls its co-activated peers. Keys *held* by a running edit (`hold`, the candidates whose keys the
+edit's isolation check compares) are anchors for that batch only; every other key keeps moving.
 With alpha + beta <= 1 the pull is a convex combination of the key, unit queries and keys of norm <= 1.
 Entries naming a free slot are ignored (counted as stale); free slots are never touched.
 
@@ -201,10 +208,11 @@ def _group_weights(groups: np.ndarray, w: np.ndarray, m: int) -> tuple[np.ndarra
 
 
 def consolidate(keys: np.ndarray, state: GravityState, act: Activations, cfg: GravityConfig,
-                sweep: np.ndarray | None = None) -> GravityResult:
+                sweep: np.ndarray | None = None, hold: np.ndarray | None = None) -> GravityResult:
     """One batch step of the SOME rules (see the module docstring). Pure: reads, never writes, its inputs.
 
-    keys: (N, d) float32 stored keys; sweep: slots whose pending decay is materialised this batch.
+    keys: (N, d) float32 stored keys; sweep: slots whose pending decay is materialised this batch;
+    hold: slots that stay anchored this batch (their pending decay waits for a later sweep).
     """
     if keys.ndim != 2:
         raise ValueError(f"keys must be 2-D (N, d), got shape {keys.shape}")
@@ -264,9 +272,12 @@ def consolidate(keys: np.ndarray, state: GravityState, act: Activations, cfg: Gr
 
     a = cfg.alpha / (1.0 + u0)
     b = cfg.beta / (1.0 + u0)
+    held = np.empty(0, dtype=np.int64) if hold is None else np.asarray(hold, dtype=np.int64)
+    anchored = state.pinned[moved] | np.isin(moved, held)                        # (m,)
     k1 = k0 + a[:, None] * qbar + b[:, None] * pbar                             # (m, d)
+    k1[anchored] = k0[anchored]
     u1 = cfg.usage_ema * u0 + (1.0 - cfg.usage_ema) * cnt
-    decays = (u1 < cfg.theta) & ~state.pinned[moved]
+    decays = (u1 < cfg.theta) & ~anchored
     k1[decays] *= 1.0 - cfg.delta
     norms = np.linalg.norm(k1, axis=1)
     k1 /= np.maximum(norms, 1.0)[:, None]
@@ -278,7 +289,7 @@ def consolidate(keys: np.ndarray, state: GravityState, act: Activations, cfg: Gr
         sweep = np.empty(0, dtype=np.int64)
     sweep = np.asarray(sweep, dtype=np.int64)
     sweep = sweep[~state.free[sweep]]
-    sweep = np.setdiff1d(sweep, np.concatenate([moved, pre_freed]))
+    sweep = np.setdiff1d(sweep, np.concatenate([moved, pre_freed, held]))
     counts = decay_counts(state, sweep, t, cfg)
     shrink = counts > 0
     decay_ids = sweep[shrink]

@@ -122,6 +122,7 @@ class KeyStore:
         self._index: KeyIndex | None = None
         self._pending_lists: np.ndarray | None = None      # IVF lists from a snapshot, during load only
         self._rebuild: _Rebuild | None = None              # background index build in flight
+        self._holds: dict[int, float] = {}                 # slot -> monotonic deadline (edits in flight)
         if self.path is not None:
             self._load()
         else:
@@ -268,6 +269,26 @@ class KeyStore:
     def unpin(self, ids: Any) -> None:
         self.pin(ids, False)
 
+    def hold(self, ids: Any, ttl_s: float = 600.0) -> None:
+        """Keep these keys still under consolidation for at most `ttl_s` s (a running edit compares
+        them before and after it trains); every other key keeps moving. Not persisted: a restart lets go."""
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s!r}")
+        deadline = time.monotonic() + float(ttl_s)
+        for i in _as_ids(ids).tolist():
+            self._holds[int(i)] = max(deadline, self._holds.get(int(i), 0.0))
+
+    def release(self, ids: Any) -> None:
+        """End a `hold` (ids not held are ignored, so a repeated release is a no-op)."""
+        for i in _as_ids(ids).tolist():
+            self._holds.pop(int(i), None)
+
+    def held_ids(self) -> np.ndarray:
+        """Slots held still now (expired holds dropped)."""
+        now = time.monotonic()
+        self._holds = {i: t for i, t in self._holds.items() if t > now}
+        return np.array(sorted(self._holds), dtype=np.int64)
+
     def get(self, ids: Any) -> np.ndarray:
         """Keys (n, d_key) float32 of active slots, as the index holds them (a copy)."""
         ids = self._check_active(ids, unique=False)
@@ -337,7 +358,7 @@ class KeyStore:
         window = min(n, max(math.ceil(n / self.gcfg.sweep_batches), self.gcfg.sweep_min))
         sweep = (self._cursor + np.arange(window, dtype=np.int64)) % max(n, 1)
         cursor = int((self._cursor + window) % n) if n else 0
-        res = gv.consolidate(self._keys[:n], self._state(), act, self.gcfg, sweep=sweep)
+        res = gv.consolidate(self._keys[:n], self._state(), act, self.gcfg, sweep=sweep, hold=self.held_ids())
         t = res.step
         keep_m = ~np.isin(res.moved_ids, res.freed_ids)
         keep_d = ~np.isin(res.decay_ids, res.freed_ids)
@@ -382,6 +403,7 @@ class KeyStore:
             "n_active": int(act_ids.size),
             "n_free": int(n - act_ids.size),
             "n_pinned": int(np.count_nonzero(self._pinned[:n] & active)),
+            "n_held": int(self.held_ids().size),
             "n_slots": n,
             "capacity": self.capacity,
             "index": self.index_kind,

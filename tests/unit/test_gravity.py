@@ -262,8 +262,7 @@ def test_prop_pinned_never_decay_nor_freed(scene):
     assert not np.isin(res.freed_ids, pinned).any()
     assert not np.isin(res.decay_ids, pinned).any()
     apply(keys, state, res)
-    idle = np.setdiff1d(pinned, res.moved_ids)             # pinned and not pulled: bit-identical
-    assert np.array_equal(keys[idle], k0[idle])
+    assert np.array_equal(keys[pinned], k0[pinned])        # pinned keys are anchors: never move at all
 
 
 @PROP
@@ -311,3 +310,30 @@ def test_prop_heavier_key_moves_less(k, q, alpha, u_light, extra):
     res = gv.consolidate(keys, make_state(2, usage=[u_light, u_light + extra]), act, cfg)
     light, heavy = np.linalg.norm(res.moved_keys - keys, axis=1)
     assert heavy < light
+
+
+def test_pinned_key_is_an_anchor_that_still_pulls_its_peers_and_counts_usage():
+    cfg = GravityConfig(alpha=0.5, beta=0.5, delta=0.1, theta=0.5, usage_ema=0.5, min_norm=0.01)
+    keys = np.eye(3, dtype=np.float32)
+    state = make_state(3, pinned=[True, False, False])
+    q = np.array([[0.0, 0.0, 1.0]], np.float32)
+    act = Activations(q, np.array([[0, 1]]), np.array([[0.5, 0.5]], np.float32))
+    res = gv.consolidate(keys, state, act, cfg)
+    k = dict(zip(res.moved_ids.tolist(), res.moved_keys))
+    np.testing.assert_array_equal(k[0], keys[0])                     # the edited key stays where SR-TTT put it
+    assert k[1][0] > 0 and k[1][2] > 0                               # its peer is pulled to it and the query
+    u = dict(zip(res.moved_ids.tolist(), res.moved_usage.tolist()))
+    assert u[0] == pytest.approx(0.5)                                # usage still counts the activation
+
+
+def test_held_keys_stay_still_for_the_batch_while_others_move():
+    cfg = GravityConfig(alpha=0.5, beta=0.0, delta=0.5, theta=0.5, usage_ema=0.5, min_norm=0.01)
+    keys = np.eye(4, dtype=np.float32)
+    state = make_state(4)
+    q = np.full((1, 4), 0.5, np.float32)
+    act = Activations(q, np.array([[0, 1]]), np.array([[0.5, 0.5]], np.float32))
+    res = gv.consolidate(keys, state, act, cfg, sweep=np.arange(4), hold=np.array([1, 3]))
+    k = dict(zip(res.moved_ids.tolist(), res.moved_keys))
+    np.testing.assert_array_equal(k[1], keys[1])                     # held: not pulled, not decayed
+    assert not np.allclose(k[0], keys[0])                            # not held: pulled
+    assert res.decay_ids.tolist() == [2]                             # 3 is held: its decay waits

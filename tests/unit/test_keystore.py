@@ -265,3 +265,24 @@ def test_background_rebuild_serves_old_index_and_reapplies_changes(monkeypatch):
     act = ks.active_ids()
     _, I = ks.search(ks.get(act), 1, tau=-np.inf, nprobe=8)               # every key at its own place
     assert np.array_equal(I[:, 0], act)
+
+
+def test_hold_keeps_candidate_keys_still_while_consolidation_moves_the_rest():
+    g = GravityConfig(alpha=0.5, beta=0.0, delta=0.0, theta=0.0, usage_ema=0.5, min_norm=0.01)
+    ks = store(index="exact", gravity=g)
+    rng = np.random.default_rng(7)
+    x = unit(rng.standard_normal((3, D)))
+    ks.add(x)
+    q = unit(x[:1] + x[1:2] + x[2:3])
+    ks.hold([1], ttl_s=60)
+    assert ks.held_ids().tolist() == [1] and ks.stats()["n_held"] == 1
+    st = ks.consolidate(Activations(np.repeat(q, 3, 0), np.array([[0], [1], [2]]), np.ones((3, 1))))
+    assert st.n_moved == 3
+    np.testing.assert_array_equal(ks.get([1]), x[1:2])                    # held: bit-identical
+    assert not np.allclose(ks.get([0, 2]), x[[0, 2]])                     # the others moved meanwhile
+    ks.release([1])
+    ks.release([1])                                                      # a repeated release is a no-op
+    ks.consolidate(Activations(q, np.array([[1]]), np.ones((1, 1))))
+    assert not np.allclose(ks.get([1]), x[1:2])                          # released: it moves again
+    with pytest.raises(ValueError, match="ttl_s"):
+        ks.hold([0], ttl_s=0)
