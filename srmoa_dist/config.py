@@ -251,9 +251,15 @@ class RuntimeConfig:
     store_placement: str = "auto"     # auto: pin store actors to the srmoa_* resources a cluster advertises;
     #                                   pinned: wait for them (Kubernetes: the store pod may join late)
     store_wait_s: float = 600.0       # how long "pinned" waits for the store node's resources
+    invalidation_log: int = 100_000   # expert-cache invalidations the key store keeps; a replica further
+    #                                   behind than that drops its whole cache
 
     def __post_init__(self) -> None:
         _positive("runtime.num_cpus", self.num_cpus)
+        if not isinstance(self.invalidation_log, int) or self.invalidation_log <= 0:
+            raise ValueError(
+                f"runtime.invalidation_log must be a positive integer, got {self.invalidation_log!r}"
+            )
         _non_negative("runtime.max_task_retries", self.max_task_retries)
         for name in ("actor_cpus", "trainer_cpus", "replica_cpus"):
             _non_negative(f"runtime.{name}", getattr(self, name))

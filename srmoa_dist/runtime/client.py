@@ -8,7 +8,9 @@ Cache invalidation by version: a write through any client (`put_many`, `rollback
 publishes `{expert id: new version}` to the key-store actor's invalidation log *before* the edit's key
 is updated, and every `search` a replica makes returns the log entries it has not seen yet
 (`apply_invalidations`), so a replica that routes to an edited expert has already dropped its old
-copy. A key-store restart changes its incarnation id and clears the cache. A fetch that raced with an
+copy. A key-store restart changes its incarnation id and clears the cache. The log keeps only the last
+`runtime.invalidation_log` entries: a client that fell further behind gets entries whose first seq is
+not the next one it expects (a gap), and clears its whole cache. A fetch that raced with an
 invalidation does not put its (possibly old) result in the cache.
 """
 
@@ -45,6 +47,7 @@ class ExpertStoreClient:
         self._seq = 0                        # last invalidation-log entry applied
         self.hits = 0
         self.misses = 0
+        self.gaps = 0                        # whole-cache clears after a gap in the invalidation log
 
     @property
     def n_shards(self) -> int:
@@ -238,17 +241,27 @@ class ExpertStoreClient:
             self._get([self.keystore.publish_versions.remote({int(k): int(v) for k, v in versions.items()})])
 
     def apply_invalidations(self, incarnation: str, entries: Sequence[tuple[int, int, int]]) -> None:
-        """Apply the key-store's invalidation-log entries (seq, expert id, version) newer than ours."""
-        if incarnation != self._incarnation:
+        """Apply the key-store's invalidation-log entries (seq, expert id, version) newer than ours;
+        entries that do not start right after the last seq we applied (a gap) clear the whole cache."""
+        restarted = incarnation != self._incarnation
+        if restarted:
             if self._incarnation is not None:
                 log.info("key store restarted (incarnation %s): clearing the expert cache", incarnation)
             self.invalidate(None)
             self._incarnation = incarnation
             self._seq = 0
         fresh = [(s, i) for s, i, _ in entries if s > self._seq]
-        if fresh:
+        if not fresh:
+            return
+        first = min(s for s, _ in fresh)
+        if not restarted and first > self._seq + 1:  # entries in between fell out of the log
+            log.warning("expert-cache invalidations %d..%d are no longer in the key store's log: clearing "
+                        "the whole expert cache", self._seq + 1, first - 1)
+            self.invalidate(None)
+            self.gaps += 1
+        else:
             self.invalidate(i for _, i in fresh)
-            self._seq = max(s for s, _ in fresh)
+        self._seq = max(s for s, _ in fresh)
 
     @property
     def seen_seq(self) -> int:
@@ -268,7 +281,7 @@ class ExpertStoreClient:
     def cache_stats(self) -> dict[str, Any]:
         total = self.hits + self.misses
         return {"size": len(self._cache), "capacity": self.cache_size, "hits": self.hits,
-                "misses": self.misses,
+                "misses": self.misses, "invalidation_gaps": self.gaps,
                 "hit_rate": (self.hits / total) if total else 0.0}
 
 

@@ -24,6 +24,7 @@ serialises every access to the (not thread-safe) KeyStore.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -41,7 +42,6 @@ from srmoa_dist.config import GravityConfig, KeyStoreConfig, RuntimeConfig
 log = logging.getLogger(__name__)
 
 MAX_PENDING_ROWS = 65_536      # activations waiting for consolidation; older ones are dropped past this
-MAX_INVALIDATIONS = 100_000    # entries kept in the invalidation log
 MAX_ADD_REQUESTS = 4096        # recent `add` request ids remembered (request id -> slot ids)
 
 
@@ -74,7 +74,7 @@ class KeyStoreActor:
         self._snapshots = 0
         self._last_snapshot = time.monotonic()
         self._seq = 0
-        self._inval: deque[tuple[int, int, int]] = deque(maxlen=MAX_INVALIDATIONS)
+        self._inval: deque[tuple[int, int, int]] = deque(maxlen=runtime.invalidation_log)
         self._add_requests: OrderedDict[str, np.ndarray] = OrderedDict()   # request id -> slot ids
         self._searches = 0
         self._queries = 0
@@ -110,11 +110,21 @@ class KeyStoreActor:
         return D, I, self.incarnation, self._entries_since(incarnation, since), epoch
 
     def _entries_since(self, incarnation: str | None, since: int) -> list[tuple[int, int, int]]:
+        """Invalidation entries (seq, expert id, version) after `since`, oldest first, with consecutive
+        seqs. The log keeps the last `runtime.invalidation_log` entries: when `since` is older than the
+        oldest one kept, the first entry returned has a seq above since + 1, which tells the caller
+        that entries were lost (a gap) and that it must drop its whole cache."""
         if incarnation != self.incarnation:
             since = 0
-        if since >= self._seq:
-            return []
-        return [e for e in list(self._inval) if e[0] > since]
+        with self._lock:
+            fresh = self._seq - since
+            if fresh <= 0:
+                return []
+            out = list(itertools.islice(reversed(self._inval), fresh))[::-1]   # O(fresh), not O(log)
+        if out and out[0][0] > since + 1 and since > 0:
+            log.info("invalidation log gap: a caller at seq %d is behind the oldest entry kept (%d); "
+                     "it will drop its whole expert cache", since, out[0][0])
+        return out
 
     def record(self, queries: np.ndarray, ids: np.ndarray, gates: np.ndarray,
                incarnation: str | None = None, epoch: int | None = None) -> None:
@@ -305,6 +315,8 @@ class KeyStoreActor:
 
     def invalidations_since(self, incarnation: str | None, since: int
                             ) -> tuple[str, list[tuple[int, int, int]]]:
+        """This incarnation and the invalidation entries after `since` (see `_entries_since`: a first
+        seq above since + 1 reports a gap)."""
         return self.incarnation, self._entries_since(incarnation, since)
 
     def key_info(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from itest_support import small_config
 
 from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.runtime.client import ExpertStoreClient
@@ -171,3 +172,36 @@ def test_add_with_a_request_id_answers_a_repeat_with_the_same_slots(ray_cluster,
     with pytest.raises(ray_cluster.exceptions.RayTaskError, match="new request id"):
         ray_cluster.get(ks.add.remote(keys, False, "req-2"))           # same id, another request
     assert ray_cluster.get(ks.add.remote(keys[:1])).tolist() == [3]    # no id: a plain add
+
+
+def test_a_client_behind_the_invalidation_log_drops_its_whole_cache(ray_cluster, tmp_path):
+    from srmoa_dist.runtime.bootstrap import ensure_actors
+
+    rt = ensure_actors(small_config(tmp_path / "data", runtime={"invalidation_log": 4}), trainer=False)
+    try:
+        ks = rt.keystore
+        shapes = {"layers.2.mlp": (16, 16)}
+        ray_cluster.get(ks.add.remote(_unit(np.ones((3, 16)))))
+        writer = ExpertStoreClient(rt.shards, keystore=ks)
+        reader = ExpertStoreClient(rt.shards, keystore=ks)
+        old = {i: LoRAExpert.random(shapes, 2, 4.0, "float16", seed=i) for i in range(3)}
+        writer.put_many(old)                                      # seqs 1..3
+        reader.refresh()
+        assert all(e.same_weights(old[i]) for i, e in enumerate(reader.get_many([0, 1, 2])))   # cached
+        new0 = LoRAExpert.random(shapes, 2, 4.0, "float16", seed=10)
+        writer.put_many({0: new0})                                # seq 4: the one that matters
+        for _ in range(4):
+            writer.put_many({2: old[2]})                          # seqs 5..8: seq 4 falls out of the log
+        inc, entries = ray_cluster.get(ks.invalidations_since.remote(reader.incarnation, reader.seen_seq))
+        assert reader.seen_seq == 3 and [s for s, _, _ in entries] == [5, 6, 7, 8]   # the gap: 4 is missing
+        reader.apply_invalidations(inc, entries)
+        assert reader.cache_stats()["size"] == 0 and reader.cache_stats()["invalidation_gaps"] == 1
+        assert reader.seen_seq == 8
+        assert reader.get_many([0])[0].same_weights(new0)        # not the stale cached copy
+        # caught up: the next invalidation is applied one by one again
+        reader.get_many([1])
+        writer.put_many({2: old[2]})
+        reader.refresh()
+        assert reader.cache_stats()["invalidation_gaps"] == 1 and reader.cache_stats()["size"] == 2
+    finally:
+        rt.kill_actors()

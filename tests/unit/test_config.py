@@ -9,6 +9,7 @@ from srmoa_dist.config import (
     GravityConfig,
     KeyStoreConfig,
     ModelConfig,
+    RuntimeConfig,
     SrmoaConfig,
     StoreConfig,
 )
@@ -51,6 +52,7 @@ def test_partial_yaml_fills_defaults(tmp_path):
         (lambda: KeyStoreConfig(tau=2.0), "keystore.tau", "2.0"),
         (lambda: GravityConfig(usage_ema=1.0), "gravity.usage_ema", "1.0"),
         (lambda: ModelConfig(device="tpu"), "model.device", "'tpu'"),
+        (lambda: RuntimeConfig(invalidation_log=0), "runtime.invalidation_log", "0"),
     ],
 )
 def test_validation_names_field_and_value(make, field, value):
