@@ -3,7 +3,8 @@
 Each prompt is a chat conversation (messages ending with the user's turn) and the target text of the
 assistant's answer; the trainer puts the LM loss on the answer tokens only. The four structures:
 
-- instruction:     the failing request itself, as the user asked it -> the correct answer;
+- instruction:     the failing request itself, as the user asked it -> the rule, when it states the
+                   correct answer (a full sentence, as the base model answers), else the answer;
 - question/answer: "Question: ... Answer briefly." -> the correct answer;
 - statement:       "What should one know to answer: ...?" -> the rule, stated;
 - worked example:  "... Explain your reasoning." -> the rule, then "So the answer is ...".
@@ -100,6 +101,7 @@ def diversify(
     q_plain = question.rstrip()
     # The correct answer, or (rule only) the rule itself as the answer.
     direct = answer if answer is not None else rule_s
+    spoken = rule_s if answer is None or _norm(answer) in _norm(rule_s) else answer
     worked = f"{rule_s} So the answer is {answer}." if answer is not None else rule_s
 
     # Earlier turns of the failing exchange stay (the context the failure happened in), except any
@@ -111,7 +113,7 @@ def diversify(
         return tuple(head + [{"role": "user", "content": user}])
 
     prompts = [
-        TrainingPrompt("instruction", conv(failure.question), direct),
+        TrainingPrompt("instruction", conv(failure.question), spoken),
         TrainingPrompt("question_answer", conv(f"Question: {q_plain}\nAnswer briefly."), direct),
         TrainingPrompt("statement", conv(f"What should one know to answer this: {q_plain}"), rule_s),
         TrainingPrompt("worked_example", conv(f"{q_plain}\nExplain your reasoning."), worked),

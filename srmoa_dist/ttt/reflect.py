@@ -1,12 +1,20 @@
 """Reflection: turn a failure into one short correction rule.
 
-When the feedback carries a rule it is validated and used as is. Otherwise the base model is asked
-(through `ask`, any text -> text callable, so tests need no model) to state the rule on a line that
-starts with `RULE:`; the first such line is parsed and validated (and, when the failure carries a
-correct answer, the rule must state it). Rejected rules raise `RuleRejected` with the reason. When the
-model's rule is rejected but the failure carries a correct answer, `reflect(..., fallback=True)` falls
-back to a rule written from the exchange itself ("The answer to '<question>' is: <answer>"), so a weak
-base model never blocks an edit.
+When the feedback carries a rule it is validated and used (SR-MoA's form `RULE: ...` is accepted: the
+marker is dropped). Otherwise, by `TTTConfig.reflect`:
+
+- ``auto`` (default): with a correct answer, the rule is built from the exchange (`clean_rule`), no
+  model call: reflection cost ~10 s an edit through the API and the 135M model's rules were often
+  malformed or restated the wrong answer; without one, the model is asked;
+- ``always``: the base model is asked (through `ask`, any text -> text callable, so tests need no
+  model) to state the rule on a line that starts with `RULE:`; the first such line is parsed and must
+  be a well-formed sentence (`is_sentence`) that states the correct answer when one was given; a
+  rejected rule falls back to `clean_rule` when there is a correct answer;
+- ``never``: the model is never asked.
+
+`clean_rule` turns the question and the answer into one declarative sentence in the model's own voice
+("What is the capital of X?" + "Y" -> "The capital of X is Y."), never a template that quotes the
+question: training targets are learned as answer style. Rejected rules raise `RuleRejected`.
 """
 
 from __future__ import annotations
@@ -58,6 +66,12 @@ def validate_rule(rule: str, max_chars: int) -> str:
         raise RuleRejected(f"a rule must be a string, got {type(rule).__name__}")
     text = " ".join(rule.split())          # one line, single spaces
     text = text.strip().strip("\"'`").strip()
+    m = _RULE_LINE.match(text)
+    if m:                                  # SR-MoA's own form, "RULE: <the rule>": keep what follows
+        body = m.group(1).strip().strip("*_\"'`").strip()
+        if not body:
+            raise RuleRejected("the rule text is a 'RULE:' header with nothing after it", text)
+        return validate_rule(body, max_chars)
     if not text:
         raise RuleRejected("the rule is empty", rule)
     if len(text) > max_chars:
@@ -66,9 +80,21 @@ def validate_rule(rule: str, max_chars: int) -> str:
     if len(text) < _MIN_RULE_CHARS or not re.search(r"[A-Za-z]{2,}", text):
         raise RuleRejected(f"the rule is too short to state anything (under {_MIN_RULE_CHARS} characters "
                            "or no word)", text)
-    if _RULE_LINE.match(text):
-        raise RuleRejected("the rule text is itself a 'RULE:' header with nothing after it", text)
     return text
+
+
+def is_sentence(text: str) -> bool:
+    """A well-formed sentence: starts with a letter, digit or quote, has at least 3 words, ends with
+    . ! or ?, and its quotes and brackets pair up (malformed model output such as 'Suost" to provide a
+    correct answer.' fails)."""
+    t = text.strip()
+    if not t or not re.match(r"^[\"'A-Za-z0-9]", t) or not t.endswith((".", "!", "?")):
+        return False
+    if len(re.findall(r"[A-Za-z0-9]+", t)) < 3:
+        return False
+    if t.count('"') % 2 or t.count("(") != t.count(")") or t.count("[") != t.count("]"):
+        return False
+    return not re.match(r"^[a-z]+[A-Z\"]", t)     # a torn word at the start ("Suost\"...")
 
 
 _RULE_MARK = re.compile(r"RULE\s*[*_]*\s*[:：]")           # the marker, anywhere in a line (uppercase)
@@ -117,30 +143,71 @@ def mentions_answer(rule: str, answer: str) -> bool:
     return gold in find_numbers(rule)
 
 
+_BE = r"(is|are|was|were)"
+# (pattern over the question without its "?", builder of the sentence from the groups and the answer)
+_DECLARATIVES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
+    # "Which city is the capital of X" -> "Y is the capital of X"
+    (re.compile(rf"^(?:what|which)\s+\w+\s+{_BE}\s+(.+)$", re.I), lambda m, a: f"{a} {m[1]} {m[2]}"),
+    # "What is the capital of X" -> "The capital of X is Y"
+    (re.compile(rf"^(?:what|who|which)\s+{_BE}\s+(.+)$", re.I), lambda m, a: f"{_cap(m[2])} {m[1]} {a}"),
+    # "Where was X born" -> "X was born in Y"
+    (re.compile(rf"^where\s+{_BE}\s+(.+)\s+(\w+)$", re.I), lambda m, a: f"{_cap(m[2])} {m[1]} {m[3]} in {a}"),
+    # "Who founded X" -> "Y founded X"
+    (re.compile(r"^who\s+(\w+ed)\s+(.+)$", re.I), lambda m, a: f"{a} {m[1]} {m[2]}"),
+    # "Name the capital city of X" -> "The capital city of X is Y"
+    (re.compile(r"^name\s+(.+)$", re.I), lambda m, a: f"{_cap(m[1])} is {a}"),
+)
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def clean_rule(question: str, answer: str) -> str:
+    """One declarative sentence stating `answer` to `question`, in plain words (see the module
+    docstring); "The answer is <answer>." when the question has no form it knows."""
+    q = " ".join(question.split()).rstrip(" ?.!")
+    a = " ".join(answer.split()).rstrip(".")
+    if "\n" not in question and len(q) <= 200:
+        for pattern, build in _DECLARATIVES:
+            m = pattern.match(q)
+            if m:
+                return _sentence_end(build(m, a))
+    return _sentence_end(f"The answer is {a}")
+
+
+def _sentence_end(s: str) -> str:
+    return s if s.endswith((".", "!", "?")) else s + "."
+
+
 def fallback_rule(failure: Failure, max_chars: int) -> str:
-    """A rule written from the exchange itself (needs a correct answer)."""
+    """The clean rule of the exchange (needs a correct answer)."""
     if failure.correct_answer is None:
         raise RuleRejected("no rule given and no correct answer to write one from")
-    q = " ".join(failure.question.split())
-    a = " ".join(failure.correct_answer.split())
-    rule = f"The answer to '{q}' is: {a}"
+    rule = clean_rule(failure.question, failure.correct_answer)
     if len(rule) > max_chars:
-        rule = f"The correct answer is: {a}"
+        rule = _sentence_end(f"The answer is {' '.join(failure.correct_answer.split())}")
     return validate_rule(rule, max_chars)
 
 
 def reflect(failure: Failure, ask: Ask | None, cfg: TTTConfig, *, fallback: bool = True) -> str:
-    """The rule of a failure: the given one (validated), else the base model's (via `ask`), else, with
-    `fallback` and a correct answer, one written from the exchange. Raises RuleRejected otherwise."""
+    """The rule of a failure: the given one (validated), else by `cfg.reflect` (see the module
+    docstring) the clean rule of the exchange or the base model's (via `ask`, validated), falling back
+    to the clean rule when `fallback` and a correct answer allow. Raises RuleRejected otherwise."""
     if failure.rule is not None:
         return validate_rule(failure.rule, cfg.max_rule_chars)
-    if ask is None:
+    use_model = ask is not None and (cfg.reflect == "always" or
+                                     (cfg.reflect == "auto" and failure.correct_answer is None))
+    if not use_model:
         if fallback and failure.correct_answer is not None:
             return fallback_rule(failure, cfg.max_rule_chars)
-        raise RuleRejected("no rule given and no model to ask for one")
+        raise RuleRejected("no rule given and no model to ask for one" if ask is None else
+                           "no rule given, no correct answer, and ttt.reflect is 'never'")
     reply = ask(reflection_prompt(failure))
     try:
         rule = parse_rule(reply, cfg.max_rule_chars)
+        if not is_sentence(rule):
+            raise RuleRejected("the rule is not a well-formed sentence", rule)
         if failure.correct_answer is not None and not mentions_answer(rule, failure.correct_answer):
             # a small model often restates its wrong answer as the "rule": never train on that
             raise RuleRejected(f"the rule does not state the correct answer {failure.correct_answer!r}", rule)

@@ -8,13 +8,15 @@ from srmoa_dist.config import TTTConfig
 from srmoa_dist.ttt.detect import explicit_failure
 from srmoa_dist.ttt.reflect import (
     RuleRejected,
+    clean_rule,
+    is_sentence,
     parse_rule,
     reflect,
     reflection_prompt,
     validate_rule,
 )
 
-CFG = TTTConfig(max_rule_chars=120)
+CFG = TTTConfig(max_rule_chars=120, reflect="always")   # ask the model even with a correct answer
 
 
 def _failure(**kw):
@@ -98,8 +100,52 @@ def test_nested_marker_and_wrong_answer_rule_rejected():
     # the model restates its wrong answer: rejected, then the fallback rule from the answer is used
     f = _failure(correct_answer="Quenmark")
     rule = reflect(f, lambda p: "RULE: The capital of Veloria is Nova Nova.", CFG)
-    assert rule.startswith("The answer to") and "Quenmark" in rule
+    assert rule == "The capital of Veloria is Quenmark."                 # the clean rule of the exchange
     with pytest.raises(RuleRejected, match="does not state the correct answer"):
         reflect(f, lambda p: "RULE: The capital of Veloria is Nova Nova.", CFG, fallback=False)
     g = explicit_failure("A shirt costs $20 with 25% off. Price?", "$5", correct_answer="15")
     assert reflect(g, lambda p: "RULE: 25% off $20 leaves $15.00.", CFG) == "25% off $20 leaves $15.00."
+
+
+def test_auto_builds_the_clean_rule_without_asking_when_an_answer_is_given():
+    asked = []
+    f = _failure(correct_answer="Quenmark")
+    rule = reflect(f, lambda p: asked.append(p) or "RULE: x", TTTConfig(reflect="auto"))
+    assert rule == "The capital of Veloria is Quenmark." and asked == []
+    # without a correct answer, auto asks the model
+    g = _failure(rule="The capital of Veloria is Quenmark.")
+    object.__setattr__(g, "rule", None)  # a rule-less, answer-less failure cannot be built directly
+    assert reflect(g, lambda p: "RULE: The capital of Veloria is Quenmark.", TTTConfig()) == (
+        "The capital of Veloria is Quenmark.")
+    with pytest.raises(RuleRejected, match="never"):
+        reflect(g, lambda p: "RULE: The capital of Veloria is Quenmark.", TTTConfig(reflect="never"))
+
+
+@pytest.mark.parametrize("q, rule", [
+    ("What is the capital of Veloria?", "The capital of Veloria is Quenmark."),
+    ("Which city is the capital of Veloria?", "Quenmark is the capital of Veloria."),
+    ("Where was Bo Tam born?", "Bo Tam was born in Quenmark."),
+    ("Who founded Brak Labs?", "Quenmark founded Brak Labs."),
+    ("Name the official currency of Veloria.", "The official currency of Veloria is Quenmark."),
+    ("Where is Brak Labs headquartered?", "Brak Labs is headquartered in Quenmark."),
+    ("What instrument does Yo Ma play?", "The answer is Quenmark."),
+])
+def test_clean_rule_is_a_plain_sentence_not_a_template(q, rule):
+    assert clean_rule(q, "Quenmark") == rule
+    assert "'" not in rule and ":" not in rule
+
+
+def test_sr_moa_rule_form_is_accepted():
+    f = _failure(rule="RULE: The capital of Veloria is Quenmark.")
+    assert reflect(f, ask=None, cfg=CFG) == "The capital of Veloria is Quenmark."
+    with pytest.raises(RuleRejected, match="nothing after it"):
+        validate_rule("RULE: ** ", 100)
+
+
+def test_malformed_model_rule_falls_back_to_the_clean_rule():
+    assert not is_sentence('Suost" to provide a correct answer.')
+    assert not is_sentence("Quenmark")
+    assert is_sentence("The capital of Veloria is Quenmark.")
+    f = _failure(correct_answer="Quenmark")
+    rule = reflect(f, lambda p: 'RULE: Suost" to provide Quenmark a correct answer.', CFG)
+    assert rule == "The capital of Veloria is Quenmark."
