@@ -21,7 +21,8 @@ def test_four_structures_with_answer():
         assert p.messages[-1]["role"] == "user"
         assert "Veloria" in p.user_text                        # queries lie near the question
         assert RULE not in p.user_text                         # the rule is a target, never context
-    assert ps[0].user_text == Q and ps[0].target == "Quenmark"
+    assert ps[0].user_text == Q and ps[0].target == RULE        # a full sentence, in the model's voice
+    assert ps[1].target == "Quenmark"                            # "Answer briefly": the bare answer
     assert ps[2].target == RULE
     assert ps[3].target.startswith(RULE) and ps[3].target.endswith("Quenmark.")
 
@@ -60,3 +61,9 @@ def test_roundtrip_and_validation():
         TrainingPrompt("poem", ({"role": "user", "content": "x"},), "y")
     with pytest.raises(ValueError, match="rule"):
         diversify(f, " ")
+
+
+def test_instruction_target_is_the_answer_when_the_rule_does_not_state_it():
+    f = explicit_failure(Q, "Paris", correct_answer="Quenmark")
+    ps = diversify(f, "Capitals of invented countries are invented too.")
+    assert ps[0].target == "Quenmark"
