@@ -254,6 +254,32 @@ def _is_backpressure(e: BaseException) -> bool:
     return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__
 
 
+class _Slots:
+    """Admission slots held by one request; `release` gives them back to the Ingress exactly once."""
+
+    def __init__(self, owner: Any, n: int) -> None:
+        self._owner, self._n = owner, n
+
+    def release(self) -> None:
+        n, self._n = self._n, 0
+        self._owner.inflight -= n
+
+
+class _ReleasingStream(StreamingResponse):
+    """A StreamingResponse that releases its request's slots when it ends, however it ends (a body
+    iterator that never started has no `finally` to run)."""
+
+    def __init__(self, content: Any, slots: _Slots, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._slots = slots
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slots.release()
+
+
 @serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
 @serve.ingress(api)
 class Ingress:
@@ -296,14 +322,20 @@ class Ingress:
                               code="context_length_exceeded")
         return int(max_tokens or min(self.cfg.model.max_new_tokens, s.max_tokens_limit))
 
-    def _admit(self) -> None:
-        if self.inflight >= self.limit:
+    def _admit(self, n: int = 1) -> _Slots:
+        """Take `n` admission slots at once (one per generation of the request), or none: 400 when the
+        request alone is over the limit (a retry cannot help), 503 + Retry-After when the server is
+        busy. Release them with the returned `_Slots` (idempotent) on every path."""
+        if n > self.limit:
+            self.rejected += 1
+            raise bad_request(f"the request asks for {n} generations; this server takes at most "
+                              f"{self.limit} at once: send fewer prompts per request",
+                              param="prompt", code="too_many_prompts")
+        if self.inflight + n > self.limit:
             self.rejected += 1
             raise overloaded(f"{self.inflight} requests in flight (limit {self.limit}); retry later")
-        self.inflight += 1
-
-    def _release(self) -> None:
-        self.inflight -= 1
+        self.inflight += n
+        return _Slots(self, n)
 
     async def _call_server(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -349,39 +381,42 @@ class Ingress:
         req = self._gen_request(body, messages, max_tokens)
         if body.stream:
             return await self._stream_chat(body, req)
-        self._admit()
+        slots = self._admit()
         try:
             res = await self._call_server(req)
         finally:
-            self._release()
+            slots.release()
         return ChatCompletion(
             model=body.model,
             choices=[ChatChoice(index=0, message=AssistantMessage(content=res["text"]),
                                 finish_reason=res["finish_reason"])],
             usage=_usage(res), routing=Routing(**res["routing"]))
 
-    async def _open_stream(self, req: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """Admit a streaming request and start it: (generator, first item). The caller releases it
-        when the stream ends; an error before the first item releases it here and raises."""
-        self._admit()
+    async def _open_stream(self, req: dict[str, Any]) -> tuple[Any, dict[str, Any], _Slots]:
+        """Admit a streaming request and start it: (generator, first item, its slot). The caller
+        releases the slot when the stream ends; an error before the first item releases it here."""
+        slots = self._admit()
         try:
             gen = self.server.options(stream=True).stream.remote(req)
             first = await gen.__anext__()
         except StopAsyncIteration:
-            self._release()
+            slots.release()
             raise APIError(500, "the model produced no output", code="internal_error") from None
-        except Exception as e:
-            self._release()
+        except BaseException as e:
+            slots.release()
+            if not isinstance(e, Exception):
+                raise                                   # cancelled: the client went away
             raise _generation_error(e) from None
         if "error" in first:
-            self._release()
+            slots.release()
             raise _from_error(first["error"])
-        return gen, first
+        return gen, first, slots
 
-    def _sse(self, gen: Any, first: dict[str, Any], render: Callable[[dict[str, Any]], Iterator[str]],
-             head: str | None = None) -> StreamingResponse:
+    def _sse(self, gen: Any, first: dict[str, Any], slots: _Slots,
+             render: Callable[[dict[str, Any]], Iterator[str]], head: str | None = None) -> StreamingResponse:
         """Server-sent events of an opened stream: `head`, render(item) for every item, `[DONE]`. An
-        error item or a failure mid-stream ends it with an error event; the request is released."""
+        error item or a failure mid-stream ends it with an error event. The slot is released when the
+        events end, and when the response ends without ever starting them (the client went away)."""
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -403,13 +438,13 @@ class Ingress:
                 log.exception("stream failed")
                 yield f"data: {json.dumps({'error': {'message': _brief(e), 'type': 'server_error'}})}\n\n"
             finally:
-                self._release()
+                slots.release()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ReleasingStream(events(), slots, media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _stream_chat(self, body: ChatCompletionRequest, req: dict[str, Any]) -> Any:
-        gen, first = await self._open_stream(req)
+        gen, first, slots = await self._open_stream(req)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -429,7 +464,7 @@ class Ingress:
                                         usage=_usage(item))
                 yield f"data: {u.model_dump_json()}\n\n"
 
-        return self._sse(gen, first, render, head=chunk(ChunkDelta(role="assistant", content="")))
+        return self._sse(gen, first, slots, render, head=chunk(ChunkDelta(role="assistant", content="")))
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:
@@ -442,13 +477,11 @@ class Ingress:
             if len(prompts) != 1:
                 raise bad_request("stream: true takes a single prompt", param="prompt", code="invalid_value")
             return await self._stream_completion(body, reqs[0])
-        for _ in reqs:
-            self._admit()
+        slots = self._admit(len(reqs))                  # all of the request's slots, or none
         try:
             results = await asyncio.gather(*(self._call_server(r) for r in reqs), return_exceptions=True)
         finally:
-            for _ in reqs:
-                self._release()
+            slots.release()
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -463,7 +496,7 @@ class Ingress:
                           routing=routing[0] if isinstance(body.prompt, str) else routing)
 
     async def _stream_completion(self, body: CompletionRequest, req: dict[str, Any]) -> Any:
-        gen, first = await self._open_stream(req)
+        gen, first, slots = await self._open_stream(req)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None = None, routing: dict | None = None) -> str:
@@ -480,7 +513,7 @@ class Ingress:
             else:
                 yield chunk("", item["finish_reason"], item["routing"])
 
-        return self._sse(gen, first, render)
+        return self._sse(gen, first, slots, render)
 
     # -- feedback and edits ---------------------------------------------------------------------------
 

@@ -194,35 +194,72 @@ def test_api_key_auth(ray_cluster, serve_port, tmp_path_factory, e2e_tiny_model_
         serve.delete("srmoa-auth")
 
 
-def test_overload_gets_503_with_retry_after(ray_cluster, serve_port, tmp_path_factory, e2e_tiny_model_dir,
-                                            model_id):
-    """Bounded queues: past max_ongoing + max_queued requests in flight, a 503 JSON error with Retry-After."""
-    import asyncio
-
+@pytest.fixture(scope="module")
+def tight(ray_cluster, serve_port, tmp_path_factory, e2e_tiny_model_dir):
+    """Base URL of an app that admits 2 requests at once (max_ongoing 1 + max_queued 1)."""
     from e2e_support import tiny_app_config
     from ray import serve
 
     from srmoa_dist.serve.app import build_app
-    from srmoa_dist.serve.local import build_args
+    from srmoa_dist.serve.local import build_args, wait_ready
 
     cfg = tiny_app_config(tmp_path_factory.mktemp("tight") / "data", e2e_tiny_model_dir,
                           serve={"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1})
     serve.run(build_app(build_args(cfg)), name="srmoa-tight", route_prefix="/tight", blocking=False)
     base = f"http://127.0.0.1:{serve_port}/tight"
+    wait_ready(base, cfg, 120)
+    yield base
+    serve.delete("srmoa-tight")
+
+
+def test_overload_gets_503_with_retry_after(tight, model_id):
+    """Bounded queues: past max_ongoing + max_queued requests in flight, a 503 JSON error with Retry-After."""
+    import asyncio
 
     async def burst():
-        async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=tight, timeout=120) as c:
             body = {"model": model_id, "max_tokens": 64, "messages": Q}
             return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(24)))
 
-    try:
-        rs = asyncio.run(burst())
-        codes = sorted(r.status_code for r in rs)
-        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
-        for r in rs:
-            if r.status_code == 503:
-                _error(r, 503, "overloaded")
-                assert int(r.headers["retry-after"]) >= 1
-                assert r.json()["error"]["type"] == "service_unavailable_error"
-    finally:
-        serve.delete("srmoa-tight")
+    rs = asyncio.run(burst())
+    codes = sorted(r.status_code for r in rs)
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    for r in rs:
+        if r.status_code == 503:
+            _error(r, 503, "overloaded")
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+    with httpx.Client(base_url=tight, timeout=60) as c:
+        assert c.get("/v1/stats").json()["ingress"]["inflight"] == 0
+
+
+def test_refused_multi_prompt_completion_releases_every_slot(tight, model_id):
+    """A completion of more prompts than the admission limit is refused whole (400, no Retry-After: a
+    retry cannot help), and takes no slot with it: the server keeps answering."""
+    import asyncio
+
+    with httpx.Client(base_url=tight, timeout=120) as c:
+        for _ in range(3):               # before the fix, the first refusal leaked 2 slots for good
+            e = _error(c.post("/v1/completions", json={"model": model_id, "prompt": ["a", "b", "c"],
+                                                       "max_tokens": 2}), 400, "too_many_prompts", "prompt")
+            assert "fewer prompts" in e["message"]
+        r = c.post("/v1/completions", json={"model": model_id, "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert "retry-after" not in r.headers
+        assert c.post("/v1/completions", json={"model": model_id, "prompt": ["a", "b"],
+                                               "max_tokens": 2}).status_code == 200
+        ok = c.post("/v1/chat/completions", json={"model": model_id, "messages": Q, "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+
+    async def overlap():             # a 2-prompt completion while a chat holds a slot: all or nothing
+        async with httpx.AsyncClient(base_url=tight, timeout=120) as c:
+            chat = {"model": model_id, "max_tokens": 32, "messages": Q}
+            two = {"model": model_id, "max_tokens": 2, "prompt": ["a", "b"]}
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=chat) for _ in range(2)),
+                                        *(c.post("/v1/completions", json=two) for _ in range(4)))
+
+    codes = [r.status_code for r in asyncio.run(overlap())]
+    assert set(codes) <= {200, 503}, codes
+    with httpx.Client(base_url=tight, timeout=60) as c:
+        assert c.get("/v1/stats").json()["ingress"]["inflight"] == 0
+        assert c.post("/v1/chat/completions", json={"model": model_id, "messages": Q,
+                                                    "max_tokens": 2}).status_code == 200
