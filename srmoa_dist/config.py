@@ -209,6 +209,13 @@ class TTTConfig:
     router_defer: bool = True         # the router CE also competes with deferral (a column of score tau)
     check_isolation: bool = True      # snapshot the base model and assert only the target expert moved
     verify_max_new_tokens: int = 24   # greedy tokens generated when verifying an edit (re-ask, locality)
+    train_in_mixture: bool = True     # train under the co-routed rivals' gates, as serving will mix them
+    guard_prompts: int = 2            # prompts of each neighbour edit replayed as guard rows (0 = none)
+    max_guard_prompts: int = 6        # guard rows per edit at most
+    guard_weight: float = 1.0         # weight of the guard rows' LM and router losses
+    guard_loss: float = 0.3           # early stop also needs the guard rows' mean NLL under this
+    neighbour_margin: float = 0.1     # neighbours: live edits scoring >= tau - margin on the edit's queries
+    reflect: str = "auto"             # auto: ask the model for a rule only when no correct answer is given
 
     def __post_init__(self) -> None:
         if self.key_lr is not None:
@@ -223,6 +230,17 @@ class TTTConfig:
             raise ValueError(f"ttt.refine_radius must be in [-1, 1], got {self.refine_radius!r}")
         _positive("ttt.max_rule_chars", self.max_rule_chars)
         _non_negative("ttt.locality_probes", self.locality_probes)
+        for name in ("train_in_mixture",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ttt.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("guard_prompts", "max_guard_prompts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"ttt.{name} must be a non-negative integer, got {v!r}")
+        _non_negative("ttt.guard_weight", self.guard_weight)
+        _non_negative("ttt.guard_loss", self.guard_loss)
+        _non_negative("ttt.neighbour_margin", self.neighbour_margin)
+        _choice("ttt.reflect", self.reflect, ("auto", "always", "never"))
         if not isinstance(self.verify_max_new_tokens, int) or self.verify_max_new_tokens <= 0:
             raise ValueError(
                 f"ttt.verify_max_new_tokens must be a positive integer, got {self.verify_max_new_tokens!r}"

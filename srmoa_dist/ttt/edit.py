@@ -10,9 +10,14 @@ Commit order (serving goes on meanwhile and must never route to a missing expert
   3. `store.put_many({id: expert})` -> the new version;
   4. `keystore.update(id, key)` and `keystore.pin(id)` -> routing reaches the new version;
   5. the ledger entry (status "committed"), then `invalidate([id])` (replicas' expert caches);
-  6. verify: the failing prompt is asked again (routed, greedy): its answer must contain the correct
-     answer (or, with a rule only, be routed to the edited expert); the locality probes' greedy
-     outputs must equal those taken before the commit. Pass -> "verified"; fail -> `rollback`.
+  6. verify, in one batched generation: the failing prompt is asked again (routed, greedy): its answer
+     must contain the correct answer (or, with a rule only, be routed to the edited expert); each
+     *neighbour* edit's question (a live edit whose expert scores >= tau - ttt.neighbour_margin on this
+     edit's queries, from the ledger) must still be answered right; the locality probes' greedy outputs
+     must equal those taken before the commit. Pass -> "verified"; fail -> `rollback`.
+
+Neighbours also guard the training: a few of their stored prompts train beside this edit's, under the
+mixture serving will use (`ttt.trainer`), so an edit holds when other experts answer near it.
 
 `rollback(edit_id)` restores the previous expert version and key (and pin state), or frees the slot
 of an expert the edit created, and marks the ledger entry "rolled_back".
@@ -33,7 +38,7 @@ from srmoa_dist.ttt.detect import Failure, Messages, answer_matches, as_messages
 from srmoa_dist.ttt.diversify import TrainingPrompt, diversify
 from srmoa_dist.ttt.ledger import EditLedger, EditRecord
 from srmoa_dist.ttt.reflect import Ask, reflect
-from srmoa_dist.ttt.trainer import TrainResult, train_edit
+from srmoa_dist.ttt.trainer import Guard, TrainResult, train_edit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,9 @@ class EditResult:
     locality_changed: tuple[int, ...] = ()   # indices of locality probes whose output changed
     reason: str = ""                     # why it was rolled back
     timings: dict[str, float] = field(default_factory=dict)   # reflect/train/commit/verify/total seconds
+    neighbours: tuple[str, ...] = ()     # edit ids of the neighbour edits (guards, re-verified)
+    neighbours_broken: tuple[str, ...] = ()   # those no longer answered right after the commit
+    locality_after: tuple[tuple[int, ...], ...] | None = None   # probes' greedy ids after the commit
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,7 +77,8 @@ class EditResult:
             "prev_version": self.prev_version, "new_version": self.new_version, "answer": self.answer,
             "answer_ok": self.answer_ok, "routed_to": list(self.routed_to),
             "locality_changed": list(self.locality_changed), "reason": self.reason,
-            "timings": dict(self.timings),
+            "timings": dict(self.timings), "neighbours": list(self.neighbours),
+            "neighbours_broken": list(self.neighbours_broken),
         }
 
 
@@ -137,6 +146,32 @@ def _generate(base: Any, fusion: Any, encoder: Any, chats: Sequence[Messages], r
         return []
     return generate(base, fusion, encoder, [list(c) for c in chats], router, fetch,
                     GenerationParams(max_new_tokens=max_new_tokens))
+
+
+def find_neighbours(queries: np.ndarray, keystore: Any, ledger: EditLedger, k: int, tau: float,
+                    margin: float) -> list[EditRecord]:
+    """Live edits whose experts score >= tau - margin on any of `queries` (P, d): the edits this one
+    will be served beside. Latest first per expert."""
+    D, I = keystore.search(np.asarray(queries, np.float32), k, tau=-1.0)            # (P, k)
+    D, I = np.asarray(D), np.asarray(I)
+    near = {int(i) for i in I[(I >= 0) & (D >= tau - margin)].tolist()}
+    if not near:
+        return []
+    live = [r for r in ledger.list(("committed", "verified")) if r.expert_id in near]
+    return sorted(live, key=lambda r: r.created_at, reverse=True)
+
+
+def guard_rows(neighbours: Sequence[EditRecord], per_edit: int,
+               limit: int) -> list[tuple[int, TrainingPrompt]]:
+    """(expert id, prompt) pairs: the first `per_edit` stored prompts of each neighbour, `limit` in all
+    (the direct-answer structures come first in the ledger's STRUCTURES order)."""
+    out: list[tuple[int, TrainingPrompt]] = []
+    for rec in neighbours:
+        for d in rec.prompts[:per_edit]:
+            if len(out) >= limit:
+                return out
+            out.append((rec.expert_id, TrainingPrompt.from_dict(d)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,10 +252,17 @@ def apply_edit(
     live = ledger.live_experts()
     refine_ok = may_refine if may_refine is not None else (lambda i: i not in live)
     t = time.perf_counter()
+    neighbours: list[EditRecord] = []
     try:
         qs = prompt_queries(base, encoder, [list(p.messages) for p in prompts])          # (4, d_key)
+        neighbours = find_neighbours(qs, keystore, ledger, ks_cfg.k, ks_cfg.tau, ttt.neighbour_margin)
+        rows = guard_rows(neighbours, ttt.guard_prompts, ttt.max_guard_prompts)
+        guards = []
+        if rows:
+            gq = prompt_queries(base, encoder, [list(p.messages) for _, p in rows])       # (G, d_key)
+            guards = [Guard(eid, p, gq[j]) for j, (eid, p) in enumerate(rows)]
         res = train_edit(base, fusion, prompts, qs, keystore, store, ttt, ks_cfg, cfg.expert,
-                         new_slot=reserve, may_refine=refine_ok, tau=ks_cfg.tau, seed=seed)
+                         new_slot=reserve, may_refine=refine_ok, tau=ks_cfg.tau, seed=seed, guards=guards)
     except Exception as e:
         _free_reserved(keystore, reserved, new_slot)
         _record_failure(ledger, edit_id, failure, rule, prompts, e)
@@ -257,7 +299,8 @@ def apply_edit(
         router_losses=res.router_losses, steps=res.steps, question=failure.question,
         correct_answer=failure.correct_answer, train_seconds=res.seconds,
         extra={"source": failure.source, "request_id": failure.request_id, "converged": res.converged,
-               "target_scores": list(res.target_scores)},
+               "target_scores": list(res.target_scores), "guard_losses": list(res.guard_losses),
+               "neighbours": [r.edit_id for r in neighbours]},
     ))
     if invalidate is not None:
         invalidate([eid])
@@ -270,27 +313,32 @@ def apply_edit(
         timings["total_s"] = time.perf_counter() - t_start
         return result
 
-    # 5. verify
+    # 5. verify: the failing prompt, the neighbours' questions and the probes in one batch
     t = time.perf_counter()
-    [g] = _generate(base, fusion, encoder, [failure.messages], router, fetch, ttt.verify_max_new_tokens)
+    checked = [r for r in neighbours if r.expert_id != eid]
+    chats = [failure.messages] + [_question_chat(r) for r in checked] + probes
+    gens = _generate(base, fusion, encoder, chats, router, fetch, ttt.verify_max_new_tokens)
+    g, g_neigh, g_probes = gens[0], gens[1:1 + len(checked)], gens[1 + len(checked):]
     routed_to = tuple(int(i) for i in g.expert_ids)
     if failure.correct_answer is not None:
         answer_ok = answer_matches(g.text, failure.correct_answer)
     else:
         answer_ok = eid in routed_to
-    changed: list[int] = []
-    if probes:
-        after = _generate(base, fusion, encoder, probes, router, fetch, ttt.verify_max_new_tokens)
-        changed = [i for i, (a, b) in enumerate(zip(locality_before, after)) if list(a) != list(b.token_ids)]
+    broken = [r.edit_id for r, gn in zip(checked, g_neigh) if not _still_right(r, gn)]
+    changed = [i for i, (a, b) in enumerate(zip(locality_before or [], g_probes))
+               if list(a) != list(b.token_ids)]
     timings["verify_s"] = time.perf_counter() - t
     reasons = []
     if not answer_ok:
         reasons.append(f"the failing prompt still fails (answer {g.text[:80]!r}, routed to {list(routed_to)})"
                        if failure.correct_answer is not None else
                        f"the failing prompt is not routed to expert {eid} (routed to {list(routed_to)})")
+    if broken:
+        reasons.append(f"neighbour edit(s) {broken} no longer answered right")
     if changed:
         reasons.append(f"locality probes {changed} changed their output")
-    extra = {"answer": g.text, "routed_to": list(routed_to), "locality_changed": changed}
+    extra = {"answer": g.text, "routed_to": list(routed_to), "locality_changed": changed,
+             "neighbours_broken": broken}
     if reasons:
         reason = "; ".join(reasons)
         rollback(edit_id, store=store, keystore=keystore, ledger=ledger, invalidate=invalidate,
@@ -302,8 +350,26 @@ def apply_edit(
         ledger.set_status(edit_id, "verified", note="verified", **extra)
         status = "verified"
     timings["total_s"] = time.perf_counter() - t_start
+    after = tuple(tuple(int(x) for x in gp.token_ids) for gp in g_probes)
     return _result(rec, prompts, res, status=status, timings=timings, answer=g.text, answer_ok=answer_ok,
-                   routed_to=routed_to, locality_changed=tuple(changed), reason=reason)
+                   routed_to=routed_to, locality_changed=tuple(changed), reason=reason,
+                   neighbours=tuple(r.edit_id for r in checked), neighbours_broken=tuple(broken),
+                   locality_after=after)
+
+
+def _question_chat(rec: EditRecord) -> Messages:
+    """The failing question of a ledger record, as the user asked it (its instruction prompt)."""
+    for d in rec.prompts:
+        if d.get("structure") == "instruction":
+            return [dict(m) for m in d["messages"] if m["role"] != "system"]
+    return as_messages(rec.question)
+
+
+def _still_right(rec: EditRecord, g: Any) -> bool:
+    """Is a neighbour edit still in force: its answer given (or, rule only, still routed to it)?"""
+    if rec.correct_answer:
+        return answer_matches(g.text, rec.correct_answer)
+    return rec.expert_id in [int(i) for i in g.expert_ids]
 
 
 def _result(rec: EditRecord, prompts: Sequence[TrainingPrompt], res: TrainResult, *, status: str,

@@ -1,26 +1,38 @@
 """The SR-TTT trainer: a few AdamW micro-steps on one expert (A, B) and its routing key.
 
 Shape legend:
-    P  training prompts (4, one per structure)      T  tokens of the padded batch
-    V  vocabulary                                   d  d_key, the routing-key dimension
-    C  candidates retrieved per prompt (k)          r  expert rank
+    P  training prompts of the edit (4, one per structure)    G  guard prompts (neighbour edits')
+    R  rows = P + G                                           T  tokens of the padded batch
+    V  vocabulary        d  d_key, the routing-key dimension   C  candidates retrieved per row (k)
+    K  experts mixed in one row (co-routed rivals + the target)
 
-Loss of one step, over the P prompts:
+**Trained under the mixture it will be served with.** A question about an entity that already has an
+edited fact retrieves that fact's expert too, with a nearly equal score; an expert trained alone at
+gate 1 then meets a softmax blend at serving time and answers neither fact. So every row runs with the
+experts serving would mix for it: the rivals that score >= tau (frozen) plus the target, with gates
 
-    lm     = mean_p  mean_{t in answer_p}  -log p(token_t | prefix)          # answer tokens only
-    s_pj   = D[p, j]          (scores of the other candidates, constants)      # (P, C)
-    s_pt   = q_p . key        (the target's score, learnable through key)     # (P,)
-    logits = [s_p1 .. s_pC, tau, s_pt] / temperature                          # (P, C + 2), tau = deferral
-    router = mean_p CE(logits_p, label = target)
+    g_r = softmax([s_r1 .. s_rK', q_r . key] / temperature)                  # (R, K), key learnable
+
+Rows of two kinds share one batch:
+- the edit's own P prompts (answer = the edit's target);
+- G *guard* prompts of neighbour edits (experts co-routed with this edit, from the ledger), each with
+  its own answer: the new expert must leave them answered, and its key must not take their queries.
+
+Loss of one step:
+
+    lm     = mean_p nll_p  +  guard_weight * mean_g nll_g          # answer tokens only, under the mixture
+    logits = [s_r1 .. s_rC, tau, q_r . key] / temperature           # (R, C + 2), tau = deferral column
+    router = CE over the edit rows (label = target) + CE over the guard rows (label = their own expert)
     loss   = lm + router_lambda * router
 
 The deferral column (score tau: "no expert, base model") is there when `TTTConfig.router_defer` is
 on: the target must beat the threshold as well as its rivals, or routing would never reach it.
 
 Only the target expert's A, B (a `TrainableExpert` from `fusion.trainable`) and the key are given to
-the optimizer; the base model is frozen. With `TTTConfig.check_isolation` every base parameter and
-buffer is snapshotted before and compared bit for bit after (and the keys of the retrieved candidates
-too), and an `IsolationError` is raised if anything else moved.
+the optimizer; the base model and the rivals are frozen. With `TTTConfig.check_isolation` every base
+parameter and buffer is snapshotted before and compared bit for bit after; the candidates' keys are held
+still in the key store while the edit trains (`hold`: gravity keeps moving every other key) and compared
+after; an `IsolationError` is raised if anything else moved.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from srmoa_dist.ttt.diversify import TrainingPrompt
 log = logging.getLogger(__name__)
 
 IGNORE = -100
+HOLD_TTL_S = 600.0        # longest hold on the candidates' keys (a trainer that dies lets go)
 
 
 class IsolationError(RuntimeError):
@@ -71,6 +84,15 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """A neighbour edit's training prompt that this edit must leave answered (from the ledger)."""
+
+    expert_id: int                      # the neighbour's expert, the router label of this row
+    prompt: TrainingPrompt
+    query: np.ndarray                   # (d_key,) its routing query
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """What one SR-TTT training job produced. Nothing is committed yet."""
 
@@ -87,6 +109,8 @@ class TrainResult:
     seconds: float
     queries: np.ndarray                 # (P, d_key) the prompts' routing queries
     target_scores: tuple[float, ...]    # (P,) q_p . key after training
+    guard_losses: tuple[float, ...] = ()   # mean answer NLL of the guard rows, one per step
+    guard_ids: tuple[int, ...] = ()     # the neighbour experts whose prompts guarded this edit
 
     @property
     def final_lm_loss(self) -> float:
@@ -132,7 +156,8 @@ class AnswerLoss:
     positions that predict an answer token (a few of the T; the head is ~20% of a small model's FLOPs).
     `full_forward=True` runs the plain `model(...)` instead (a check of the shortcut)."""
 
-    def __init__(self, base: Any, batch: dict[str, torch.Tensor], *, full_forward: bool = False) -> None:
+    def __init__(self, base: Any, batch: dict[str, torch.Tensor], *, full_forward: bool = False,
+                 row_weights: torch.Tensor | None = None) -> None:
         self.base = base
         self.batch = batch
         self.full = full_forward
@@ -141,7 +166,9 @@ class AnswerLoss:
         self.targets = tg[self.rows, self.cols]                   # (N,)
         P = tg.shape[0]
         counts = torch.bincount(self.rows, minlength=P).clamp_min(1).float()   # (P,)
-        self.weights = (1.0 / (counts * P))[self.rows]            # (N,): mean per prompt, then over prompts
+        w = torch.full((P,), 1.0 / P) if row_weights is None else row_weights.float().cpu()   # (P,)
+        self.row_weights = w
+        self.weights = (w.to(counts.device) / counts)[self.rows]  # (N,): mean per prompt, weighted over rows
         if not full_forward:
             from srmoa_dist.model.generation import prefill_lower
 
@@ -150,11 +177,25 @@ class AnswerLoss:
                                            batch["position_ids"])
 
     def __call__(self) -> torch.Tensor:
+        return (self._token_nll() * self.weights).sum()
+
+    def with_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward: the weighted loss (differentiable) and each row's mean answer NLL (P,), detached."""
+        nll = self._token_nll()                                   # (N,)
+        P = self.row_weights.shape[0]
+        d = nll.detach()
+        tot = torch.zeros(P, device=d.device, dtype=d.dtype).index_add(0, self.rows, d)
+        cnt = torch.bincount(self.rows, minlength=P).clamp_min(1).to(d.dtype)
+        return (nll * self.weights).sum(), tot / cnt
+
+    def _token_nll(self) -> torch.Tensor:
+        """(N,) next-token NLL at every answer position, under the active routing."""
         if self.full:
             b = self.batch
             logits = self.base.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                     position_ids=b["position_ids"]).logits
-            return answer_lm_loss(logits, b["labels"])
+                                     position_ids=b["position_ids"]).logits          # (P, T, V)
+            lg = logits[:, :-1][self.rows, self.cols].float()                         # (N, V)
+            return F.cross_entropy(lg, self.targets, reduction="none")
         from srmoa_dist.model.fusion import decoder_layers
 
         lw = self.lower
@@ -165,8 +206,7 @@ class AnswerLoss:
         inner = self.base.model.model
         hs = inner.norm(h[self.rows, self.cols])                  # (N, D) only where an answer token is next
         logits = self.base.model.lm_head(hs).float()              # (N, V)
-        nll = F.cross_entropy(logits, self.targets, reduction="none")   # (N,)
-        return (nll * self.weights).sum()
+        return F.cross_entropy(logits, self.targets, reduction="none")   # (N,)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,18 +285,19 @@ def train_edit(
     seed: int = 0,
     check_keys: bool = True,
     full_forward: bool = False,
+    guards: Sequence[Guard] = (),
 ) -> TrainResult:
-    """Train one expert and its key on the 4 prompts (see the module docstring). Commits nothing.
+    """Train one expert and its key on the P prompts (see the module docstring). Commits nothing.
 
     base: a BaseModel (.model, .tokenizer, .device); fusion: the ExpertFusion installed on base.model;
-    queries: (P, d_key) the prompts' routing queries (from the query encoder); keystore: search/get;
-    store: get_many (read to refine an existing expert); new_slot: called once when a new expert is made;
-    target: skip the choice and train this one; tau: the deferral score (default ks_cfg.tau);
-    check_keys: compare the rival candidates' keys before/after (off where gravity moves keys meanwhile);
-    full_forward: run the whole model each step instead of layers Lq+1.. only (see AnswerLoss).
+    queries: (P, d_key) the prompts' routing queries (from the query encoder); keystore: search/get
+    (and hold/release when it has them); store: get_many (the rivals, and the expert to refine);
+    new_slot: called once when a new expert is made; target: skip the choice and train this one;
+    tau: the deferral score (default ks_cfg.tau); check_keys: compare the candidates' keys before/after;
+    full_forward: run the whole model each step instead of layers Lq+1.. only (see AnswerLoss);
+    guards: neighbour edits' prompts to keep answered (see the module docstring).
     """
     t0 = time.perf_counter()
-    model = base.model
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     P = len(prompts)
     if queries.ndim != 2 or queries.shape != (P, ks_cfg.d_key):
@@ -264,122 +305,218 @@ def train_edit(
     if P == 0:
         raise ValueError("no training prompts")
     tau = ks_cfg.tau if tau is None else float(tau)
-    k = ks_cfg.k
-
     if target is None:
-        target = choose_target(queries, keystore, cfg, new_slot, may_refine, k=k)
-    prev_key: np.ndarray | None = None
-    prev_version: int | None = None
-    if target.created:
-        source = new_expert(fusion.target_shapes(), expert_cfg, seed=seed)
-        key0 = _unit(queries.mean(0))                                     # (d,) unit-norm mean query
-    else:
-        [source] = store.get_many([target.expert_id])
-        prev_version = int(source.version)
-        prev_key = np.asarray(keystore.get(np.array([target.expert_id], dtype=np.int64)),
-                              dtype=np.float32).reshape(-1).copy()
-        key0 = prev_key.copy()
-
-    # Rival candidates of each prompt (the target excluded): constant scores D (P, C).
-    D, I = keystore.search(queries, k, tau=-1.0)                          # (P, k), (P, k)
-    D = np.asarray(D, dtype=np.float32)
-    I = np.asarray(I, dtype=np.int64)
-    rival = (I >= 0) & (I != target.expert_id)                            # (P, k)
-    cand_ids = np.unique(I[rival])
-    keys_before = (np.asarray(keystore.get(cand_ids), dtype=np.float32).copy()
-                   if check_keys and cand_ids.size else None)
-
-    device = base.device
-    te = fusion.trainable(source)                                         # A, B: float32 Parameters
-    key = nn.Parameter(torch.tensor(key0, device=device))                 # (d,)
-    q = torch.tensor(queries, device=device)                              # (P, d)
-    rival_scores = torch.tensor(np.where(rival, D, -np.inf), device=device)      # (P, k); -inf = no rival
-    cols = [rival_scores]
-    if cfg.router_defer:
-        cols.append(torch.full((P, 1), tau, device=device))
-    fixed_logits = torch.cat(cols, 1) / ks_cfg.temperature               # (P, k [+1])
-    label = torch.full((P,), fixed_logits.shape[1], dtype=torch.long, device=device)   # target = last column
-
-    lora_params = list(te.parameters())
-    opt = torch.optim.AdamW([
-        {"params": lora_params, "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": [key], "lr": cfg.key_lr if cfg.key_lr is not None else cfg.lr, "weight_decay": 0.0},
-    ])
-    batch = lm_batch(base.tokenizer, prompts, base.system_prompt, device)
-    snap = _snapshot(model) if cfg.check_isolation else None
-    was_training = model.training
-    model.eval()                                                          # no dropout: deterministic steps
-    lm_loss = AnswerLoss(base, batch, full_forward=full_forward)
-
-    lm_losses: list[float] = []
-    router_losses: list[float] = []
-    steps = 0
-    converged = False
+        target = choose_target(queries, keystore, cfg, new_slot, may_refine, k=ks_cfg.k)
+    guards = [g for g in guards if g.expert_id != target.expert_id][: cfg.max_guard_prompts]
+    job = _TrainingJob(base, fusion, prompts, queries, guards, keystore, store, cfg, ks_cfg, expert_cfg,
+                       target, tau, seed)
+    held = job.hold_candidates(check_keys)
     try:
-        for step in range(cfg.steps + 1):
-            final = step == cfg.steps                                         # only measures the final loss
-            with torch.set_grad_enabled(not final):
-                with fusion.routing([[te]] * P):                              # rebuilt each step: A, B move
-                    lm = lm_loss()
-                s_t = q @ key                                                  # (P,) einsum "pd,d->p"
-                logits = torch.cat([fixed_logits, (s_t / ks_cfg.temperature)[:, None]], 1)   # (P, C+1)
-                router = F.cross_entropy(logits, label)
-            lm_losses.append(float(lm.detach()))
-            router_losses.append(float(router.detach()))
-            if lm_losses[-1] < cfg.converge_loss:
-                converged = True
-                break
-            if final:
-                break
-            with torch.enable_grad():
-                loss = lm + cfg.router_lambda * router
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    # On the unit sphere, a descent step that would lengthen the key is cut back to the
-                    # sphere anyway: drop that radial part of the gradient, or Adam's per-coordinate
-                    # scaling turns it into a sideways drift that lowers the target's scores.
-                    n = key.norm()
-                    if n >= 1.0 - 1e-6 and key.grad is not None:
-                        u = key / n
-                        radial = key.grad @ u
-                        if radial < 0:
-                            key.grad.sub_(radial * u)
-                nn.utils.clip_grad_norm_(lora_params, cfg.grad_clip)
-                nn.utils.clip_grad_norm_([key], cfg.grad_clip)
-                opt.step()
-                with torch.no_grad():                                          # keys live in the unit ball
-                    n = key.norm()
-                    if n > 1.0:
-                        key.div_(n)
-                steps += 1
-                log.debug("ttt step %d: lm %.4f router %.4f", step, lm_losses[-1], router_losses[-1])
+        job.build_batch(full_forward)
+        job.run()
+        job.check_isolation()
     finally:
-        model.train(was_training)
+        job.release(held)
+    return job.result(time.perf_counter() - t0)
 
-    if snap is not None:
-        bad = _changed(model, snap)
-        if bad:
-            raise IsolationError(f"training changed {len(bad)} tensor(s) outside the target expert: "
-                                 f"{bad[:5]}")
-        stray = [n for n, p in model.named_parameters() if p.grad is not None]
-        if stray:
-            raise IsolationError(f"base parameters received gradients: {stray[:5]}")
-    if keys_before is not None:
-        after = np.asarray(keystore.get(cand_ids), dtype=np.float32)
-        if not np.array_equal(after, keys_before):
-            raise IsolationError("the keys of other experts changed while the edit trained")
 
-    key_np = key.detach().float().cpu().numpy().astype(np.float32)
-    expert = te.to_expert(expert_cfg.dtype if target.created else source.dtype)
-    scores = tuple(float(x) for x in queries @ key_np)
-    secs = time.perf_counter() - t0
-    log.info("ttt: expert %d (%s) %d steps in %.1f s, lm %.3f -> %.3f, router %.3f -> %.3f",
-             target.expert_id, "new" if target.created else "refined", steps, secs,
-             lm_losses[0], lm_losses[-1], router_losses[0], router_losses[-1])
-    return TrainResult(
-        expert_id=target.expert_id, created=target.created, expert=expert, key=key_np, prev_key=prev_key,
-        prev_version=prev_version, lm_losses=tuple(lm_losses), router_losses=tuple(router_losses),
-        steps=steps,
-        converged=converged, seconds=secs, queries=queries, target_scores=scores,
-    )
+class _TrainingJob:
+    """One edit's training, step by step: candidates -> batch under the mixture -> AdamW steps -> checks."""
+
+    def __init__(self, base: Any, fusion: Any, prompts: Sequence[TrainingPrompt], queries: np.ndarray,
+                 guards: Sequence[Guard], keystore: KeySearch, store: ExpertGetter, cfg: TTTConfig,
+                 ks_cfg: KeyStoreConfig, expert_cfg: ExpertConfig, target: Target, tau: float,
+                 seed: int) -> None:
+        self.base, self.fusion, self.keystore, self.store = base, fusion, keystore, store
+        self.cfg, self.ks_cfg, self.expert_cfg = cfg, ks_cfg, expert_cfg
+        self.target, self.tau = target, tau
+        self.prompts = list(prompts) + [g.prompt for g in guards]                 # R rows
+        self.P, self.G = len(prompts), len(guards)
+        self.guards = list(guards)
+        self.queries = queries                                                    # (P, d)
+        q_all = np.concatenate([queries] + [g.query[None].astype(np.float32) for g in guards])   # (R, d)
+        self.q_all = q_all
+        if target.created:
+            self.source = new_expert(fusion.target_shapes(), expert_cfg, seed=seed)
+            self.prev_key, self.prev_version = None, None
+            key0 = _unit(queries.mean(0))                                         # (d,) unit mean query
+        else:
+            [self.source] = store.get_many([target.expert_id])
+            self.prev_version = int(self.source.version)
+            self.prev_key = np.asarray(keystore.get(np.array([target.expert_id], np.int64)),
+                                       dtype=np.float32).reshape(-1).copy()
+            key0 = self.prev_key.copy()
+        D, I = keystore.search(q_all, ks_cfg.k, tau=-1.0)                         # (R, k) every neighbour
+        self.D = np.asarray(D, dtype=np.float32)
+        self.I = np.asarray(I, dtype=np.int64)
+        self.rival = (self.I >= 0) & (self.I != target.expert_id)                # (R, k)
+        self.cand_ids = np.unique(self.I[self.rival])
+        self.key0 = key0
+        self.keys_before: np.ndarray | None = None
+        self.lm_losses: list[float] = []
+        self.guard_losses: list[float] = []
+        self.router_losses: list[float] = []
+        self.steps = 0
+        self.converged = False
+
+    # -- 1. candidates ---------------------------------------------------------------------------------
+    def hold_candidates(self, check_keys: bool) -> bool:
+        """Hold the candidates' keys still (gravity goes on for the rest); remember them to compare."""
+        if not (check_keys and self.cand_ids.size):
+            return False
+        hold = getattr(self.keystore, "hold", None)
+        if hold is not None:
+            hold(self.cand_ids, ttl_s=HOLD_TTL_S)
+        self.keys_before = np.asarray(self.keystore.get(self.cand_ids), dtype=np.float32).copy()
+        return hold is not None
+
+    def release(self, held: bool) -> None:
+        if held:
+            try:
+                self.keystore.release(self.cand_ids)
+            except Exception:                  # the hold expires by itself
+                log.warning("could not release the hold on %d candidate keys", self.cand_ids.size)
+
+    # -- 2. the batch under the mixture ----------------------------------------------------------------
+    def build_batch(self, full_forward: bool) -> None:
+        """Rows' co-routed rivals (score >= tau, frozen experts), router logits and labels, LM batch."""
+        cfg, T, dev = self.cfg, self.ks_cfg.temperature, self.base.device
+        R = self.P + self.G
+        served = self.rival & (self.D >= self.tau)                               # (R, k) mixed at serving
+        wanted = sorted({int(i) for i in self.I[served]}) if cfg.train_in_mixture else []
+        experts = dict(zip(wanted, self.store.get_many(wanted))) if wanted else {}
+        self.te = self.fusion.trainable(self.source)                             # A, B: float32 Parameters
+        self.key = nn.Parameter(torch.tensor(self.key0, device=dev))             # (d,)
+        self.q = torch.tensor(self.q_all, device=dev)                            # (R, d)
+        self.row_rivals = [[experts[int(i)] for i in self.I[r][served[r]]] if wanted else []
+                           for r in range(R)]
+        self.rival_gate_logits = [torch.tensor(self.D[r][served[r]] / T, device=dev) if wanted else
+                                  torch.zeros(0, device=dev) for r in range(R)]
+        # router CE: rival columns (-inf = none), the deferral column, the target last
+        cols = [torch.tensor(np.where(self.rival, self.D, -np.inf), device=dev)]  # (R, k)
+        if cfg.router_defer:
+            cols.append(torch.full((R, 1), self.tau, device=dev))
+        self.fixed_logits = torch.cat(cols, 1) / T                                # (R, k [+1])
+        n_fixed = self.fixed_logits.shape[1]
+        label = torch.full((R,), n_fixed, dtype=torch.long, device=dev)          # edit rows: the target
+        ce_w = torch.zeros(R, device=dev)
+        ce_w[: self.P] = 1.0 / self.P
+        for j, g in enumerate(self.guards):                       # guard rows: their own expert
+            r = self.P + j
+            own = np.flatnonzero(self.I[r] == g.expert_id)
+            if own.size:
+                label[r] = int(own[0])
+                ce_w[r] = cfg.guard_weight / self.G
+        self.label, self.ce_w = label, ce_w
+        row_w = torch.cat([torch.full((self.P,), 1.0 / self.P),
+                           torch.full((self.G,), cfg.guard_weight / max(self.G, 1))])
+        batch = lm_batch(self.base.tokenizer, self.prompts, self.base.system_prompt, dev)
+        self.lm_loss = AnswerLoss(self.base, batch, full_forward=full_forward, row_weights=row_w)
+        lora_params = list(self.te.parameters())
+        self.lora_params = lora_params
+        self.opt = torch.optim.AdamW([
+            {"params": lora_params, "lr": cfg.lr, "weight_decay": 0.0},
+            {"params": [self.key], "lr": cfg.key_lr if cfg.key_lr is not None else cfg.lr,
+             "weight_decay": 0.0},
+        ])
+
+    def _mixture(self, s_t: torch.Tensor) -> tuple[list[list[Any]], torch.Tensor]:
+        """Per row: [rivals..., target] and their gates (R, K), differentiable in the target's score."""
+        T = self.ks_cfg.temperature
+        rows = [rv + [self.te] for rv in self.row_rivals]
+        K = max(len(x) for x in rows)
+        gates = []
+        for r, logits in enumerate(self.rival_gate_logits):
+            g = torch.softmax(torch.cat([logits, (s_t[r] / T)[None]]), 0)         # (K_r,) rivals, target
+            gates.append(F.pad(g, (0, K - g.shape[0])))
+        return rows, torch.stack(gates)                                          # (R, K)
+
+    # -- 3. the steps ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg, model = self.cfg, self.base.model
+        self.snap = _snapshot(model) if cfg.check_isolation else None
+        was_training = model.training
+        model.eval()                                                              # deterministic steps
+        try:
+            for step in range(cfg.steps + 1):
+                final = step == cfg.steps                                         # only measures the loss
+                with torch.set_grad_enabled(not final):
+                    s_t = self.q @ self.key                                       # (R,) "rd,d->r"
+                    rows, gates = self._mixture(s_t)
+                    with self.fusion.routing(rows, gates):                        # rebuilt: A, B, key move
+                        lm, per_row = self.lm_loss.with_rows()                     # (), (R,)
+                    logits = torch.cat([self.fixed_logits, (s_t / self.ks_cfg.temperature)[:, None]], 1)
+                    ce = F.cross_entropy(logits, self.label, reduction="none")   # (R,)
+                    router = (ce * self.ce_w).sum()
+                edit_lm = float(per_row[: self.P].mean())
+                self.lm_losses.append(edit_lm)
+                if self.G:
+                    self.guard_losses.append(float(per_row[self.P:].mean()))
+                self.router_losses.append(float(router.detach()))
+                guards_ok = not self.G or self.guard_losses[-1] < cfg.guard_loss
+                if edit_lm < cfg.converge_loss and guards_ok:
+                    self.converged = True
+                    break
+                if final:
+                    break
+                self._update(lm + cfg.router_lambda * router)
+                self.steps += 1
+                log.debug("ttt step %d: lm %.4f router %.4f", step, edit_lm, self.router_losses[-1])
+        finally:
+            model.train(was_training)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        key, cfg = self.key, self.cfg
+        with torch.enable_grad():
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                # On the unit sphere, a descent step that would lengthen the key is cut back to the
+                # sphere anyway: drop that radial part of the gradient, or Adam's per-coordinate
+                # scaling turns it into a sideways drift that lowers the target's scores.
+                n = key.norm()
+                if n >= 1.0 - 1e-6 and key.grad is not None:
+                    u = key / n
+                    radial = key.grad @ u
+                    if radial < 0:
+                        key.grad.sub_(radial * u)
+            nn.utils.clip_grad_norm_(self.lora_params, cfg.grad_clip)
+            nn.utils.clip_grad_norm_([key], cfg.grad_clip)
+            self.opt.step()
+            with torch.no_grad():                                                # keys live in the unit ball
+                n = key.norm()
+                if n > 1.0:
+                    key.div_(n)
+
+    # -- 4. checks and result --------------------------------------------------------------------------
+    def check_isolation(self) -> None:
+        model = self.base.model
+        if self.snap is not None:
+            bad = _changed(model, self.snap)
+            if bad:
+                raise IsolationError(f"training changed {len(bad)} tensor(s) outside the target expert: "
+                                     f"{bad[:5]}")
+            stray = [n for n, p in model.named_parameters() if p.grad is not None]
+            if stray:
+                raise IsolationError(f"base parameters received gradients: {stray[:5]}")
+        if self.keys_before is not None:
+            after = np.asarray(self.keystore.get(self.cand_ids), dtype=np.float32)
+            if not np.array_equal(after, self.keys_before):
+                raise IsolationError("the keys of other experts changed while the edit trained")
+
+    def result(self, seconds: float) -> TrainResult:
+        t = self.target
+        key_np = self.key.detach().float().cpu().numpy().astype(np.float32)
+        expert = self.te.to_expert(self.expert_cfg.dtype if t.created else self.source.dtype)
+        scores = tuple(float(x) for x in self.queries @ key_np)
+        log.info("ttt: expert %d (%s) %d steps in %.1f s, lm %.3f -> %.3f, router %.3f -> %.3f, %d guards",
+                 t.expert_id, "new" if t.created else "refined", self.steps, seconds, self.lm_losses[0],
+                 self.lm_losses[-1], self.router_losses[0], self.router_losses[-1], self.G)
+        return TrainResult(
+            expert_id=t.expert_id, created=t.created, expert=expert, key=key_np, prev_key=self.prev_key,
+            prev_version=self.prev_version, lm_losses=tuple(self.lm_losses),
+            router_losses=tuple(self.router_losses), steps=self.steps, converged=self.converged,
+            seconds=seconds, queries=self.queries, target_scores=scores,
+            guard_losses=tuple(self.guard_losses),
+            guard_ids=tuple(sorted({g.expert_id for g in self.guards})),
+        )

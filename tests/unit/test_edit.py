@@ -38,7 +38,7 @@ class Env:
         self.cfg = SrmoaConfig(
             data_dir=str(tmp_path), expert=ExpertConfig(rank=4, alpha=8.0),
             keystore=KeyStoreConfig(d_key=D_KEY, tau=tau, k=4, device="cpu"),
-            ttt=TTTConfig(steps=steps, lr=lr, verify_max_new_tokens=8))
+            ttt=TTTConfig(steps=steps, lr=lr, verify_max_new_tokens=12))
         if keys is None:
             keys = np.random.default_rng(0).standard_normal((6, D_KEY)).astype(np.float32)
             keys /= np.linalg.norm(keys, axis=1, keepdims=True)

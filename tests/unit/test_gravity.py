@@ -320,7 +320,7 @@ def test_pinned_key_is_an_anchor_that_still_pulls_its_peers_and_counts_usage():
     act = Activations(q, np.array([[0, 1]]), np.array([[0.5, 0.5]], np.float32))
     res = gv.consolidate(keys, state, act, cfg)
     k = dict(zip(res.moved_ids.tolist(), res.moved_keys))
-    np.testing.assert_array_equal(k[0], keys[0])                     # the edited key stays where SR-TTT put it
+    np.testing.assert_array_equal(k[0], keys[0])                     # the edited key stays put
     assert k[1][0] > 0 and k[1][2] > 0                               # its peer is pulled to it and the query
     u = dict(zip(res.moved_ids.tolist(), res.moved_usage.tolist()))
     assert u[0] == pytest.approx(0.5)                                # usage still counts the activation
