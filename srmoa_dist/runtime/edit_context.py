@@ -18,8 +18,6 @@ from srmoa_dist.config import SrmoaConfig
 
 log = logging.getLogger(__name__)
 
-PAUSE_TTL_S = 900          # longest hold on key-store consolidation while one edit runs
-
 # Unrelated prompts whose greedy answers an edit must leave unchanged (ttt.locality_probes of them).
 LOCALITY_PROMPTS: tuple[str, ...] = (
     "What is the capital of France?",
@@ -54,6 +52,7 @@ class EditContext:
         self.base: Any = None
         self.encoder: Any = None
         self.fusion: Any = None
+        self._editor: Any = None
 
     def load_model(self) -> None:
         if self.base is not None:
@@ -76,41 +75,31 @@ class EditContext:
         """Tell every replica to drop its cached copies of `ids` (versions are re-read on next use)."""
         self.client.publish({int(i): -2 for i in ids})
 
-    def run_feedback(self, request: dict[str, Any], *, job_id: str | None = None) -> dict[str, Any]:
-        """One feedback request (a FeedbackRequest dict) -> SR-TTT edit -> its result as JSON."""
-        from srmoa_dist.ttt.detect import explicit_failure
-        from srmoa_dist.ttt.edit import apply_edit, model_ask
+    def editor(self) -> Any:
+        """The `ttt.editor.Editor` over this context's clients (the model is loaded first)."""
+        from srmoa_dist.ttt.editor import Editor
 
         self.load_model()
-        messages = request.get("messages") or [{"role": "user", "content": request["prompt"]}]
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        failure = explicit_failure(
-            messages, request.get("response") or "", correct_answer=request.get("correct_answer"),
-            rule=request.get("rule"), request_id=request.get("request_id") or job_id,
-            expert_ids=request.get("expert_ids") or ())
-        ask = model_ask(self.base) if failure.rule is None else None
-        import ray
+        if self._editor is None:
+            self._editor = Editor(self.cfg, base=self.base, fusion=self.fusion, encoder=self.encoder,
+                                  store=self.client, keystore=self.keystore, ledger=self.ledger,
+                                  locality_prompts=LOCALITY_PROMPTS[: self.cfg.ttt.locality_probes],
+                                  invalidate=self.invalidate)
+        return self._editor
 
-        ks = self.runtime.keystore
-        # gravity holds still while the edit trains (the trainer checks no other key moved)
-        ray.get(ks.pause_consolidation.remote(PAUSE_TTL_S), timeout=self.cfg.runtime.call_timeout_s)
-        try:
-            res = apply_edit(
-                failure, base=self.base, fusion=self.fusion, encoder=self.encoder, store=self.client,
-                keystore=self.keystore, ledger=self.ledger, cfg=self.cfg, ask=ask,
-                locality_prompts=LOCALITY_PROMPTS, invalidate=self.invalidate)
-        finally:
-            try:
-                ray.get(ks.resume_consolidation.remote(), timeout=self.cfg.runtime.call_timeout_s)
-            except Exception:
-                log.warning("could not resume consolidation (it resumes by itself after %d s)", PAUSE_TTL_S)
-        return res.to_json()
+    def run_feedback(self, request: dict[str, Any], *, job_id: str | None = None) -> dict[str, Any]:
+        """One feedback request (a FeedbackRequest dict) -> SR-TTT edit -> its result as JSON. Gravity
+        goes on meanwhile: the trainer holds only the candidates' keys still (`KeyStore.hold`)."""
+        return self.editor().run(request, job_id=job_id).to_json()
 
     def rollback(self, edit_id: str) -> dict[str, Any]:
         from srmoa_dist.ttt.edit import rollback
 
-        rec = rollback(edit_id, store=self.client, keystore=self.keystore, ledger=self.ledger,
-                       invalidate=self.invalidate, note="rolled back on request")
+        if self._editor is not None:
+            rec = self._editor.rollback(edit_id)
+        else:
+            rec = rollback(edit_id, store=self.client, keystore=self.keystore, ledger=self.ledger,
+                           invalidate=self.invalidate, note="rolled back on request")
         return {"expert_id": rec.expert_id, "created": rec.created}
 
 
