@@ -265,6 +265,7 @@ class RuntimeConfig:
     replica_cpus: float = 0.5         # logical CPUs of each ModelServer replica
     torch_threads: int = 0            # torch threads in the model server and trainer; 0 = all cores
     call_timeout_s: float = 30.0      # timeout of one call to a store actor
+    search_timeout_s: float = 5.0     # a key-store search slower than this: the request gets the base model
     job_history: int = 1000           # finished feedback jobs the trainer remembers
     store_placement: str = "auto"     # auto: pin store actors to the srmoa_* resources a cluster advertises;
     #                                   pinned: wait for them (Kubernetes: the store pod may join late)
@@ -283,6 +284,7 @@ class RuntimeConfig:
             _non_negative(f"runtime.{name}", getattr(self, name))
         _non_negative("runtime.torch_threads", self.torch_threads)
         _positive("runtime.call_timeout_s", self.call_timeout_s)
+        _positive("runtime.search_timeout_s", self.search_timeout_s)
         _positive("runtime.job_history", self.job_history)
         _choice("runtime.store_placement", self.store_placement, ("auto", "pinned"))
         _positive("runtime.store_wait_s", self.store_wait_s)

@@ -75,6 +75,7 @@ class Routing:
     scores: list[list[float]]
     gates: list[list[float]]
     queries: np.ndarray  # (B, d_key) float32; (B, 0) without an encoder
+    skipped: list[list[int]] | None = None  # per sequence, routed experts the store did not hold
 
     def gate_tensor(self) -> torch.Tensor:
         """(B, K) gates, zero-padded."""
@@ -97,6 +98,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     token_ids: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # prefill_s, decode_s (batch-wide)
+    skipped: list[int] = field(default_factory=list)  # routed experts missing from the store (left out)
 
 
 @dataclass
@@ -248,17 +250,38 @@ def route(xq: np.ndarray, router: Router | None, params: GenerationParams) -> Ro
     return Routing(ids, scores, gates, xq)
 
 
-def _fetch_experts(routing: Routing, fetch: Fetch | None) -> list[list[LoRAExpert]]:
+def _fetch_experts(routing: Routing, fetch: Fetch | None) -> tuple[Routing, list[list[LoRAExpert]]]:
+    """The routed experts of each sequence, and the routing they are used under.
+
+    An expert the store no longer holds (deleted by a rollback after the search that found it) is
+    left out of its sequence, the remaining gates are renormalised to sum to 1, and its id goes to
+    `routing.skipped`; a sequence left with no expert gets exactly the base model's output.
+    """
     wanted = sorted({i for ids in routing.expert_ids for i in ids})
     if not wanted:
-        return [[] for _ in routing.expert_ids]
+        return routing, [[] for _ in routing.expert_ids]
     if fetch is None:
         raise ValueError("the router returned experts but no fetch callable was given")
     got = fetch(wanted)
-    missing = [i for i in wanted if i not in got]
+    missing = {i for i in wanted if i not in got}
     if missing:
-        raise KeyError(f"fetch did not return expert(s) {missing}")
-    return [[got[i] for i in ids] for ids in routing.expert_ids]
+        log.warning("routed expert(s) %s are not in the store; their sequences go on without them",
+                    sorted(missing)[:8])
+        routing = _without(routing, missing)
+    return routing, [[got[i] for i in ids] for ids in routing.expert_ids]
+
+
+def _without(routing: Routing, missing: set[int]) -> Routing:
+    """The routing with the `missing` experts removed from every sequence, gates renormalised."""
+    ids, scores, gates, skipped = [], [], [], []
+    for i_b, s_b, g_b in zip(routing.expert_ids, routing.scores, routing.gates):
+        keep = [j for j, i in enumerate(i_b) if i not in missing]
+        g = np.asarray([g_b[j] for j in keep], dtype=np.float64)
+        ids.append([i_b[j] for j in keep])
+        scores.append([s_b[j] for j in keep])
+        gates.append([float(x) for x in g / g.sum()] if g.size and g.sum() > 0 else [0.0] * g.size)
+        skipped.append([i for i in i_b if i in missing])
+    return Routing(ids, scores, gates, routing.queries, skipped)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -321,7 +344,7 @@ def _run(
         else:
             xq = np.zeros((B, 0), dtype=np.float32)
     routing = route(xq, router, params)
-    experts = _fetch_experts(routing, fetch)  # plain Python (may call Ray)
+    routing, experts = _fetch_experts(routing, fetch)  # plain Python (may call Ray)
     if fusion is None and any(experts):
         raise ValueError("experts were routed but no ExpertFusion was given")
     prepared = fusion.prepare(experts, routing.gate_tensor()) if fusion is not None else None
@@ -394,6 +417,7 @@ def _run(
                 finish_reason=reasons[b],
                 token_ids=out[b],
                 timings=timings,
+                skipped=routing.skipped[b] if routing.skipped is not None else [],
             )
         )
     yield gens

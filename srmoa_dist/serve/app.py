@@ -17,7 +17,14 @@ Entry point for `serve run` / `serve deploy`: `srmoa_dist.serve.app:build_app` w
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/feedback,
 GET /v1/feedback/{job_id}, GET /v1/experts/{id}, GET /v1/edits, DELETE /v1/edits/{edit_id},
-GET /v1/stats, and GET /healthz (no auth).
+GET /v1/stats; and, without auth, GET /healthz (liveness: the Ingress answers; it touches nothing
+else) and GET /readyz (readiness: a model server answers, so the model is loaded, and the key store
+answers a ping within runtime.search_timeout_s; 503 otherwise).
+
+Errors: bad input is a 4xx, never with Retry-After; an application error in a replica or actor is a
+500 (retrying the same request meets it again); only transient conditions (queue full, an actor
+restarting, a call timing out) are a 503 with Retry-After. A slow or absent key store does not fail a
+generation: it is answered by the base model with `routing.degraded` set (see serve/engine.py).
 """
 
 
@@ -204,7 +211,15 @@ class ModelServer:
             await asyncio.shield(fut)
 
     def check_health(self) -> None:
-        self.engine.check_store(timeout_s=10.0)
+        """Serve's health check of this replica: its own state only. It never pings the shared key
+        store or shards (one slow key store would mark every replica unhealthy at once, and Serve
+        would restart them all); requests degrade instead, and GET /readyz reports the store."""
+        if getattr(self, "engine", None) is None:
+            raise RuntimeError("the model server has no engine")
+
+    async def ready(self) -> dict[str, Any]:
+        """Answers once the model is loaded (the constructor loaded it): its name and load time."""
+        return {"model": self.engine.base.name, "load_seconds": self.engine.load_seconds}
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
@@ -221,7 +236,7 @@ api.state.api_key = None
 @api.middleware("http")
 async def _auth(request: Request, call_next: Any) -> Any:
     key = getattr(request.app.state, "api_key", None)
-    if key and not request.url.path.endswith("/healthz"):
+    if key and not request.url.path.endswith(("/healthz", "/readyz")):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
@@ -240,12 +255,27 @@ async def _as_future(ref: Any) -> Any:
 
 
 def _generation_error(e: Exception) -> APIError:
-    """The HTTP error for a failed call to the model server: 503 (queue full, or the call failed)."""
+    """The HTTP error for a failed call to the model server: 503 + Retry-After when it is transient
+    (queue full, replica restarting, a store call timing out), else 500 without it."""
     if _is_backpressure(e):
         return overloaded("the model server's queue is full; retry later")
     log.error("generation failed: %s", _brief(e), exc_info=e)
-    return APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
-                    headers={"Retry-After": "1"})
+    if _is_transient(e):
+        return APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
+                        headers={"Retry-After": "1"})
+    return APIError(500, f"generation failed ({_brief(e)})", code="internal_error")
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A failure of the call itself (Ray, Serve, a timeout), not an error raised by our code: a retry
+    may succeed. An application error arrives as a RayTaskError whose cause is not a Ray error."""
+    from ray.exceptions import RayError, RayTaskError
+    from ray.serve.exceptions import RayServeException
+
+    transient = (RayError, RayServeException, TimeoutError, asyncio.TimeoutError, ConnectionError)
+    if isinstance(e, RayTaskError):
+        return isinstance(getattr(e, "cause", None), transient)
+    return isinstance(e, transient)
 
 
 def _is_backpressure(e: BaseException) -> bool:
@@ -358,8 +388,11 @@ class Ingress:
         except asyncio.TimeoutError:
             raise APIError(503, f"the {what} did not answer in {self.timeout:.0f} s; retry later",
                            code="unavailable", headers={"Retry-After": "2"}) from None
-        except Exception as e:           # the actor died for good, or is restarting
-            log.warning("the %s is unavailable: %s", what, _brief(e))
+        except Exception as e:
+            if not _is_transient(e):     # the actor raised: the same call would raise again
+                log.error("the %s failed: %s", what, _brief(e), exc_info=e)
+                raise APIError(500, f"the {what} failed ({_brief(e)})", code="internal_error") from None
+            log.warning("the %s is unavailable: %s", what, _brief(e))   # died for good, or restarting
             raise APIError(503, f"the {what} is unavailable ({_brief(e)}); retry later",
                            code="unavailable", headers={"Retry-After": "2"}) from None
 
@@ -367,7 +400,31 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
+        """Liveness: this process answers. Never touches the model server or the store."""
         return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> dict[str, Any]:
+        """Readiness: a model server answers (the model is loaded) and the key store answers a ping
+        within runtime.search_timeout_s. 503 + Retry-After naming what is not ready otherwise."""
+        t_ks = self.cfg.runtime.search_timeout_s
+        checks: dict[str, Any] = {}
+        problems: list[str] = []
+        model_ref = self.server.ready.remote()
+        ks_ref = self.runtime.keystore.ping.remote()
+        try:
+            checks["model"] = await asyncio.wait_for(_as_future(model_ref), self.timeout)
+        except Exception as e:
+            problems.append(f"the model server did not answer ({_brief(e)})")
+        try:
+            await asyncio.wait_for(_as_future(ks_ref), t_ks)
+            checks["keystore"] = "ok"
+        except Exception as e:
+            problems.append(f"the key store did not answer in {t_ks:g} s ({_brief(e)})")
+        if problems:
+            raise APIError(503, "not ready: " + "; ".join(problems), code="not_ready",
+                           headers={"Retry-After": "2"})
+        return {"status": "ready", "checks": checks}
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:

@@ -11,8 +11,13 @@ Requests and results are plain dicts so that they cross Serve handles cheaply:
     request  {"messages": [...], "max_tokens": int, "temperature": float, "top_p": float,
               "seed": int | None, "stop": [str] | None, "use_experts": bool}
     result   {"text", "finish_reason", "prompt_tokens", "completion_tokens",
-              "routing": {"expert_ids", "scores", "gates", "deferred", "use_experts"}}
+              "routing": {"expert_ids", "scores", "gates", "deferred", "use_experts",
+                          "skipped", "degraded", "degraded_reason"}}
           or {"error": {"status", "message", "param", "code"}}
+
+Degrade, don't fail: a key-store search that does not answer within `runtime.search_timeout_s` (or a
+key store that is down or restarting) answers with the base model, and a routed expert the store no
+longer holds is skipped; the routing says so (`degraded`, `degraded_reason`, `skipped`).
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class Engine:
         self.batches = 0
         self.routed = 0
         self.deferred = 0
+        self.degraded = 0                      # batches answered by the base model: no key-store answer
+        self.skipped = 0                       # requests answered without a routed expert (not in the store)
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: model %s, d_key %d", self.load_seconds, self.base.name,
                  self.encoder.d_key)
@@ -157,11 +164,12 @@ class Engine:
                             router=router, fetch=self._fetch, params=p)
             self._record(gens, router)
             for j, u, g in zip(idx, use, gens):
-                out[j] = _result(g, u)
+                out[j] = _result(g, u, router.degraded if u else None)
             self.batches += 1
         self.requests += len(reqs)
         for r in out:
             if r is not None and "routing" in r:
+                self.skipped += bool(r["routing"]["skipped"])
                 if r["routing"]["deferred"]:
                     self.deferred += 1
                 else:
@@ -180,33 +188,21 @@ class Engine:
             if isinstance(item, Generation):
                 self._record([item], router)
                 self.requests += 1
+                self.skipped += bool(item.skipped)
                 if item.expert_ids:
                     self.routed += 1
                 else:
                     self.deferred += 1
-                yield _result(item, use)
+                yield _result(item, use, router.degraded if use else None)
             elif item:
                 yield {"delta": item}
 
-    # -- health and stats -----------------------------------------------------------------------------
-
-    def check_store(self, timeout_s: float = 5.0) -> None:
-        """Raise when the key store or a shard does not answer within `timeout_s`."""
-        if self.runtime is None:
-            return
-        import ray
-
-        handles = [self.runtime.keystore, *self.runtime.shards]
-        refs = [h.ping.remote() for h in handles]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if len(ready) < len(refs):
-            raise RuntimeError(f"{len(refs) - len(ready)} of {len(refs)} store actors did not answer "
-                               f"in {timeout_s} s")
-        ray.get(ready)
+    # -- stats ----------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "batches": self.batches, "routed": self.routed,
-                "deferred": self.deferred, "model": self.base.name, "load_seconds": self.load_seconds,
+                "deferred": self.deferred, "degraded_batches": self.degraded,
+                "skipped_requests": self.skipped, "model": self.base.name, "load_seconds": self.load_seconds,
                 "cache": self.client.cache_stats() if self.client is not None else None}
 
 
@@ -219,18 +215,31 @@ class _Router:
         self.engine = engine
         self.use = list(use)
         self.routed_at: tuple[str, int] | None = None
+        self.degraded: str | None = None      # why the batch was answered by the base model, if so
 
     def __call__(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         e = self.engine
+        B = xq.shape[0]
+        none = np.zeros((B, 1), np.float32), np.full((B, 1), -1, np.int64)
         if e.keystore is None or not any(self.use):     # the base model alone: no search at all
-            B = xq.shape[0]
-            return np.zeros((B, 1), np.float32), np.full((B, 1), -1, np.int64)
+            return none
         c = e.client
-        D, I, inc, entries, epoch = ray.get(
-            e.keystore.search.remote(xq, e.cfg.keystore.k, e.tau, c.incarnation, c.seen_seq),
-            timeout=e.cfg.runtime.call_timeout_s)
+        timeout = e.cfg.runtime.search_timeout_s
+        try:
+            D, I, inc, entries, epoch = ray.get(
+                e.keystore.search.remote(xq, e.cfg.keystore.k, e.tau, c.incarnation, c.seen_seq),
+                timeout=timeout)
+        except GetTimeoutError:
+            self.degraded = f"the key store did not answer in {timeout:g} s: base model only"
+        except RayActorError as err:       # dead or restarting (ActorUnavailableError is one too)
+            self.degraded = f"the key store is unavailable ({type(err).__name__}): base model only"
+        if self.degraded is not None:
+            e.degraded += 1
+            log.warning("routing degraded for a batch of %d: %s", B, self.degraded)
+            return none
         c.apply_invalidations(inc, entries)
         self.routed_at = (inc, int(epoch))
         I = np.array(I, dtype=np.int64, copy=True)                                 # (B, k)
@@ -240,14 +249,19 @@ class _Router:
         return D, I
 
 
-def _result(g: Any, use: bool) -> dict[str, Any]:
+def _result(g: Any, use: bool, degraded: str | None = None) -> dict[str, Any]:
+    """A Generation as a result dict; `degraded`: why routing was skipped for the batch, if it was."""
+    skipped = [int(i) for i in getattr(g, "skipped", ())]
+    if degraded is None and skipped:
+        degraded = f"expert(s) {skipped} are no longer in the store: answered without them"
     return {
         "text": g.text,
         "finish_reason": g.finish_reason if g.finish_reason in ("stop", "length") else "stop",
         "prompt_tokens": int(g.prompt_tokens),
         "completion_tokens": int(g.completion_tokens),
         "routing": {"expert_ids": [int(i) for i in g.expert_ids], "scores": [float(s) for s in g.scores],
-                    "gates": [float(x) for x in g.gates], "deferred": not g.expert_ids, "use_experts": use},
+                    "gates": [float(x) for x in g.gates], "deferred": not g.expert_ids, "use_experts": use,
+                    "skipped": skipped, "degraded": degraded is not None, "degraded_reason": degraded},
     }
 
 

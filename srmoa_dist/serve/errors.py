@@ -5,7 +5,9 @@ Every error the HTTP API returns has the shape OpenAI clients parse::
     {"error": {"message": "...", "type": "invalid_request_error", "param": "messages", "code": "..."}}
 
 No handler ever returns a stack trace: unexpected exceptions become a 500 with a generic message
-(the trace goes to the log, with the request id).
+(the trace goes to the log, with the request id). `Retry-After` is for transient conditions only
+(503 busy or unavailable, 429): an error that the same request would meet again (bad input, any other
+4xx) never carries it, whoever builds it.
 """
 
 from __future__ import annotations
@@ -52,13 +54,21 @@ class APIError(Exception):
         self.code = code
         fallback = "invalid_request_error" if status < 500 else "server_error"
         self.type = type or _TYPES.get(self.status, fallback)
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if not retryable(self.status):
+            for h in [h for h in self.headers if h.lower() == "retry-after"]:
+                del self.headers[h]             # a deterministic error: retrying cannot help
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def retryable(status: int) -> bool:
+    """Whether an error of this status may carry Retry-After (the condition is transient)."""
+    return status in (429, 503)
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -158,6 +168,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 __all__ = [
-    "APIError", "error_body", "bad_request", "not_found", "overloaded", "unauthorized",
+    "APIError", "error_body", "retryable", "bad_request", "not_found", "overloaded", "unauthorized",
     "validation_error", "install_error_handlers",
 ]

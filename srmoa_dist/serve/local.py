@@ -162,12 +162,12 @@ def _actual_http(host: str, port: int, say: Callable[[str], None]) -> tuple[str,
 
 
 def wait_ready(url: str, cfg: SrmoaConfig, timeout_s: float) -> None:
-    """Poll GET /v1/models until it answers 200 (or 401 with auth on)."""
+    """Poll GET /readyz until it answers 200 (the model is loaded and the key store answers)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{url}/healthz", timeout=5)
+            r = httpx.get(f"{url}/readyz", timeout=max(5.0, cfg.runtime.call_timeout_s + 1))
             if r.status_code == 200:
                 return
             last = f"HTTP {r.status_code}"

@@ -121,6 +121,9 @@ class Routing(BaseModel):
     gates: list[float] = Field(default_factory=list)
     deferred: bool = True          # no expert passed tau: the base model answered alone
     use_experts: bool = True
+    skipped: list[int] = Field(default_factory=list)   # routed experts no longer in the store, left out
+    degraded: bool = False         # routing fell short (key store slow or down, experts missing)
+    degraded_reason: str | None = None
 
 
 class Usage(BaseModel):

@@ -20,6 +20,8 @@ def _error(r: httpx.Response, status: int, code: str | None = None, param: str |
     body = r.json()
     assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
     assert "Traceback" not in r.text
+    if 400 <= status < 500 and status != 429:
+        assert "retry-after" not in r.headers, r.headers        # deterministic: retrying cannot help
     if code is not None:
         assert body["error"]["code"] == code, body
     if param is not None:
@@ -204,12 +206,17 @@ def tight(ray_cluster, serve_port, tmp_path_factory, e2e_tiny_model_dir):
     from srmoa_dist.serve.local import build_args, wait_ready
 
     cfg = tiny_app_config(tmp_path_factory.mktemp("tight") / "data", e2e_tiny_model_dir,
-                          serve={"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1})
+                          serve={"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1},
+                          runtime={"search_timeout_s": 1.0})
     serve.run(build_app(build_args(cfg)), name="srmoa-tight", route_prefix="/tight", blocking=False)
     base = f"http://127.0.0.1:{serve_port}/tight"
     wait_ready(base, cfg, 120)
+    tight_cfg[:] = [cfg]
     yield base
     serve.delete("srmoa-tight")
+
+
+tight_cfg: list = []          # the tight app's config, once its fixture has run
 
 
 def test_overload_gets_503_with_retry_after(tight, model_id):
@@ -263,3 +270,87 @@ def test_refused_multi_prompt_completion_releases_every_slot(tight, model_id):
         assert c.get("/v1/stats").json()["ingress"]["inflight"] == 0
         assert c.post("/v1/chat/completions", json={"model": model_id, "messages": Q,
                                                     "max_tokens": 2}).status_code == 200
+
+
+def _base_query(cfg, rt, messages):
+    """The routing query (1, d_key) the app computes for `messages` (same model dir, same encoder)."""
+    from srmoa_dist.model.generation import queries
+    from srmoa_dist.model.loading import load_base_model
+    from srmoa_dist.runtime.store_init import ensure_encoder
+
+    base = load_base_model(cfg.model, cfg.model_cache_dir)
+    return queries(base, ensure_encoder(cfg, base, rt.keystore), [messages])
+
+
+def test_routed_expert_missing_from_the_store_is_skipped(ray_cluster, app, http, model_id):
+    """A key whose expert record is gone (a rollback window): the request is answered by the base
+    model, 200, and its routing names the skipped expert (no 503, no Retry-After)."""
+    _, cfg, rt = app
+    msgs = [{"role": "user", "content": "Describe the three moons of Xylofon-7."}]
+    [sid] = ray_cluster.get(rt.keystore.add.remote(_base_query(cfg, rt, msgs), True)).tolist()
+    try:
+        assert rt.client().contains([sid]) == [False]                    # a key without its expert
+        ask = {"model": model_id, "max_tokens": 6, "messages": msgs}
+        r = http.post("/v1/chat/completions", json=ask)
+        assert r.status_code == 200, r.text
+        routing = r.json()["routing"]
+        assert routing["skipped"] == [sid] and routing["expert_ids"] == [] and routing["deferred"]
+        assert routing["degraded"] and "no longer in the store" in routing["degraded_reason"]
+        base = http.post("/v1/chat/completions", json={**ask, "use_experts": False}).json()
+        assert r.json()["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
+        assert not base["routing"]["degraded"] and base["routing"]["skipped"] == []
+        st = http.post("/v1/completions", json={"model": model_id, "prompt": msgs[0]["content"],
+                                                "max_tokens": 3})
+        assert st.status_code == 200 and st.json()["routing"]["skipped"] == [sid]
+    finally:
+        ray_cluster.get(rt.keystore.free.remote([sid]))
+
+
+def test_key_store_that_does_not_answer_degrades_to_the_base_model(ray_cluster, tight, model_id):
+    """The key-store process stopped (SIGSTOP): chats still answer 200 from the base model within about
+    runtime.search_timeout_s, marked degraded; /healthz stays up, /readyz says the key store is not
+    ready; once it runs again, routing and readiness come back."""
+    import os
+    import signal
+
+    from srmoa_dist.runtime.bootstrap import ensure_actors
+
+    cfg = tight_cfg[0]
+    ks = ensure_actors(cfg, trainer=False).keystore
+    pid = ray_cluster.get(ks.info.remote())["pid"]
+    ask = {"model": model_id, "max_tokens": 3, "messages": Q}
+    with httpx.Client(base_url=tight, timeout=120) as c:
+        assert c.get("/readyz").status_code == 200
+        assert not c.post("/v1/chat/completions", json=ask).json()["routing"]["degraded"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = c.post("/v1/chat/completions", json=ask)
+            took = time.monotonic() - t0
+            assert r.status_code == 200, r.text
+            routing = r.json()["routing"]
+            assert routing["degraded"] and "did not answer" in routing["degraded_reason"], routing
+            assert routing["expert_ids"] == [] and took < 20
+            assert c.get("/healthz").status_code == 200                  # liveness never asks the store
+            e = _error(c.get("/readyz"), 503, "not_ready")
+            assert "key store" in e["message"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert c.get("/readyz").json()["status"] == "ready"
+        assert not c.post("/v1/chat/completions", json=ask).json()["routing"]["degraded"]
+
+
+def test_application_errors_are_500_without_retry_after_and_ray_failures_503():
+    from ray.exceptions import ActorDiedError, GetTimeoutError, RayTaskError
+
+    from srmoa_dist.serve.app import _generation_error
+    from srmoa_dist.serve.errors import APIError
+
+    app_err = RayTaskError("generate", "Traceback ...", KeyError("boom")).as_instanceof_cause()
+    e = _generation_error(app_err)
+    assert e.status == 500 and "Retry-After" not in e.headers
+    nested = RayTaskError("generate", "Traceback ...", GetTimeoutError("shard")).as_instanceof_cause()
+    assert _generation_error(nested).status == 503 and _generation_error(nested).headers["Retry-After"]
+    assert _generation_error(ActorDiedError()).status == 503
+    assert "Retry-After" not in APIError(400, "bad", headers={"Retry-After": "1"}).headers
+    assert APIError(503, "busy", headers={"Retry-After": "1"}).headers == {"Retry-After": "1"}

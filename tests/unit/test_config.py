@@ -53,6 +53,7 @@ def test_partial_yaml_fills_defaults(tmp_path):
         (lambda: GravityConfig(usage_ema=1.0), "gravity.usage_ema", "1.0"),
         (lambda: ModelConfig(device="tpu"), "model.device", "'tpu'"),
         (lambda: RuntimeConfig(invalidation_log=0), "runtime.invalidation_log", "0"),
+        (lambda: RuntimeConfig(search_timeout_s=0.0), "runtime.search_timeout_s", "0.0"),
     ],
 )
 def test_validation_names_field_and_value(make, field, value):

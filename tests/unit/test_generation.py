@@ -119,6 +119,30 @@ def test_routed_generation_mixed_batch(tiny_base, fusion, encoder):
     np.testing.assert_array_equal(np.stack([g.query for g in gens]), queries(tiny_base, encoder, CHATS))
 
 
+def test_expert_missing_from_the_store_is_skipped_not_fatal(tiny_base, fusion, encoder):
+    """An expert deleted between search and fetch (a rollback) is left out: the other expert of the
+    row takes the whole gate, a row left with none gets the base model's tokens, both say so."""
+    seven = LoRAExpert.random(fusion.target_shapes(), rank=4, alpha=64.0, dtype="float16", seed=7)
+
+    def fetch(ids):
+        return {i: seven for i in ids if i == 7}                 # 9 is gone
+
+    params = GenerationParams(max_new_tokens=6, tau=0.5)
+    base_gens = generate(tiny_base, fusion, encoder, CHATS, params=params)
+    only7 = generate(tiny_base, fusion, encoder, CHATS, _router_for({0: ([7], [0.8])}), fetch, params)
+    gens = generate(tiny_base, fusion, encoder, CHATS,
+                    _router_for({0: ([9, 7], [0.9, 0.8]), 2: ([9], [0.9])}), fetch, params)
+    assert gens[0].expert_ids == [7] and gens[0].gates == [1.0] and gens[0].scores == pytest.approx([0.8])
+    assert gens[0].skipped == [9] and gens[0].token_ids == only7[0].token_ids
+    assert gens[0].token_ids != base_gens[0].token_ids
+    assert gens[2].expert_ids == [] and gens[2].gates == [] and gens[2].skipped == [9]
+    assert gens[2].token_ids == base_gens[2].token_ids
+    assert gens[1].skipped == [] and gens[1].token_ids == base_gens[1].token_ids
+    streamed = list(generate_stream(tiny_base, fusion, encoder, CHATS[2], _router_for({0: ([9], [0.9])}),
+                                    fetch, params))
+    assert streamed[-1].skipped == [9] and streamed[-1].token_ids == base_gens[2].token_ids
+
+
 def test_route_deferral_and_gates():
     xq = np.zeros((3, 4), np.float32)
     D = np.array([[0.9, 0.5, 0.2], [0.3, 0.2, 0.1], [0.7, 0.7, -1]], np.float32)
