@@ -72,6 +72,19 @@ def _config(data_dir: Path, config: Path | None, model: str | None = None, **ser
     return cfg
 
 
+def _read_key(path: Path | None, option: str) -> str | None:
+    """A key from a secret file (stripped), None without a path; a bad file is a usage error."""
+    if path is None:
+        return None
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise typer.BadParameter(f"{option} {path}: {e.strerror}") from None
+    if not key:
+        raise typer.BadParameter(f"{option} {path} is empty")
+    return key
+
+
 def _dc_replace(obj: Any, **kw: Any) -> Any:
     import dataclasses
 
@@ -107,7 +120,15 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="HTTP host."),
     port: int = typer.Option(8000, min=0, max=65535, help="HTTP port (0: a free one)."),
     api_key: str | None = typer.Option(None, envvar="SRMOA_API_KEY",
-                                       help="Require 'Authorization: Bearer KEY' on every /v1 route."),
+                                       help="Require 'Authorization: Bearer KEY' on every /v1 route "
+                                            "(never saved to the config; prefer the environment)."),
+    api_key_file: Path | None = typer.Option(None, envvar="SRMOA_API_KEY_FILE",
+                                             help="Read the API key from this file (a mounted secret)."),
+    admin_key: str | None = typer.Option(None, envvar="SRMOA_ADMIN_KEY",
+                                         help="Require this key (not the API key) on the learning and "
+                                              "writing routes: POST /v1/feedback, DELETE /v1/edits/ID."),
+    admin_key_file: Path | None = typer.Option(None, envvar="SRMOA_ADMIN_KEY_FILE",
+                                               help="Read the admin key from this file."),
     replicas: int = typer.Option(1, min=1, help="ModelServer replicas."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -118,7 +139,12 @@ def serve_cmd(
     from srmoa_dist.serve import local
 
     _logging(verbose)
-    cfg = _config(data_dir, config, model, host=host, port=port if port else None, api_key=api_key)
+    # Keys live in this process's memory and the app's arguments only: `local.start` saves the config
+    # without them, and a local Ray cluster started here inherits the environment they came from.
+    api_key = api_key or _read_key(api_key_file, "--api-key-file")
+    admin_key = admin_key or _read_key(admin_key_file, "--admin-key-file")
+    cfg = _config(data_dir, config, model, host=host, port=port if port else None, api_key=api_key,
+                  admin_key=admin_key)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -395,6 +421,31 @@ def bench_ttt(
 
     _logging(verbose)
     run_ttt_bench(edits, out, data_dir=data_dir, seed=seed, with_rule_option=rule_option, say=_say)
+
+
+@bench_app.command("lifelong")
+def bench_lifelong(
+    edits: int = typer.Option(100, min=1, help="Sequential edits (facts about invented entities)."),
+    facts_per_entity: int = typer.Option(3, min=1, help="Edited facts about each entity (1..4)."),
+    out: Path = typer.Option(Path("results/bench_lifelong.json"), help="JSON file (and a PNG beside)."),
+    checkpoints: str = typer.Option(",".join(map(str, (10, 100, 250, 500, 1000))),
+                                    help="Edit counts at which every metric is measured (and the last)."),
+    baselines: str = typer.Option("base,rule_in_context,shared_lora", help="Baselines measured beside."),
+    serve_queries: int = typer.Option(20_000, min=0, help="Routed queries consolidated after the edits."),
+    eval_facts: int = typer.Option(300, min=1, help="Facts evaluated at a checkpoint at most (even sample)."),
+    data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Reliability, generalization, locality and same-entity leak at checkpoints, beside baselines."""
+    from srmoa_dist.bench.lifelong import run_lifelong_bench
+
+    _logging(verbose)
+    run_lifelong_bench(edits, out, facts_per_entity=facts_per_entity,
+                       checkpoints=_ints(checkpoints, "--checkpoints"),
+                       baselines=[b.strip() for b in baselines.split(",") if b.strip()],
+                       serve_queries=serve_queries, eval_facts=eval_facts, data_dir=data_dir, seed=seed,
+                       say=_say)
 
 
 def main() -> None:

@@ -132,6 +132,14 @@ class Entity:
         return tuple(f.answer for f in self.facts)
 
 
+def _entity_answer(names: _Names, kind: str) -> str:
+    """An invented answer; two-syllable words (one-syllable currencies run out before 3,000 facts)."""
+    if kind in ("word", "currency"):
+        w = names.word(2)
+        return w.lower() if kind == "currency" else w
+    return _answer(names, kind)
+
+
 def relations_of(kind: str) -> tuple[Relation, ...]:
     return tuple(r for r in ENTITY_RELATIONS if r.kind == kind)
 
@@ -156,7 +164,7 @@ def make_entity_facts(n_entities: int, facts_per_entity: int, seed: int = 0) -> 
         rng.shuffle(rels)
         facts = []
         for rel in rels[:facts_per_entity]:
-            answer = _answer(names, rel.answer)
+            answer = _entity_answer(names, rel.answer)
             near = tuple(rng.choice(rel.train + rel.held_out).format(e=real)
                          for real in rng.sample(rel.real, 2))
             facts.append(Fact(fact_id=fid, relation=rel.name, entity=entity, answer=answer,

@@ -1,0 +1,53 @@
+"""The lifelong benchmark end to end at a tiny size on a tiny random Llama (no quality can be asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from srmoa_dist.bench.lifelong import format_summary, run_lifelong_bench
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, SrmoaConfig, StoreConfig, TTTConfig
+from srmoa_dist.model.loading import from_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture()
+def tiny(make_tiny_model):
+    model, tok = make_tiny_model(seed=0)
+    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
+                       system_prompt="You are a helpful assistant.")
+    return from_model(model, tok, mcfg, name="tiny-random-llama"), mcfg
+
+
+def test_lifelong_bench_smoke(tiny, tmp_path):
+    base, mcfg = tiny
+    cfg = SrmoaConfig(model=mcfg, expert=ExpertConfig(rank=4, alpha=8.0), store=StoreConfig(n_shards=2),
+                      keystore=KeyStoreConfig(d_key=16, k=4),
+                      ttt=TTTConfig(steps=2, lr=0.05, verify_max_new_tokens=4, check_isolation=False,
+                                    locality_probes=2))
+    out = tmp_path / "lifelong.json"
+    said: list[str] = []
+    doc = run_lifelong_bench(4, out, facts_per_entity=2, checkpoints=(2,), data_dir=tmp_path / "d", cfg=cfg,
+                             base=base, tau=0.2, n_probes=4, n_near_miss=1, serve_queries=300,
+                             max_new_tokens=4, batch_size=8, say=said.append)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["n_edits"] == 4 and on_disk["facts_per_entity"] == 2
+    assert [c["edits"] for c in on_disk["checkpoints"]] == [2, 4]
+    for name in ("base", "rule_in_context", "shared_lora"):
+        assert [c["edits"] for c in on_disk["baselines"][name]] == [2, 4]
+    base_c = on_disk["baselines"]["base"][-1]
+    assert base_c["locality"] == 1.0                              # the base model against itself
+    assert base_c["n"] == {"trained": 4, "held_out": 8, "probe": 4, "unedited": 2}
+    for c in on_disk["checkpoints"] + [on_disk["after_consolidation"]["sr_ttt"]]:
+        for m in ("reliability", "generalization", "locality", "leak"):
+            assert 0.0 <= c[m] <= 1.0, (m, c)
+    cons = on_disk["after_consolidation"]["consolidation"]
+    assert cons["queries"] == 300 and cons["pool"] == 4 * 2 + 2 + 4
+    assert on_disk["edit_seconds_p50"] > 0 and on_disk["edit_seconds_p90"] >= on_disk["edit_seconds_p50"]
+    assert sum(on_disk["edits_summary"].values()) == 4
+    assert set(on_disk["phase_seconds_p50"]) >= {"train_s", "commit_s"}
+    assert (tmp_path / "lifelong.png").stat().st_size > 0
+    assert said and said[0] == format_summary(on_disk)
+    assert doc["tau"] == 0.2
