@@ -306,7 +306,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_id: str = "srmoa-smollm2"   # the name clients pass as "model"
-    api_key: str | None = None        # None: $SRMOA_API_KEY, else no auth
+    api_key: str | None = None        # None: $SRMOA_API_KEY or the file $SRMOA_API_KEY_FILE, else no auth
+    admin_key: str | None = None      # None: $SRMOA_ADMIN_KEY / $SRMOA_ADMIN_KEY_FILE; when set, learning and
+    #                                   writing routes (feedback, rollback) need it. Keys are never saved.
     max_prompt_tokens: int = 2048
     max_tokens_limit: int = 512
     max_ongoing_requests: int = 32
@@ -317,6 +319,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"serve.port must be in 1..65535, got {self.port!r}")
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError("serve.admin_key must differ from serve.api_key (the values are not shown)")
         for name in ("max_prompt_tokens", "max_tokens_limit", "max_ongoing_requests",
                      "max_queued_requests", "max_batch_size"):
             _positive(f"serve.{name}", getattr(self, name))

@@ -11,7 +11,11 @@ Entry point for `serve run` / `serve deploy`: `srmoa_dist.serve.app:build_app` w
     data_dir     the store's directory (default: the config's, "./data")
     model        ModelConfig.name_or_path override ("smollm2", an HF id, a local dir, a .gguf)
     model_id     the name clients pass as "model" (ServeConfig.model_id)
-    api_key      required bearer token (default: ServeConfig.api_key, else $SRMOA_API_KEY, else none)
+    api_key      required bearer token (default: ServeConfig.api_key, else $SRMOA_API_KEY, else the
+                 file named by $SRMOA_API_KEY_FILE, else none)
+    admin_key    bearer token of the learning and writing routes (POST /v1/feedback, DELETE
+                 /v1/edits/{id}); default: ServeConfig.admin_key, $SRMOA_ADMIN_KEY, $SRMOA_ADMIN_KEY_FILE.
+                 Without it those routes take the user key (or none), as every other route does.
     num_replicas ModelServer replicas (default 1)
     overrides    nested mapping merged into the config ({"keystore": {"tau": 0.5}, ...})
 
@@ -48,6 +52,7 @@ from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.serve.errors import (
     APIError,
     bad_request,
+    forbidden,
     install_error_handlers,
     not_found,
     overloaded,
@@ -73,7 +78,7 @@ from srmoa_dist.serve.schemas import (
 
 log = logging.getLogger(__name__)
 
-ARGS = ("config", "data_dir", "model", "model_id", "api_key", "num_replicas", "overrides")
+ARGS = ("config", "data_dir", "model", "model_id", "api_key", "admin_key", "num_replicas", "overrides")
 CHARS_PER_TOKEN_BOUND = 16      # a prompt longer than this many chars per allowed token is refused unread
 
 
@@ -111,8 +116,9 @@ def config_from_args(args: dict[str, Any] | None) -> SrmoaConfig:
         d["model"]["name_or_path"] = str(args["model"])
     if args.get("model_id"):
         d["serve"]["model_id"] = str(args["model_id"])
-    if args.get("api_key"):
-        d["serve"]["api_key"] = str(args["api_key"])
+    for name in ("api_key", "admin_key"):
+        if args.get(name):
+            d["serve"][name] = str(args[name])
     cfg = SrmoaConfig.from_dict(_listify_tuples(d))
     return resolve_config(cfg)
 
@@ -141,7 +147,39 @@ def _from_error(err: dict[str, Any]) -> APIError:
 
 
 def resolve_api_key(cfg: SrmoaConfig) -> str | None:
-    return cfg.serve.api_key or os.environ.get("SRMOA_API_KEY") or None
+    """The user key: serve.api_key, else $SRMOA_API_KEY, else the file at $SRMOA_API_KEY_FILE."""
+    return cfg.serve.api_key or _key_from_env("SRMOA_API_KEY")
+
+
+def resolve_admin_key(cfg: SrmoaConfig) -> str | None:
+    """The admin key: serve.admin_key, else $SRMOA_ADMIN_KEY, else the file at $SRMOA_ADMIN_KEY_FILE."""
+    return cfg.serve.admin_key or _key_from_env("SRMOA_ADMIN_KEY")
+
+
+def _key_from_env(var: str) -> str | None:
+    """$VAR, else the content (stripped) of the file named by $VAR_FILE; a named file that cannot be
+    read is a ValueError (serving without the key the operator asked for would open the API)."""
+    if os.environ.get(var):
+        return os.environ[var]
+    path = os.environ.get(f"{var}_FILE")
+    if not path:
+        return None
+    try:
+        key = open(path, encoding="utf-8").read().strip()
+    except OSError as e:
+        raise ValueError(f"${var}_FILE names {path!r}, which cannot be read: {e.strerror}") from None
+    if not key:
+        raise ValueError(f"${var}_FILE names {path!r}, which is empty")
+    return key
+
+
+# Learning and writing routes: with an admin key configured they need it (the user key gets a 403).
+_ADMIN_ROUTES = (("POST", "/v1/feedback"), ("DELETE", "/v1/edits/"))
+
+
+def _is_admin_route(method: str, path: str) -> bool:
+    return any(method == m and (path.endswith(p) if not p.endswith("/") else p in path)
+               for m, p in _ADMIN_ROUTES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,19 +269,45 @@ class ModelServer:
 api = FastAPI(title="srmoa-dist", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
 api.state.api_key = None
+api.state.admin_key = None
+
+
+def _same(token: str, key: str | None) -> bool:
+    return key is not None and hmac.compare_digest(token.encode(), key.encode())
 
 
 @api.middleware("http")
 async def _auth(request: Request, call_next: Any) -> Any:
-    key = getattr(request.app.state, "api_key", None)
-    if key and not request.url.path.endswith(("/healthz", "/readyz")):
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+    """Bearer keys. The user key (if any) opens every route but the admin ones; the admin key (if any)
+    opens every route and is the only one that opens the admin routes. Probes need no key."""
+    user = getattr(request.app.state, "api_key", None)
+    admin = getattr(request.app.state, "admin_key", None)
+    path = request.url.path
+    if path.endswith(("/healthz", "/readyz")):
+        return await call_next(request)
+    needs_admin = admin is not None and _is_admin_route(request.method, path)
+    if not needs_admin and user is None:
+        return await call_next(request)
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if needs_admin:
+        if _same(token, admin):
+            return await call_next(request)
         if not header:
-            return unauthorized("missing API key: send 'Authorization: Bearer <key>'").response()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            return unauthorized("invalid API key").response()
-    return await call_next(request)
+            return unauthorized("missing admin key: this route changes what the model learned; send "
+                                "'Authorization: Bearer <admin key>' (the server's SRMOA_ADMIN_KEY)",
+                                code="admin_key_required").response()
+        if _same(token, user):
+            return forbidden("the API key may chat but not teach or roll back: send the admin key "
+                             "(the server's SRMOA_ADMIN_KEY) as 'Authorization: Bearer <admin key>'"
+                             ).response()
+        return unauthorized("invalid admin key", code="invalid_api_key").response()
+    if _same(token, user) or _same(token, admin):
+        return await call_next(request)
+    if not header:
+        return unauthorized("missing API key: send 'Authorization: Bearer <key>'").response()
+    return unauthorized("invalid API key").response()
 
 
 async def _await(ref: Any, timeout: float) -> Any:
@@ -326,12 +390,13 @@ class Ingress:
         self.client = ExpertStoreClient(self.runtime.shards, keystore=None, cache_size=0,
                                         timeout_s=cfg.runtime.call_timeout_s)
         api.state.api_key = resolve_api_key(cfg)
+        api.state.admin_key = resolve_admin_key(cfg)
         self.limit = cfg.serve.max_ongoing_requests + cfg.serve.max_queued_requests
         self.inflight = 0
         self.rejected = 0
         self.timeout = cfg.runtime.call_timeout_s
-        log.info("Ingress ready (auth %s, admission limit %d)", "on" if api.state.api_key else "off",
-                 self.limit)
+        log.info("Ingress ready (auth %s, admin key %s, admission limit %d)",
+                 "on" if api.state.api_key else "off", "on" if api.state.admin_key else "off", self.limit)
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -659,8 +724,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = config_from_args(args)
     args = dict(args or {})
     s, rt = cfg.serve, cfg.runtime
-    if resolve_api_key(cfg) and not cfg.serve.api_key:
-        cfg = cfg.replace(serve=_replace(cfg.serve, api_key=resolve_api_key(cfg)))
+    keys = {"api_key": resolve_api_key(cfg), "admin_key": resolve_admin_key(cfg)}  # the driver's env
+    cfg = cfg.replace(serve=_replace(cfg.serve, **keys))
     server = ModelServer.options(
         num_replicas=int(args.get("num_replicas") or 1),
         ray_actor_options={"num_cpus": rt.replica_cpus},

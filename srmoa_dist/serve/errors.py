@@ -88,8 +88,12 @@ def overloaded(message: str = "the server is overloaded; retry later", retry_aft
     return APIError(503, message, code="overloaded", headers={"Retry-After": str(max(1, int(retry_after_s)))})
 
 
-def unauthorized(message: str) -> APIError:
-    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+def unauthorized(message: str, code: str = "invalid_api_key") -> APIError:
+    return APIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str, code: str = "admin_key_required") -> APIError:
+    return APIError(403, message, code=code)
 
 
 # pydantic puts the tried union member in the location ('prompt', 'str'): not a field name.
@@ -169,5 +173,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
 __all__ = [
     "APIError", "error_body", "retryable", "bad_request", "not_found", "overloaded", "unauthorized",
-    "validation_error", "install_error_handlers",
+    "forbidden", "validation_error", "install_error_handlers",
 ]

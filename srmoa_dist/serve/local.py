@@ -107,7 +107,7 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
         signal.signal(signal.SIGTERM, _interrupt)        # after ray.init, which installs its own
     try:
         if not (Path(cfg.data_dir) / CONFIG_FILE).exists():
-            save_config(cfg)
+            save_config(without_keys(cfg))
         host, port = start_http(host, port, auto_port, say)
         say(f"deploying the model server ({cfg.model.name_or_path}; the first start converts and caches "
             "the model, which can take a minute) ...")
@@ -119,6 +119,14 @@ def start(cfg: SrmoaConfig, *, host: str | None = None, port: int | None = None,
         runtime.shutdown()
         raise
     return LocalApp(cfg=cfg, runtime=runtime, url=url, name=name)
+
+
+def without_keys(cfg: SrmoaConfig) -> SrmoaConfig:
+    """The config with its API keys cleared: what may be written to disk (data_dir/config.yaml).
+    Keys come from the environment or secret files at serve time (see serve.app.resolve_api_key)."""
+    import dataclasses
+
+    return cfg.replace(serve=dataclasses.replace(cfg.serve, api_key=None, admin_key=None))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -190,5 +198,5 @@ def stop(app: LocalApp) -> None:
         log.warning("shutdown was not clean", exc_info=True)
 
 
-__all__ = ["start", "stop", "wait_ready", "start_http", "free_port", "build_args", "LocalApp",
+__all__ = ["start", "stop", "wait_ready", "start_http", "free_port", "build_args", "without_keys", "LocalApp",
            "PortInUseError", "APP_NAME"]

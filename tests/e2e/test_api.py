@@ -354,3 +354,75 @@ def test_application_errors_are_500_without_retry_after_and_ray_failures_503():
     assert _generation_error(ActorDiedError()).status == 503
     assert "Retry-After" not in APIError(400, "bad", headers={"Retry-After": "1"}).headers
     assert APIError(503, "busy", headers={"Retry-After": "1"}).headers == {"Retry-After": "1"}
+
+
+def test_admin_key_guards_learning_and_writing_routes(ray_cluster, serve_port, tmp_path_factory,
+                                                      e2e_tiny_model_dir, model_id):
+    """User key + admin key: the user key chats and reads; teaching and rolling back need the admin key
+    (403 with the user key, 401 without a key), and the answer says what to send."""
+    from e2e_support import API_KEY, tiny_app_config
+    from ray import serve
+
+    from srmoa_dist.serve.app import build_app
+    from srmoa_dist.serve.local import build_args, wait_ready
+
+    admin = "test-admin-key"
+    cfg = tiny_app_config(tmp_path_factory.mktemp("roles") / "data", e2e_tiny_model_dir,
+                          serve={"api_key": API_KEY, "admin_key": admin})
+    serve.run(build_app(build_args(cfg)), name="srmoa-roles", route_prefix="/roles", blocking=False)
+    base = f"http://127.0.0.1:{serve_port}/roles"
+    user_h, admin_h = {"Authorization": f"Bearer {API_KEY}"}, {"Authorization": f"Bearer {admin}"}
+    fb = {"prompt": "2+2?", "response": "4", "verdict": "correct"}
+    try:
+        wait_ready(base, cfg, 120)                                        # probes need no key
+        with httpx.Client(base_url=base, timeout=60) as c:
+            assert c.get("/healthz").status_code == 200
+            for h in (user_h, admin_h):                                   # both keys chat and read
+                ok = c.post("/v1/chat/completions", headers=h,
+                            json={"model": model_id, "messages": Q, "max_tokens": 2})
+                assert ok.status_code == 200, ok.text
+                assert c.get("/v1/edits", headers=h).status_code == 200
+            e = _error(c.post("/v1/feedback", json=fb, headers=user_h), 403, "admin_key_required")
+            assert e["type"] == "permission_error" and "admin key" in e["message"]
+            e = _error(c.post("/v1/feedback", json=fb), 401, "admin_key_required")
+            assert "Authorization: Bearer <admin key>" in e["message"]
+            _error(c.post("/v1/feedback", json=fb, headers={"Authorization": "Bearer nope"}), 401,
+                   "invalid_api_key")
+            _error(c.delete("/v1/edits/edit-nope", headers=user_h), 403, "admin_key_required")
+            _error(c.get("/v1/models"), 401, "invalid_api_key")
+            r = c.post("/v1/feedback", json=fb, headers=admin_h)
+            assert r.status_code == 202 and r.json()["status"] == "skipped"
+            _error(c.delete("/v1/edits/edit-nope", headers=admin_h), 404, "edit_not_found")
+    finally:
+        serve.delete("srmoa-roles")
+
+
+def test_keys_are_never_saved_and_can_come_from_secret_files(tmp_path, monkeypatch):
+    from srmoa_dist.config import SrmoaConfig
+    from srmoa_dist.runtime.store_init import CONFIG_FILE, save_config
+    from srmoa_dist.serve.app import resolve_admin_key, resolve_api_key
+    from srmoa_dist.serve.local import without_keys
+
+    cfg = SrmoaConfig(data_dir=str(tmp_path)).replace(data_dir=str(tmp_path))
+    cfg = cfg.replace(serve=cfg.serve.__class__(api_key="user-secret", admin_key="admin-secret"))
+    save_config(without_keys(cfg))                    # what `srmoa serve` (local.start) writes
+    text = (tmp_path / CONFIG_FILE).read_text()
+    assert "user-secret" not in text and "admin-secret" not in text
+    assert SrmoaConfig.load_yaml(tmp_path / CONFIG_FILE).serve.api_key is None
+
+    for var in ("SRMOA_API_KEY", "SRMOA_ADMIN_KEY", "SRMOA_API_KEY_FILE", "SRMOA_ADMIN_KEY_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    bare = SrmoaConfig(data_dir=str(tmp_path))
+    assert resolve_api_key(bare) is None and resolve_admin_key(bare) is None
+    (tmp_path / "api.key").write_text("from-file\n")
+    (tmp_path / "admin.key").write_text("admin-from-file")
+    monkeypatch.setenv("SRMOA_API_KEY_FILE", str(tmp_path / "api.key"))
+    monkeypatch.setenv("SRMOA_ADMIN_KEY_FILE", str(tmp_path / "admin.key"))
+    assert resolve_api_key(bare) == "from-file" and resolve_admin_key(bare) == "admin-from-file"
+    monkeypatch.setenv("SRMOA_API_KEY", "from-env")
+    assert resolve_api_key(bare) == "from-env"         # the variable wins over the file
+    monkeypatch.setenv("SRMOA_ADMIN_KEY_FILE", str(tmp_path / "missing.key"))
+    with pytest.raises(ValueError, match="SRMOA_ADMIN_KEY_FILE"):
+        resolve_admin_key(bare)
+    with pytest.raises(ValueError, match="serve.admin_key must differ"):
+        cfg.serve.__class__(api_key="same", admin_key="same")
