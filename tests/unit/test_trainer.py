@@ -189,3 +189,52 @@ def test_converges_early_and_validates(world, tmp_path):
     with pytest.raises(ValueError, match="queries must be"):
         train_edit(base, fusion, prompts, qs[:2], ks, store, TTTConfig(), ks.cfg, ECFG, new_slot=lambda: 7)
     store.close()
+
+
+def test_guard_rows_keep_the_neighbours_queries_on_their_own_expert(world, tmp_path):
+    """A new expert next to an edited neighbour (same entity): trained under the mixture with the
+    neighbour's prompts as guards, its key ends below the neighbour's on the neighbour's own queries
+    and above it on its own, and the guard rows' answer loss is reported."""
+    from srmoa_dist.ttt.trainer import Guard
+
+    base, fusion, enc, prompts, qs = world
+    other = diversify(explicit_failure("What is the currency of France?", "Lira", correct_answer="Franc"),
+                      "The currency of France is the Franc.")
+    q_other = queries(base, enc, [list(p.messages) for p in other])                 # (4, d)
+    neighbour_key = _unit(q_other.mean(0))
+    ks, store, ids = _stores(tmp_path, fusion, neighbour_key[None])
+    nid = int(ids[0])
+    guards = [Guard(nid, p, q_other[j]) for j, p in enumerate(other[:2])]
+    cfg = TTTConfig(steps=12, router_lambda=1.0, key_lr=0.05, converge_loss=0.0)
+    slots = []
+
+    def new_slot():
+        slots.append(int(ks.add(np.zeros((1, D_KEY), np.float32), pinned=True)[0]))
+        return slots[-1]
+
+    res = train_edit(base, fusion, prompts, qs, ks, store, cfg, ks.cfg, ECFG, new_slot=new_slot,
+                     tau=-1.0, guards=guards)
+    assert res.guard_ids == (nid,) and len(res.guard_losses) == len(res.lm_losses)
+    assert all(np.isfinite(res.guard_losses))
+    g_q = q_other[:2]
+    assert (g_q @ res.key < g_q @ neighbour_key).all()                # guard queries stay with the neighbour
+    assert (qs @ res.key > qs @ neighbour_key).all()                  # the edit's own queries come to it
+    assert np.array_equal(ks.get([nid])[0], neighbour_key)            # the neighbour's key never moved
+    store.close()
+
+
+def test_candidate_keys_are_held_during_training_and_released_after(world, tmp_path):
+    base, fusion, _, prompts, qs = world
+    ks, store, ids = _stores(tmp_path, fusion, _random_keys(N_EXPERTS))
+    seen = []
+    real_hold = ks.hold
+
+    def hold(cand, ttl_s):
+        seen.append(sorted(int(i) for i in cand))
+        real_hold(cand, ttl_s)
+
+    ks.hold = hold
+    train_edit(base, fusion, prompts, qs, ks, store, TTTConfig(steps=2), ks.cfg, ECFG, new_slot=lambda: 99)
+    assert seen and set(seen[0]) <= {int(i) for i in ids}               # the retrieved candidates
+    assert ks.held_ids().size == 0                                      # let go after training
+    store.close()
