@@ -448,6 +448,25 @@ def bench_lifelong(
                        say=_say)
 
 
+@bench_app.command("feedback")
+def bench_feedback(
+    edits: int = typer.Option(24, min=1, help="Sequential edits through POST /v1/feedback."),
+    facts_per_entity: int = typer.Option(3, min=1, help="Edited facts about each invented entity (1..4)."),
+    queued: int = typer.Option(0, min=0, help="Then this many edits posted at once and waited for."),
+    out: Path = typer.Option(Path("results/bench_feedback.json"), help="JSON file for the figures."),
+    model: str = typer.Option("smollm2", help="Base model of the served app."),
+    data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Edit latency (feedback -> verified) and free-generation quality, all through the HTTP API."""
+    from srmoa_dist.bench.feedback_bench import run_feedback_bench
+
+    _logging(verbose)
+    run_feedback_bench(out, edits=edits, facts_per_entity=facts_per_entity, queued=queued, model=model,
+                       data_dir=data_dir, seed=seed, say=_say)
+
+
 def main() -> None:
     try:
         app()
