@@ -215,6 +215,8 @@ class TTTConfig:
     guard_weight: float = 1.0         # weight of the guard rows' LM and router losses
     guard_loss: float = 0.3           # early stop also needs the guard rows' mean NLL under this
     neighbour_margin: float = 0.1     # neighbours: live edits scoring >= tau - margin on the edit's queries
+    contrast_prompts: int = 2         # generic questions about the subject the key must defer on (0 = none)
+    contrast_weight: float = 0.5      # weight of their router loss (label: the deferral column)
     reflect: str = "auto"             # auto: ask the model for a rule only when no correct answer is given
 
     def __post_init__(self) -> None:
@@ -233,12 +235,13 @@ class TTTConfig:
         for name in ("train_in_mixture",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ttt.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("guard_prompts", "max_guard_prompts"):
+        for name in ("guard_prompts", "max_guard_prompts", "contrast_prompts"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"ttt.{name} must be a non-negative integer, got {v!r}")
         _non_negative("ttt.guard_weight", self.guard_weight)
         _non_negative("ttt.guard_loss", self.guard_loss)
+        _non_negative("ttt.contrast_weight", self.contrast_weight)
         _non_negative("ttt.neighbour_margin", self.neighbour_margin)
         _choice("ttt.reflect", self.reflect, ("auto", "always", "never"))
         if not isinstance(self.verify_max_new_tokens, int) or self.verify_max_new_tokens <= 0:

@@ -260,6 +260,10 @@ def run_lifelong_bench(
                                fetch=fetch, batch_size=batch_size, desc=f"SR-TTT @ {n_done}")
             res = {"sr_ttt": {"edits": n_done, **_metrics(es, sr, base_ids),
                               "routed_share": float(np.mean([bool(g.expert_ids) for g in sr]))}}
+            last_outputs[:] = [{"prompt": c[-1]["content"], "kind": k, "answers": list(a), "text": g.text,
+                                "experts": list(g.expert_ids), "scores": [round(x, 3) for x in g.scores],
+                                "gates": [round(x, 3) for x in g.gates]}
+                               for c, k, a, g in zip(es.chats, es.kinds, es.answers, sr)]
             if "base" in baselines:
                 res["base"] = {"edits": n_done, **_metrics(es, base_gens(es.chats), base_ids)}
             if "rule_in_context" in baselines:
@@ -278,6 +282,7 @@ def run_lifelong_bench(
                                                                   base_ids)}
             return res
 
+        last_outputs: list[dict[str, Any]] = []                  # SR-TTT's outputs at the latest evaluation
         marks = sorted({c for c in checkpoints if 0 < c < n_edits} | {n_edits})
         curves: dict[str, list[dict[str, Any]]] = {}
         edits: list[dict[str, Any]] = []
@@ -334,6 +339,7 @@ def run_lifelong_bench(
                        "n_probes": len(probes.locality), "max_new_tokens": max_new_tokens,
                        "judge": "answer string contained, case-insensitive", "srmoa": cfg.to_dict()},
             "edits": edits,
+            "outputs": last_outputs,
         }
         out.write_text(json.dumps(doc, indent=1, default=_json_default))
         _plot(doc, out.with_suffix(".png"))

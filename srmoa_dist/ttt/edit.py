@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 
 from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.ttt.contrast import contrast_questions
 from srmoa_dist.ttt.detect import Failure, Messages, answer_matches, as_messages
 from srmoa_dist.ttt.diversify import TrainingPrompt, diversify
 from srmoa_dist.ttt.ledger import EditLedger, EditRecord
 from srmoa_dist.ttt.reflect import Ask, reflect
-from srmoa_dist.ttt.trainer import Guard, TrainResult, train_edit
+from srmoa_dist.ttt.trainer import Guard, TrainingJob, TrainResult, train_jobs
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +139,6 @@ def _version_or_none(store: Any, expert_id: int) -> int | None:
     return None if v is None else int(v)
 
 
-def _generate(base: Any, fusion: Any, encoder: Any, chats: Sequence[Messages], router: Any, fetch: Any,
-              max_new_tokens: int) -> list[Any]:
-    from srmoa_dist.model.generation import GenerationParams, generate
-
-    if not chats:
-        return []
-    return generate(base, fusion, encoder, [list(c) for c in chats], router, fetch,
-                    GenerationParams(max_new_tokens=max_new_tokens))
-
-
 def find_neighbours(queries: np.ndarray, keystore: Any, ledger: EditLedger, k: int, tau: float,
                     margin: float) -> list[EditRecord]:
     """Live edits whose experts score >= tau - margin on any of `queries` (P, d): the edits this one
@@ -159,6 +150,18 @@ def find_neighbours(queries: np.ndarray, keystore: Any, ledger: EditLedger, k: i
         return []
     live = [r for r in ledger.list(("committed", "verified")) if r.expert_id in near]
     return sorted(live, key=lambda r: r.created_at, reverse=True)
+
+
+def contrast_queries(base: Any, encoder: Any, question: str, n: int, exclude: Sequence[str]) -> np.ndarray:
+    """(C, d_key) queries of the contrast prompts of a question (`ttt.contrast`), none containing a
+    held-out text."""
+    from srmoa_dist.model.generation import queries
+
+    held = [" ".join(x.lower().split()) for x in exclude]
+    texts = [t for t in contrast_questions(question, n) if not any(h in t.lower() for h in held)]
+    if not texts:
+        return np.zeros((0, encoder.d_key), np.float32)
+    return queries(base, encoder, [[{"role": "user", "content": t}] for t in texts])
 
 
 def guard_rows(neighbours: Sequence[EditRecord], per_edit: int,
@@ -175,7 +178,230 @@ def guard_rows(neighbours: Sequence[EditRecord], per_edit: int,
 
 
 # ----------------------------------------------------------------------------------------------------
-# apply_edit
+# the steps of one edit, and apply_edit / apply_edits over them
+
+
+@dataclass
+class EditEnv:
+    """What every edit of one store shares: the model, the stores, the ledger and the config."""
+
+    base: Any
+    fusion: Any
+    encoder: Any
+    store: Any
+    keystore: Any
+    ledger: EditLedger
+    cfg: SrmoaConfig
+    invalidate: Callable[[list[int]], None] | None = None
+    new_slot: Callable[[], int] | None = None        # None: a zero key added to the key store, pinned
+
+    def generate(self, chats: Sequence[Messages]) -> list[Any]:
+        """Routed greedy generations (verification length), as serving would answer them."""
+        from srmoa_dist.model.generation import GenerationParams, generate
+
+        if not chats:
+            return []
+        params = GenerationParams(max_new_tokens=self.cfg.ttt.verify_max_new_tokens,
+                                  gate_temperature=self.cfg.keystore.temperature)
+        return generate(self.base, self.fusion, self.encoder, [list(c) for c in chats],
+                        make_router(self.keystore, self.cfg.keystore.k), make_fetch(self.store), params)
+
+    def queries(self, chats: Sequence[Messages]) -> np.ndarray:
+        from srmoa_dist.model.generation import queries
+
+        return queries(self.base, self.encoder, [list(c) for c in chats])
+
+
+class Edit:
+    """One edit's steps, in the order they run: `prepare` (reflect, diversify, neighbours, target),
+    training (`train_jobs`, alone or beside other edits), `commit`, then `settle` with the verification's
+    generations. Nothing is written before `commit` but a reserved slot, which `fail` frees."""
+
+    def __init__(self, env: EditEnv, failure: Failure, *, ask: Ask | None = None, exclude: Sequence[str] = (),
+                 edit_id: str | None = None, may_refine: Callable[[int], bool] | None = None,
+                 seed: int = 0) -> None:
+        self.env, self.failure, self.ask = env, failure, ask
+        self.exclude, self.seed = tuple(exclude), seed
+        self.edit_id = edit_id or env.ledger.new_id()
+        if self.edit_id in env.ledger:
+            raise ValueError(f"edit id {self.edit_id!r} is already in the ledger")
+        live = env.ledger.live_experts()
+        self.live = live
+        self.may_refine = may_refine if may_refine is not None else (lambda i: i not in live)
+        self.timings: dict[str, float] = {}
+        self.t_start = time.perf_counter()
+        self.reserved: list[int] = []
+        self.rule = ""
+        self.prompts: list[TrainingPrompt] = []
+        self.neighbours: list[EditRecord] = []
+        self.job: TrainingJob | None = None
+        self.res: TrainResult | None = None
+        self.rec: EditRecord | None = None
+
+    # 1. reflect, diversify, neighbours, the training job (RuleRejected / HeldOutLeak before any write)
+    def prepare(self) -> None:
+        env, ttt, ks_cfg = self.env, self.env.cfg.ttt, self.env.cfg.keystore
+        t = time.perf_counter()
+        self.rule = reflect(self.failure, self.ask, ttt)
+        self.prompts = diversify(self.failure, self.rule, exclude=self.exclude)
+        self.timings["reflect_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            qs = env.queries([p.messages for p in self.prompts])                          # (4, d_key)
+            self.neighbours = find_neighbours(qs, env.keystore, env.ledger, ks_cfg.k, ks_cfg.tau,
+                                              ttt.neighbour_margin)
+            rows = guard_rows(self.neighbours, ttt.guard_prompts, ttt.max_guard_prompts)
+            guards = []
+            if rows:
+                gq = env.queries([p.messages for _, p in rows])                           # (G, d_key)
+                guards = [Guard(eid, p, gq[j]) for j, (eid, p) in enumerate(rows)]
+            cq = contrast_queries(env.base, env.encoder, self.failure.question, ttt.contrast_prompts,
+                                  self.exclude)                                         # (C, d_key)
+            self.job = TrainingJob(env.base, env.fusion, self.prompts, qs, env.keystore, env.store, ttt,
+                                   ks_cfg, env.cfg.expert, new_slot=self._reserve, may_refine=self.may_refine,
+                                   tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq)
+        except Exception as e:
+            raise self.fail(e, "training failed") from e
+        self.timings["prepare_s"] = time.perf_counter() - t
+
+    def _reserve(self) -> int:
+        env = self.env
+        if env.new_slot is not None:
+            eid = int(env.new_slot())
+        else:
+            ids = env.keystore.add(np.zeros((1, env.cfg.keystore.d_key), np.float32), pinned=True)
+            eid = int(np.asarray(ids).reshape(-1)[0])
+        self.reserved.append(eid)
+        return eid
+
+    # 2. commit: the expert's new version, its key (pinned), the ledger entry, the caches
+    def commit(self, res: TrainResult, train_s: float) -> None:
+        env = self.env
+        self.res = res
+        self.timings["train_s"] = train_s
+        t = time.perf_counter()
+        eid = res.expert_id
+        prev_pinned = True if res.created else bool(_is_pinned(env.keystore, eid) or eid in self.live)
+        written = False
+        try:
+            prev_version = res.prev_version
+            if res.created:
+                prev_version = _version_or_none(env.store, eid)      # a recycled slot may hold an old record
+            new_version = int(env.store.put_many({eid: res.expert})[eid])
+            written = True
+            env.keystore.update(np.array([eid], np.int64), res.key[None, :])
+            env.keystore.pin(np.array([eid], np.int64), True)
+        except Exception as e:
+            if written and not res.created:        # the new weights must not serve under the old key
+                try:
+                    env.store.rollback(eid)
+                    env.keystore.update(np.array([eid], np.int64), res.prev_key[None, :])
+                except Exception:
+                    log.exception("edit %s: could not undo the partial commit of expert %d",
+                                  self.edit_id, eid)
+            raise self.fail(e, "commit failed") from e
+        f = self.failure
+        self.rec = env.ledger.commit(EditRecord(
+            edit_id=self.edit_id, status="committed", rule=self.rule,
+            prompts=tuple(p.to_dict() for p in self.prompts), expert_id=eid, created=res.created,
+            prev_version=prev_version, new_version=new_version, prev_key=res.prev_key, new_key=res.key,
+            prev_pinned=prev_pinned, lm_losses=res.lm_losses, router_losses=res.router_losses,
+            steps=res.steps,
+            question=f.question, correct_answer=f.correct_answer, train_seconds=res.seconds,
+            extra={"source": f.source, "request_id": f.request_id, "converged": res.converged,
+                   "target_scores": list(res.target_scores), "guard_losses": list(res.guard_losses),
+                   "neighbours": [r.edit_id for r in self.neighbours]},
+        ))
+        if env.invalidate is not None:
+            env.invalidate([eid])
+        self.timings["commit_s"] = time.perf_counter() - t
+        log.info("edit %s committed: expert %d v%d (%s), %d steps", self.edit_id, eid, new_version,
+                 "new" if res.created else "refined", res.steps)
+
+    # 3. verify: the chats to generate (the failing prompt, then each neighbour's question)
+    @property
+    def checked(self) -> list[EditRecord]:
+        eid = self.res.expert_id if self.res is not None else None
+        return [r for r in self.neighbours if r.expert_id != eid]
+
+    def verify_chats(self) -> list[Messages]:
+        return [self.failure.messages] + [_question_chat(r) for r in self.checked]
+
+    def unverified(self) -> EditResult:
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        return self._result("committed")
+
+    # 4. settle: verified, or rolled back with the reasons
+    def settle(self, gens: Sequence[Any], changed: Sequence[int], after: tuple[tuple[int, ...], ...],
+               verify_s: float) -> EditResult:
+        env, f, eid = self.env, self.failure, self.res.expert_id
+        g, g_neigh = gens[0], gens[1:]
+        routed_to = tuple(int(i) for i in g.expert_ids)
+        if f.correct_answer is not None:
+            answer_ok = answer_matches(g.text, f.correct_answer)
+        else:
+            answer_ok = eid in routed_to
+        broken = [r.edit_id for r, gn in zip(self.checked, g_neigh) if not _still_right(r, gn)]
+        self.timings["verify_s"] = verify_s
+        reasons = []
+        if not answer_ok:
+            reasons.append(f"the failing prompt still fails (answer {g.text[:80]!r}, "
+                           f"routed to {list(routed_to)})"
+                           if f.correct_answer is not None else
+                           f"the failing prompt is not routed to expert {eid} (routed to {list(routed_to)})")
+        if broken:
+            reasons.append(f"neighbour edit(s) {broken} no longer answered right")
+        if changed:
+            reasons.append(f"locality probes {list(changed)} changed their output")
+        extra = {"answer": g.text, "routed_to": list(routed_to), "locality_changed": list(changed),
+                 "neighbours_broken": broken, "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+        reason = "; ".join(reasons)
+        if reasons:
+            rollback(self.edit_id, store=env.store, keystore=env.keystore, ledger=env.ledger,
+                     invalidate=env.invalidate, note=f"verification failed: {reason}", **extra)
+            status = "rolled_back"
+            log.warning("edit %s rolled back: %s", self.edit_id, reason)
+        else:
+            env.ledger.set_status(self.edit_id, "verified", note="verified", **extra)
+            status = "verified"
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        return self._result(status, answer=g.text, answer_ok=answer_ok, routed_to=routed_to,
+                            locality_changed=tuple(changed), reason=reason,
+                            neighbours=tuple(r.edit_id for r in self.checked),
+                            neighbours_broken=tuple(broken),
+                            locality_after=after)
+
+    # on any failure: free the reserved slot, record the failure; the EditFailed to raise
+    def fail(self, err: BaseException, what: str) -> EditFailed:
+        if self.reserved and self.env.new_slot is None:        # only slots this edit reserved
+            try:
+                self.env.keystore.free(np.array(self.reserved, np.int64))
+            except Exception:
+                log.exception("could not free reserved slot(s) %s", self.reserved)
+        res, f = self.res, self.failure
+        try:
+            self.env.ledger.commit(EditRecord(
+                edit_id=self.edit_id, status="failed", rule=self.rule,
+                prompts=tuple(p.to_dict() for p in self.prompts),
+                expert_id=res.expert_id if res is not None else -1, created=bool(res and res.created),
+                prev_version=res.prev_version if res is not None else None, new_version=None,
+                lm_losses=res.lm_losses if res is not None else (),
+                router_losses=res.router_losses if res is not None else (),
+                steps=res.steps if res is not None else 0,
+                question=f.question, correct_answer=f.correct_answer,
+                notes=(f"{type(err).__name__}: {err}",),
+            ))
+        except Exception:
+            log.exception("could not record the failed edit %s in the ledger", self.edit_id)
+        return EditFailed(f"edit {self.edit_id}: {what}: {type(err).__name__}: {err}", self.edit_id)
+
+    def _result(self, status: str, **kw: Any) -> EditResult:
+        rec, res = self.rec, self.res
+        return EditResult(edit_id=rec.edit_id, status=status, expert_id=rec.expert_id, created=rec.created,
+                          rule=rec.rule, prompts=tuple(self.prompts), steps=res.steps,
+                          lm_losses=res.lm_losses,
+                          router_losses=res.router_losses, prev_version=rec.prev_version,
+                          new_version=int(rec.new_version), timings=dict(self.timings), **kw)
 
 
 def apply_edit(
@@ -201,160 +427,83 @@ def apply_edit(
 ) -> EditResult:
     """Run one SR-TTT edit for `failure` (see the module docstring). Returns the EditResult.
 
-    ask: text -> text for reflection when the failure has no rule (None: a rule is written from the
-    correct answer); locality_prompts: unrelated prompts (the first cfg.ttt.locality_probes are used);
-    locality_before: their greedy token ids before the edit, when the caller has them cached;
-    exclude: held-out evaluation texts that must not be trained on; invalidate: called with the edited
-    expert id after commit and rollback (replica caches); new_slot: reserves an id for a new expert
-    (default: a zero key added to the key store, pinned); may_refine: may this existing expert be
-    refined (default: not if a live edit in the ledger holds it).
+    ask: text -> text for reflection (see `reflect` and `ttt.reflect`); locality_prompts: unrelated prompts
+    (the first cfg.ttt.locality_probes are used); locality_before: their greedy token ids before the edit,
+    when the caller has them cached; exclude: held-out evaluation texts that must not be trained on;
+    invalidate: called with the edited expert id after commit and rollback (replica caches); new_slot:
+    reserves an id for a new expert (default: a zero key added to the key store, pinned); may_refine: may
+    this existing expert be refined (default: not if a live edit in the ledger holds it).
     Raises RuleRejected / HeldOutLeak before anything is written, EditFailed if training or the
     commit fails (the ledger records the failure and any reserved slot is freed).
     """
-    ttt, ks_cfg = cfg.ttt, cfg.keystore
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    edit_id = edit_id or ledger.new_id()
-    if edit_id in ledger:
-        raise ValueError(f"edit id {edit_id!r} is already in the ledger")
+    env = EditEnv(base, fusion, encoder, store, keystore, ledger, cfg, invalidate, new_slot)
+    edit = Edit(env, failure, ask=ask, exclude=exclude, edit_id=edit_id, may_refine=may_refine, seed=seed)
+    [out] = apply_edits(env, [edit], locality_prompts=locality_prompts, locality_before=locality_before,
+                        verify=verify)
+    if isinstance(out, BaseException):
+        raise out
+    return out
 
-    # 1-2. reflect and diversify (pure; nothing written yet)
-    t = time.perf_counter()
-    rule = reflect(failure, ask, ttt)
-    prompts = diversify(failure, rule, exclude=exclude)
-    timings["reflect_s"] = time.perf_counter() - t
 
-    from srmoa_dist.model.generation import queries as prompt_queries
-
-    router = make_router(keystore, ks_cfg.k)
-    fetch = make_fetch(store)
+def apply_edits(env: EditEnv, edits: Sequence[Edit], *, locality_prompts: Sequence[str | Messages] = (),
+                locality_before: Sequence[Sequence[int]] | None = None,
+                verify: bool = True) -> list[EditResult | BaseException]:
+    """Several edits trained in one batch (`ttt.trainer.train_jobs`), then each committed and verified
+    on its own (one batched generation for all): an edit that fails to prepare, train, commit or verify
+    takes no other edit with it. Returns per edit its EditResult or the exception it raised. Edits that
+    are each other's neighbours should not share a batch (`Editor.run_many` keeps them apart)."""
+    ttt = env.cfg.ttt
+    out: list[EditResult | BaseException | None] = [None] * len(edits)
     probes = [as_messages(p) for p in list(locality_prompts)[: ttt.locality_probes]]
-    if verify and probes and locality_before is None:
-        t = time.perf_counter()
-        locality_before = [g.token_ids for g in
-                           _generate(base, fusion, encoder, probes, router, fetch, ttt.verify_max_new_tokens)]
-        timings["locality_before_s"] = time.perf_counter() - t
     if locality_before is not None and len(locality_before) < len(probes):
         raise ValueError(f"locality_before has {len(locality_before)} outputs for {len(probes)} probes")
-
-    # 3. train
-    reserved: list[int] = []
-
-    def reserve() -> int:
-        if new_slot is not None:
-            eid = int(new_slot())
-        else:
-            ids = keystore.add(np.zeros((1, ks_cfg.d_key), np.float32), pinned=True)
-            eid = int(np.asarray(ids).reshape(-1)[0])
-        reserved.append(eid)
-        return eid
-
-    live = ledger.live_experts()
-    refine_ok = may_refine if may_refine is not None else (lambda i: i not in live)
+    if verify and probes and locality_before is None:      # before any slot is reserved
+        t = time.perf_counter()
+        locality_before = [g.token_ids for g in env.generate(probes)]
+        for e in edits:
+            e.timings["locality_before_s"] = time.perf_counter() - t
+    for i, e in enumerate(edits):
+        try:
+            e.prepare()
+        except Exception as err:
+            out[i] = err
+    ready = [i for i, e in enumerate(edits) if out[i] is None]
     t = time.perf_counter()
-    neighbours: list[EditRecord] = []
     try:
-        qs = prompt_queries(base, encoder, [list(p.messages) for p in prompts])          # (4, d_key)
-        neighbours = find_neighbours(qs, keystore, ledger, ks_cfg.k, ks_cfg.tau, ttt.neighbour_margin)
-        rows = guard_rows(neighbours, ttt.guard_prompts, ttt.max_guard_prompts)
-        guards = []
-        if rows:
-            gq = prompt_queries(base, encoder, [list(p.messages) for _, p in rows])       # (G, d_key)
-            guards = [Guard(eid, p, gq[j]) for j, (eid, p) in enumerate(rows)]
-        res = train_edit(base, fusion, prompts, qs, keystore, store, ttt, ks_cfg, cfg.expert,
-                         new_slot=reserve, may_refine=refine_ok, tau=ks_cfg.tau, seed=seed, guards=guards)
-    except Exception as e:
-        _free_reserved(keystore, reserved, new_slot)
-        _record_failure(ledger, edit_id, failure, rule, prompts, e)
-        raise EditFailed(f"edit {edit_id}: training failed: {type(e).__name__}: {e}", edit_id) from e
-    timings["train_s"] = time.perf_counter() - t
-
-    # 4. commit
-    t = time.perf_counter()
-    eid = res.expert_id
-    prev_pinned = True if res.created else bool(_is_pinned(keystore, eid) or eid in live)
-    written = False
-    try:
-        prev_version = res.prev_version
-        if res.created:
-            prev_version = _version_or_none(store, eid)      # a recycled slot may hold an old record
-        new_version = int(store.put_many({eid: res.expert})[eid])
-        written = True
-        keystore.update(np.array([eid], np.int64), res.key[None, :])
-        keystore.pin(np.array([eid], np.int64), True)
-    except Exception as e:
-        if written and not res.created:        # the new weights must not serve under the old key
-            try:
-                store.rollback(eid)
-                keystore.update(np.array([eid], np.int64), res.prev_key[None, :])
-            except Exception:
-                log.exception("edit %s: could not undo the partial commit of expert %d", edit_id, eid)
-        _free_reserved(keystore, reserved, new_slot)
-        _record_failure(ledger, edit_id, failure, rule, prompts, e, res)
-        raise EditFailed(f"edit {edit_id}: commit failed: {type(e).__name__}: {e}", edit_id) from e
-    rec = ledger.commit(EditRecord(
-        edit_id=edit_id, status="committed", rule=rule, prompts=tuple(p.to_dict() for p in prompts),
-        expert_id=eid, created=res.created, prev_version=prev_version, new_version=new_version,
-        prev_key=res.prev_key, new_key=res.key, prev_pinned=prev_pinned, lm_losses=res.lm_losses,
-        router_losses=res.router_losses, steps=res.steps, question=failure.question,
-        correct_answer=failure.correct_answer, train_seconds=res.seconds,
-        extra={"source": failure.source, "request_id": failure.request_id, "converged": res.converged,
-               "target_scores": list(res.target_scores), "guard_losses": list(res.guard_losses),
-               "neighbours": [r.edit_id for r in neighbours]},
-    ))
-    if invalidate is not None:
-        invalidate([eid])
-    timings["commit_s"] = time.perf_counter() - t
-    log.info("edit %s committed: expert %d v%d (%s), %d steps", edit_id, eid, new_version,
-             "new" if res.created else "refined", res.steps)
-
-    result = _result(rec, prompts, res, status="committed", timings=timings)
+        trained = train_jobs(env.base, env.fusion, [edits[i].job for i in ready], ttt)
+    except Exception as err:
+        trained = [err] * len(ready)
+    train_s = time.perf_counter() - t
+    for i, res in zip(ready, trained):
+        try:
+            if isinstance(res, BaseException):
+                raise edits[i].fail(res, "training failed") from res
+            edits[i].commit(res, train_s)
+        except Exception as err:
+            out[i] = err
+    committed = [i for i in ready if out[i] is None]
     if not verify:
-        timings["total_s"] = time.perf_counter() - t_start
-        return result
-
-    # 5. verify: the failing prompt, the neighbours' questions and the probes in one batch
+        for i in committed:
+            out[i] = edits[i].unverified()
+        return out
+    if not committed:
+        return out
     t = time.perf_counter()
-    checked = [r for r in neighbours if r.expert_id != eid]
-    chats = [failure.messages] + [_question_chat(r) for r in checked] + probes
-    gens = _generate(base, fusion, encoder, chats, router, fetch, ttt.verify_max_new_tokens)
-    g, g_neigh, g_probes = gens[0], gens[1:1 + len(checked)], gens[1 + len(checked):]
-    routed_to = tuple(int(i) for i in g.expert_ids)
-    if failure.correct_answer is not None:
-        answer_ok = answer_matches(g.text, failure.correct_answer)
-    else:
-        answer_ok = eid in routed_to
-    broken = [r.edit_id for r, gn in zip(checked, g_neigh) if not _still_right(r, gn)]
-    changed = [i for i, (a, b) in enumerate(zip(locality_before or [], g_probes))
-               if list(a) != list(b.token_ids)]
-    timings["verify_s"] = time.perf_counter() - t
-    reasons = []
-    if not answer_ok:
-        reasons.append(f"the failing prompt still fails (answer {g.text[:80]!r}, routed to {list(routed_to)})"
-                       if failure.correct_answer is not None else
-                       f"the failing prompt is not routed to expert {eid} (routed to {list(routed_to)})")
-    if broken:
-        reasons.append(f"neighbour edit(s) {broken} no longer answered right")
-    if changed:
-        reasons.append(f"locality probes {changed} changed their output")
-    extra = {"answer": g.text, "routed_to": list(routed_to), "locality_changed": changed,
-             "neighbours_broken": broken}
-    if reasons:
-        reason = "; ".join(reasons)
-        rollback(edit_id, store=store, keystore=keystore, ledger=ledger, invalidate=invalidate,
-                 note=f"verification failed: {reason}", **extra)
-        status = "rolled_back"
-        log.warning("edit %s rolled back: %s", edit_id, reason)
-    else:
-        reason = ""
-        ledger.set_status(edit_id, "verified", note="verified", **extra)
-        status = "verified"
-    timings["total_s"] = time.perf_counter() - t_start
+    chats = [c for i in committed for c in edits[i].verify_chats()] + probes
+    gens = env.generate(chats)
+    g_probes = gens[len(gens) - len(probes):] if probes else []
     after = tuple(tuple(int(x) for x in gp.token_ids) for gp in g_probes)
-    return _result(rec, prompts, res, status=status, timings=timings, answer=g.text, answer_ok=answer_ok,
-                   routed_to=routed_to, locality_changed=tuple(changed), reason=reason,
-                   neighbours=tuple(r.edit_id for r in checked), neighbours_broken=tuple(broken),
-                   locality_after=after)
+    changed = [j for j, (a, b) in enumerate(zip(locality_before or [], g_probes))
+               if list(a) != list(b.token_ids)]
+    verify_s = time.perf_counter() - t
+    pos = 0
+    for i in committed:
+        e = edits[i]
+        n = len(e.verify_chats())
+        mine = [j for j in changed if len(committed) == 1 or e.res.expert_id in g_probes[j].expert_ids]
+        out[i] = e.settle(gens[pos:pos + n], mine, after, verify_s)
+        pos += n
+    return out
 
 
 def _question_chat(rec: EditRecord) -> Messages:
@@ -370,40 +519,6 @@ def _still_right(rec: EditRecord, g: Any) -> bool:
     if rec.correct_answer:
         return answer_matches(g.text, rec.correct_answer)
     return rec.expert_id in [int(i) for i in g.expert_ids]
-
-
-def _result(rec: EditRecord, prompts: Sequence[TrainingPrompt], res: TrainResult, *, status: str,
-            timings: dict[str, float], **kw: Any) -> EditResult:
-    return EditResult(edit_id=rec.edit_id, status=status, expert_id=rec.expert_id, created=rec.created,
-                      rule=rec.rule, prompts=tuple(prompts), steps=res.steps, lm_losses=res.lm_losses,
-                      router_losses=res.router_losses, prev_version=rec.prev_version,
-                      new_version=int(rec.new_version), timings=timings, **kw)
-
-
-def _free_reserved(keystore: Any, reserved: list[int], new_slot: Callable[[], int] | None) -> None:
-    if reserved and new_slot is None:        # only slots this module reserved
-        try:
-            keystore.free(np.array(reserved, np.int64))
-        except Exception:
-            log.exception("could not free reserved slot(s) %s", reserved)
-
-
-def _record_failure(ledger: EditLedger, edit_id: str, failure: Failure, rule: str,
-                    prompts: Sequence[TrainingPrompt], err: BaseException,
-                    res: TrainResult | None = None) -> None:
-    try:
-        ledger.commit(EditRecord(
-            edit_id=edit_id, status="failed", rule=rule, prompts=tuple(p.to_dict() for p in prompts),
-            expert_id=res.expert_id if res is not None else -1, created=bool(res and res.created),
-            prev_version=res.prev_version if res is not None else None, new_version=None,
-            lm_losses=res.lm_losses if res is not None else (),
-            router_losses=res.router_losses if res is not None else (),
-            steps=res.steps if res is not None else 0,
-            question=failure.question, correct_answer=failure.correct_answer,
-            notes=(f"{type(err).__name__}: {err}",),
-        ))
-    except Exception:
-        log.exception("could not record the failed edit %s in the ledger", edit_id)
 
 
 # ----------------------------------------------------------------------------------------------------

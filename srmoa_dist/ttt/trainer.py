@@ -23,6 +23,7 @@ Loss of one step:
     lm     = mean_p nll_p  +  guard_weight * mean_g nll_g          # answer tokens only, under the mixture
     logits = [s_r1 .. s_rC, tau, q_r . key] / temperature           # (R, C + 2), tau = deferral column
     router = CE over the edit rows (label = target) + CE over the guard rows (label = their own expert)
+             + contrast_weight * CE over contrast queries (label = deferral; see `ttt.contrast`)
     loss   = lm + router_lambda * router
 
 The deferral column (score tau: "no expert, base model") is there when `TTTConfig.router_defer` is
@@ -286,6 +287,7 @@ def train_edit(
     check_keys: bool = True,
     full_forward: bool = False,
     guards: Sequence[Guard] = (),
+    contrast: np.ndarray | None = None,
 ) -> TrainResult:
     """Train one expert and its key on the P prompts (see the module docstring). Commits nothing.
 
@@ -295,69 +297,99 @@ def train_edit(
     new_slot: called once when a new expert is made; target: skip the choice and train this one;
     tau: the deferral score (default ks_cfg.tau); check_keys: compare the candidates' keys before/after;
     full_forward: run the whole model each step instead of layers Lq+1.. only (see AnswerLoss);
-    guards: neighbour edits' prompts to keep answered (see the module docstring).
+    guards: neighbour edits' prompts to keep answered (see the module docstring);
+    contrast: (C, d_key) queries of contrast prompts, on which the key must defer.
     """
+    job = TrainingJob(base, fusion, prompts, queries, keystore, store, cfg, ks_cfg, expert_cfg,
+                      new_slot=new_slot, may_refine=may_refine, target=target, tau=tau, seed=seed,
+                      guards=guards, contrast=contrast)
+    [res] = train_jobs(base, fusion, [job], cfg, check_keys=check_keys, full_forward=full_forward)
+    if isinstance(res, BaseException):
+        raise res
+    return res
+
+
+def train_jobs(base: Any, fusion: Any, jobs: Sequence[TrainingJob], cfg: TTTConfig, *,
+               check_keys: bool = True, full_forward: bool = False) -> list[TrainResult | BaseException]:
+    """Train several edits together: one batched forward per step holds every job's rows, each row
+    routed to its own job's target (their parameters are disjoint, so each job's gradient is what it
+    would be alone); a job stops stepping once it converges. Results in job order; a job whose
+    isolation check fails gets its IsolationError instead of a result (the others are unaffected)."""
     t0 = time.perf_counter()
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    P = len(prompts)
-    if queries.ndim != 2 or queries.shape != (P, ks_cfg.d_key):
-        raise ValueError(f"queries must be (P={P}, d_key={ks_cfg.d_key}), got {queries.shape}")
-    if P == 0:
-        raise ValueError("no training prompts")
-    tau = ks_cfg.tau if tau is None else float(tau)
-    if target is None:
-        target = choose_target(queries, keystore, cfg, new_slot, may_refine, k=ks_cfg.k)
-    guards = [g for g in guards if g.expert_id != target.expert_id][: cfg.max_guard_prompts]
-    job = _TrainingJob(base, fusion, prompts, queries, guards, keystore, store, cfg, ks_cfg, expert_cfg,
-                       target, tau, seed)
-    held = job.hold_candidates(check_keys)
+    held = [j.hold_candidates(check_keys) for j in jobs]
     try:
-        job.build_batch(full_forward)
-        job.run()
-        job.check_isolation()
+        for j in jobs:
+            j.build()
+        _JointSteps(base, fusion, jobs, cfg, full_forward).run()
+        out: list[TrainResult | BaseException] = []
+        for j in jobs:
+            try:
+                j.check_isolation()
+                out.append(j.result(time.perf_counter() - t0))
+            except IsolationError as e:
+                out.append(e)
+        return out
     finally:
-        job.release(held)
-    return job.result(time.perf_counter() - t0)
+        for j, h in zip(jobs, held):
+            j.release(h)
 
 
-class _TrainingJob:
-    """One edit's training, step by step: candidates -> batch under the mixture -> AdamW steps -> checks."""
+class TrainingJob:
+    """One edit's training state: its target, rows (own prompts + guards), candidates, parameters."""
 
     def __init__(self, base: Any, fusion: Any, prompts: Sequence[TrainingPrompt], queries: np.ndarray,
-                 guards: Sequence[Guard], keystore: KeySearch, store: ExpertGetter, cfg: TTTConfig,
-                 ks_cfg: KeyStoreConfig, expert_cfg: ExpertConfig, target: Target, tau: float,
-                 seed: int) -> None:
+                 keystore: KeySearch, store: ExpertGetter, cfg: TTTConfig, ks_cfg: KeyStoreConfig,
+                 expert_cfg: ExpertConfig, *, new_slot: Callable[[], int],
+                 may_refine: Callable[[int], bool] | None = None, target: Target | None = None,
+                 tau: float | None = None, seed: int = 0, guards: Sequence[Guard] = (),
+                 contrast: np.ndarray | None = None) -> None:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        P = len(prompts)
+        if queries.ndim != 2 or queries.shape != (P, ks_cfg.d_key):
+            raise ValueError(f"queries must be (P={P}, d_key={ks_cfg.d_key}), got {queries.shape}")
+        if P == 0:
+            raise ValueError("no training prompts")
         self.base, self.fusion, self.keystore, self.store = base, fusion, keystore, store
         self.cfg, self.ks_cfg, self.expert_cfg = cfg, ks_cfg, expert_cfg
-        self.target, self.tau = target, tau
+        self.tau = ks_cfg.tau if tau is None else float(tau)
+        if target is None:
+            target = choose_target(queries, keystore, cfg, new_slot, may_refine, k=ks_cfg.k)
+        self.target = target
+        guards = [g for g in guards if g.expert_id != target.expert_id][: cfg.max_guard_prompts]
         self.prompts = list(prompts) + [g.prompt for g in guards]                 # R rows
-        self.P, self.G = len(prompts), len(guards)
+        self.P, self.G = P, len(guards)
         self.guards = list(guards)
         self.queries = queries                                                    # (P, d)
-        q_all = np.concatenate([queries] + [g.query[None].astype(np.float32) for g in guards])   # (R, d)
-        self.q_all = q_all
+        self.q_all = np.concatenate([queries] + [g.query[None].astype(np.float32) for g in guards])  # (R, d)
         if target.created:
             self.source = new_expert(fusion.target_shapes(), expert_cfg, seed=seed)
             self.prev_key, self.prev_version = None, None
-            key0 = _unit(queries.mean(0))                                         # (d,) unit mean query
+            self.key0 = _unit(queries.mean(0))                                    # (d,) unit mean query
         else:
             [self.source] = store.get_many([target.expert_id])
             self.prev_version = int(self.source.version)
             self.prev_key = np.asarray(keystore.get(np.array([target.expert_id], np.int64)),
                                        dtype=np.float32).reshape(-1).copy()
-            key0 = self.prev_key.copy()
-        D, I = keystore.search(q_all, ks_cfg.k, tau=-1.0)                         # (R, k) every neighbour
+            self.key0 = self.prev_key.copy()
+        D, I = keystore.search(self.q_all, ks_cfg.k, tau=-1.0)                   # (R, k) every neighbour
         self.D = np.asarray(D, dtype=np.float32)
         self.I = np.asarray(I, dtype=np.int64)
-        self.rival = (self.I >= 0) & (self.I != target.expert_id)                # (R, k)
+        self.rival = (self.I >= 0) & (self.I != target.expert_id)               # (R, k)
         self.cand_ids = np.unique(self.I[self.rival])
-        self.key0 = key0
+        no_con = contrast is None or not cfg.router_defer
+        self.q_con = (np.zeros((0, ks_cfg.d_key), np.float32) if no_con          # (C, d) contrast queries
+                      else np.ascontiguousarray(contrast, dtype=np.float32).reshape(-1, ks_cfg.d_key))
         self.keys_before: np.ndarray | None = None
         self.lm_losses: list[float] = []
         self.guard_losses: list[float] = []
         self.router_losses: list[float] = []
         self.steps = 0
         self.converged = False
+        self.done = False
+
+    @property
+    def n_rows(self) -> int:
+        return self.P + self.G
 
     # -- 1. candidates ---------------------------------------------------------------------------------
     def hold_candidates(self, check_keys: bool) -> bool:
@@ -377,11 +409,11 @@ class _TrainingJob:
             except Exception:                  # the hold expires by itself
                 log.warning("could not release the hold on %d candidate keys", self.cand_ids.size)
 
-    # -- 2. the batch under the mixture ----------------------------------------------------------------
-    def build_batch(self, full_forward: bool) -> None:
-        """Rows' co-routed rivals (score >= tau, frozen experts), router logits and labels, LM batch."""
+    # -- 2. parameters, the mixture and the router loss ------------------------------------------------
+    def build(self) -> None:
+        """Rows' co-routed rivals (score >= tau, frozen experts), router logits and labels, optimizer."""
         cfg, T, dev = self.cfg, self.ks_cfg.temperature, self.base.device
-        R = self.P + self.G
+        R = self.n_rows
         served = self.rival & (self.D >= self.tau)                               # (R, k) mixed at serving
         wanted = sorted({int(i) for i in self.I[served]}) if cfg.train_in_mixture else []
         experts = dict(zip(wanted, self.store.get_many(wanted))) if wanted else {}
@@ -397,108 +429,88 @@ class _TrainingJob:
         if cfg.router_defer:
             cols.append(torch.full((R, 1), self.tau, device=dev))
         self.fixed_logits = torch.cat(cols, 1) / T                                # (R, k [+1])
-        n_fixed = self.fixed_logits.shape[1]
-        label = torch.full((R,), n_fixed, dtype=torch.long, device=dev)          # edit rows: the target
+        label = torch.full((R,), self.fixed_logits.shape[1], dtype=torch.long, device=dev)   # the target
         ce_w = torch.zeros(R, device=dev)
         ce_w[: self.P] = 1.0 / self.P
         for j, g in enumerate(self.guards):                       # guard rows: their own expert
-            r = self.P + j
-            own = np.flatnonzero(self.I[r] == g.expert_id)
+            own = np.flatnonzero(self.I[self.P + j] == g.expert_id)
             if own.size:
-                label[r] = int(own[0])
-                ce_w[r] = cfg.guard_weight / self.G
+                label[self.P + j] = int(own[0])
+                ce_w[self.P + j] = cfg.guard_weight / self.G
         self.label, self.ce_w = label, ce_w
-        row_w = torch.cat([torch.full((self.P,), 1.0 / self.P),
-                           torch.full((self.G,), cfg.guard_weight / max(self.G, 1))])
-        batch = lm_batch(self.base.tokenizer, self.prompts, self.base.system_prompt, dev)
-        self.lm_loss = AnswerLoss(self.base, batch, full_forward=full_forward, row_weights=row_w)
-        lora_params = list(self.te.parameters())
-        self.lora_params = lora_params
+        self.con = None
+        if len(self.q_con):                                       # contrast queries: defer (column k)
+            Dc, Ic = self.keystore.search(self.q_con, self.ks_cfg.k, tau=-1.0)    # (C, k)
+            Dc, Ic = np.asarray(Dc, np.float32), np.asarray(Ic, np.int64)
+            rc = (Ic >= 0) & (Ic != self.target.expert_id)
+            fixed = torch.cat([torch.tensor(np.where(rc, Dc, -np.inf), device=dev),
+                               torch.full((len(Dc), 1), self.tau, device=dev)], 1) / T           # (C, k+1)
+            self.con = (torch.tensor(self.q_con, device=dev), fixed,
+                        torch.full((len(Dc),), fixed.shape[1] - 1, dtype=torch.long, device=dev))
+        self.row_weights = torch.cat([torch.full((self.P,), 1.0 / self.P),
+                                      torch.full((self.G,), cfg.guard_weight / max(self.G, 1))])   # (R,)
+        self.lora_params = list(self.te.parameters())
         self.opt = torch.optim.AdamW([
-            {"params": lora_params, "lr": cfg.lr, "weight_decay": 0.0},
+            {"params": self.lora_params, "lr": cfg.lr, "weight_decay": 0.0},
             {"params": [self.key], "lr": cfg.key_lr if cfg.key_lr is not None else cfg.lr,
              "weight_decay": 0.0},
         ])
 
-    def _mixture(self, s_t: torch.Tensor) -> tuple[list[list[Any]], torch.Tensor]:
-        """Per row: [rivals..., target] and their gates (R, K), differentiable in the target's score."""
+    def mixture(self) -> tuple[torch.Tensor, list[list[Any]], list[torch.Tensor]]:
+        """The target's scores s_t (R,), and per row [rivals..., target] with their gates (K_r,),
+        differentiable in the key."""
         T = self.ks_cfg.temperature
+        s_t = self.q @ self.key                                                   # (R,) "rd,d->r"
         rows = [rv + [self.te] for rv in self.row_rivals]
-        K = max(len(x) for x in rows)
-        gates = []
-        for r, logits in enumerate(self.rival_gate_logits):
-            g = torch.softmax(torch.cat([logits, (s_t[r] / T)[None]]), 0)         # (K_r,) rivals, target
-            gates.append(F.pad(g, (0, K - g.shape[0])))
-        return rows, torch.stack(gates)                                          # (R, K)
+        gates = [torch.softmax(torch.cat([lg, (s_t[r] / T)[None]]), 0)            # (K_r,) rivals, target
+                 for r, lg in enumerate(self.rival_gate_logits)]
+        return s_t, rows, gates
 
-    # -- 3. the steps ----------------------------------------------------------------------------------
-    def run(self) -> None:
-        cfg, model = self.cfg, self.base.model
-        self.snap = _snapshot(model) if cfg.check_isolation else None
-        was_training = model.training
-        model.eval()                                                              # deterministic steps
-        try:
-            for step in range(cfg.steps + 1):
-                final = step == cfg.steps                                         # only measures the loss
-                with torch.set_grad_enabled(not final):
-                    s_t = self.q @ self.key                                       # (R,) "rd,d->r"
-                    rows, gates = self._mixture(s_t)
-                    with self.fusion.routing(rows, gates):                        # rebuilt: A, B, key move
-                        lm, per_row = self.lm_loss.with_rows()                     # (), (R,)
-                    logits = torch.cat([self.fixed_logits, (s_t / self.ks_cfg.temperature)[:, None]], 1)
-                    ce = F.cross_entropy(logits, self.label, reduction="none")   # (R,)
-                    router = (ce * self.ce_w).sum()
-                edit_lm = float(per_row[: self.P].mean())
-                self.lm_losses.append(edit_lm)
-                if self.G:
-                    self.guard_losses.append(float(per_row[self.P:].mean()))
-                self.router_losses.append(float(router.detach()))
-                guards_ok = not self.G or self.guard_losses[-1] < cfg.guard_loss
-                if edit_lm < cfg.converge_loss and guards_ok:
-                    self.converged = True
-                    break
-                if final:
-                    break
-                self._update(lm + cfg.router_lambda * router)
-                self.steps += 1
-                log.debug("ttt step %d: lm %.4f router %.4f", step, edit_lm, self.router_losses[-1])
-        finally:
-            model.train(was_training)
+    def router_loss(self, s_t: torch.Tensor) -> torch.Tensor:
+        T = self.ks_cfg.temperature
+        logits = torch.cat([self.fixed_logits, (s_t / T)[:, None]], 1)           # (R, k+2)
+        loss = (F.cross_entropy(logits, self.label, reduction="none") * self.ce_w).sum()
+        if self.con is not None:
+            q, fixed, label = self.con
+            lc = torch.cat([fixed, (q @ self.key / T)[:, None]], 1)               # (C, k+2) "cd,d->c"
+            loss = loss + self.cfg.contrast_weight * F.cross_entropy(lc, label)
+        return loss
 
-    def _update(self, loss: torch.Tensor) -> None:
+    def record(self, per_row: torch.Tensor, router: torch.Tensor) -> None:
+        """Log one step's losses (per_row (R,) detached); mark the job done when it has converged."""
+        lm = float(per_row[: self.P].mean())
+        self.lm_losses.append(lm)
+        if self.G:
+            self.guard_losses.append(float(per_row[self.P:].mean()))
+        self.router_losses.append(float(router.detach()))
+        guards_ok = not self.G or self.guard_losses[-1] < self.cfg.guard_loss
+        if lm < self.cfg.converge_loss and guards_ok:
+            self.converged = self.done = True
+
+    def update(self) -> None:
+        """Clip and step this job's parameters (gradients already computed)."""
         key, cfg = self.key, self.cfg
-        with torch.enable_grad():
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            with torch.no_grad():
-                # On the unit sphere, a descent step that would lengthen the key is cut back to the
-                # sphere anyway: drop that radial part of the gradient, or Adam's per-coordinate
-                # scaling turns it into a sideways drift that lowers the target's scores.
-                n = key.norm()
-                if n >= 1.0 - 1e-6 and key.grad is not None:
-                    u = key / n
-                    radial = key.grad @ u
-                    if radial < 0:
-                        key.grad.sub_(radial * u)
-            nn.utils.clip_grad_norm_(self.lora_params, cfg.grad_clip)
-            nn.utils.clip_grad_norm_([key], cfg.grad_clip)
-            self.opt.step()
-            with torch.no_grad():                                                # keys live in the unit ball
-                n = key.norm()
-                if n > 1.0:
-                    key.div_(n)
+        with torch.no_grad():
+            # On the unit sphere, a descent step that would lengthen the key is cut back to the
+            # sphere anyway: drop that radial part of the gradient, or Adam's per-coordinate
+            # scaling turns it into a sideways drift that lowers the target's scores.
+            n = key.norm()
+            if n >= 1.0 - 1e-6 and key.grad is not None:
+                u = key / n
+                radial = key.grad @ u
+                if radial < 0:
+                    key.grad.sub_(radial * u)
+        nn.utils.clip_grad_norm_(self.lora_params, cfg.grad_clip)
+        nn.utils.clip_grad_norm_([key], cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():                                                    # keys live in the unit ball
+            n = key.norm()
+            if n > 1.0:
+                key.div_(n)
+        self.steps += 1
 
     # -- 4. checks and result --------------------------------------------------------------------------
     def check_isolation(self) -> None:
-        model = self.base.model
-        if self.snap is not None:
-            bad = _changed(model, self.snap)
-            if bad:
-                raise IsolationError(f"training changed {len(bad)} tensor(s) outside the target expert: "
-                                     f"{bad[:5]}")
-            stray = [n for n, p in model.named_parameters() if p.grad is not None]
-            if stray:
-                raise IsolationError(f"base parameters received gradients: {stray[:5]}")
         if self.keys_before is not None:
             after = np.asarray(self.keystore.get(self.cand_ids), dtype=np.float32)
             if not np.array_equal(after, self.keys_before):
@@ -520,3 +532,58 @@ class _TrainingJob:
             guard_losses=tuple(self.guard_losses),
             guard_ids=tuple(sorted({g.expert_id for g in self.guards})),
         )
+
+
+class _JointSteps:
+    """The AdamW steps of several jobs in one batch: rows of job 0, then job 1, ... (see train_jobs)."""
+
+    def __init__(self, base: Any, fusion: Any, jobs: Sequence[TrainingJob], cfg: TTTConfig,
+                 full_forward: bool) -> None:
+        self.base, self.fusion, self.jobs, self.cfg = base, fusion, list(jobs), cfg
+        prompts = [p for j in jobs for p in j.prompts]
+        batch = lm_batch(base.tokenizer, prompts, base.system_prompt, base.device)
+        weights = torch.cat([j.row_weights for j in jobs])                        # (sum R,)
+        self.lm_loss = AnswerLoss(base, batch, full_forward=full_forward, row_weights=weights)
+        bounds = np.cumsum([0] + [j.n_rows for j in jobs])
+        self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def run(self) -> None:
+        model = self.base.model
+        snap = _snapshot(model) if self.cfg.check_isolation else None
+        was_training = model.training
+        model.eval()                                                              # deterministic steps
+        try:
+            for step in range(self.cfg.steps + 1):
+                final = step == self.cfg.steps                                    # only measures the loss
+                with torch.set_grad_enabled(not final):
+                    mixes = [j.mixture() for j in self.jobs]
+                    rows = [r for _, rs, _ in mixes for r in rs]
+                    gates = [g for _, _, gs in mixes for g in gs]
+                    K = max(g.shape[0] for g in gates)
+                    G = torch.stack([F.pad(g, (0, K - g.shape[0])) for g in gates])   # (sum R, K)
+                    with self.fusion.routing(rows, G):                            # rebuilt: A, B, keys move
+                        lm, per_row = self.lm_loss.with_rows()                     # (), (sum R,)
+                    routers = [j.router_loss(s_t) for j, (s_t, _, _) in zip(self.jobs, mixes)]
+                active = [j for j in self.jobs if not j.done]
+                for j, sl, r in zip(self.jobs, self.slices, routers):
+                    if not j.done:
+                        j.record(per_row[sl], r)
+                live = [j for j in active if not j.done]
+                if final or not live:
+                    break
+                loss = lm + self.cfg.router_lambda * sum(r for j, r in zip(self.jobs, routers) if not j.done)
+                for j in self.jobs:
+                    j.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for j in live:
+                    j.update()
+        finally:
+            model.train(was_training)
+        if snap is not None:
+            bad = _changed(model, snap)
+            if bad:
+                raise IsolationError(f"training changed {len(bad)} tensor(s) outside the target experts: "
+                                     f"{bad[:5]}")
+            stray = [n for n, p in model.named_parameters() if p.grad is not None]
+            if stray:
+                raise IsolationError(f"base parameters received gradients: {stray[:5]}")

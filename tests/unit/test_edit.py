@@ -151,11 +151,10 @@ def test_held_out_leak_writes_nothing(world, tmp_path):
 def test_training_failure_frees_slot_and_records(world, tmp_path, monkeypatch):
     env = Env(tmp_path, world[1])
 
-    def boom(*a, new_slot, **k):
-        new_slot()
+    def boom(base, fusion, jobs, cfg, **k):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(edit_mod, "train_edit", boom)
+    monkeypatch.setattr(edit_mod, "train_jobs", boom)
     with pytest.raises(EditFailed, match="out of memory") as ei:
         apply_edit(FAILURE, **env.kw(world))
     assert len(env.ks) == 6                                     # the reserved slot was freed
