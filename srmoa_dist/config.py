@@ -213,11 +213,12 @@ class TTTConfig:
     guard_prompts: int = 2            # prompts of each neighbour edit replayed as guard rows (0 = none)
     max_guard_prompts: int = 6        # guard rows per edit at most
     guard_weight: float = 1.0         # weight of the guard rows' LM and router losses
-    guard_loss: float = 0.3           # early stop also needs the guard rows' mean NLL under this
+    guard_loss: float = 0.3           # early stop also needs the guard rows' NLL within this of its start
     neighbour_margin: float = 0.1     # neighbours: live edits scoring >= tau - margin on the edit's queries
-    contrast_prompts: int = 2         # generic questions about the subject the key must defer on (0 = none)
-    contrast_weight: float = 0.5      # weight of their router loss (label: the deferral column)
+    contrast_prompts: int = 2         # generic questions about the subject kept at the base answer
+    contrast_weight: float = 0.0      # their router loss, label deferral (0.5 halved held-out routing)
     reflect: str = "auto"             # auto: ask the model for a rule only when no correct answer is given
+    batch_edits: int = 8              # queued feedback jobs trained together in one batch at most
 
     def __post_init__(self) -> None:
         if self.key_lr is not None:
@@ -244,6 +245,9 @@ class TTTConfig:
         _non_negative("ttt.contrast_weight", self.contrast_weight)
         _non_negative("ttt.neighbour_margin", self.neighbour_margin)
         _choice("ttt.reflect", self.reflect, ("auto", "always", "never"))
+        b = self.batch_edits
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise ValueError(f"ttt.batch_edits must be a positive integer, got {self.batch_edits!r}")
         if not isinstance(self.verify_max_new_tokens, int) or self.verify_max_new_tokens <= 0:
             raise ValueError(
                 f"ttt.verify_max_new_tokens must be a positive integer, got {self.verify_max_new_tokens!r}"

@@ -90,6 +90,17 @@ def smollm2_gguf_path() -> Path:
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {list(spec.submodule_search_locations)}")
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_torch_threads(n: int, default: int | None = None) -> int:
+    """torch intra-op threads: n, else `default`, else every core this process may use."""
+    torch.set_num_threads(max(1, int(n or default or cpu_cores())))
+    return torch.get_num_threads()
+
+
 def load_base_model(cfg: ModelConfig, cache_dir: str | os.PathLike) -> BaseModel:
     """Load, freeze and place the base model of `cfg` (GGUF sources go through the cache in cache_dir)."""
     device = resolve_device(cfg.device)

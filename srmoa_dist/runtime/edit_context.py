@@ -92,6 +92,12 @@ class EditContext:
         goes on meanwhile: the trainer holds only the candidates' keys still (`KeyStore.hold`)."""
         return self.editor().run(request, job_id=job_id).to_json()
 
+    def run_feedback_many(self, requests: list[dict[str, Any]], *, job_ids: list[str]) -> list[Any]:
+        """Queued feedback requests trained together (`Editor.run_many`): per request its result as
+        JSON, or the exception its edit raised."""
+        out = self.editor().run_many(requests, job_ids=job_ids)
+        return [r if isinstance(r, BaseException) else r.to_json() for r in out]
+
     def rollback(self, edit_id: str) -> dict[str, Any]:
         from srmoa_dist.ttt.edit import rollback
 

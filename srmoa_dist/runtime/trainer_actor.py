@@ -243,32 +243,52 @@ class TrainerActor:
             self._save(job)
 
     def _worker(self) -> None:
-        from srmoa_dist.serve.engine import set_torch_threads
+        from srmoa_dist.model.loading import set_torch_threads
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        set_torch_threads(self.cfg.runtime.torch_threads, default=max(1, cores // 2))
+        # every core: an edit finishes while the user waits (serving shares them while one trains)
+        set_torch_threads(self.cfg.runtime.torch_threads)
         while True:
-            job_id = self._queue.get()
-            with self._lock:
-                job = self._jobs.get(job_id)
-                if job is None or job["status"] != "pending":
-                    continue
-                self._current = job_id
-            self._set(job_id, status="running", started=time.time())
+            batch = self._take_batch()
+            if not batch:
+                continue
             try:
                 ctx = self._context()
                 with ctx.edit_lock:
-                    result = ctx.run_feedback(job["request"], job_id=job_id)
-                self._set(job_id, status="done", finished=time.time(), result=result)
-                log.info("job %s done: edit %s %s (expert %s)", job_id, result.get("edit_id"),
-                         result.get("status"), result.get("expert_id"))
-            except Exception as e:
-                log.exception("job %s failed", job_id)
-                self._set(job_id, status="failed", finished=time.time(), error=_brief(e))
-            finally:
-                with self._lock:
-                    self._current = None
-                    self._prune()
+                    results = ctx.run_feedback_many([self._jobs[j]["request"] for j in batch], job_ids=batch)
+            except Exception as e:                  # the model or the stores are unusable: every job fails
+                log.exception("jobs %s failed", batch)
+                results = [e] * len(batch)
+            for job_id, r in zip(batch, results):
+                if isinstance(r, BaseException):
+                    self._set(job_id, status="failed", finished=time.time(), error=_brief(r))
+                else:
+                    self._set(job_id, status="done", finished=time.time(), result=r)
+                    log.info("job %s done: edit %s %s (expert %s)", job_id, r.get("edit_id"), r.get("status"),
+                             r.get("expert_id"))
+            with self._lock:
+                self._current = None
+                self._prune()
+
+    def _take_batch(self) -> list[str]:
+        """The next pending job (waiting for one), and up to ttt.batch_edits - 1 more already queued;
+        each marked running."""
+        first = self._queue.get()
+        ids = [first]
+        while len(ids) < self.cfg.ttt.batch_edits:
+            try:
+                ids.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        batch = []
+        with self._lock:
+            for job_id in ids:
+                job = self._jobs.get(job_id)
+                if job is not None and job["status"] == "pending":
+                    batch.append(job_id)
+            self._current = batch[0] if batch else None
+        for job_id in batch:
+            self._set(job_id, status="running", started=time.time())
+        return batch
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:

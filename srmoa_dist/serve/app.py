@@ -192,8 +192,9 @@ class ModelServer:
     """Frozen base model + query encoder + expert cache; batched generation (`@serve.batch`)."""
 
     def __init__(self, cfg: SrmoaConfig) -> None:
+        from srmoa_dist.model.loading import set_torch_threads
         from srmoa_dist.runtime.bootstrap import ensure_actors
-        from srmoa_dist.serve.engine import Engine, set_torch_threads
+        from srmoa_dist.serve.engine import Engine
 
         logging.basicConfig(level=logging.INFO)
         threads = set_torch_threads(cfg.runtime.torch_threads)

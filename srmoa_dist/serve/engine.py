@@ -23,7 +23,6 @@ longer holds is skipped; the routing says so (`degraded`, `degraded_reason`, `sk
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -45,16 +44,6 @@ class RequestError(ValueError):
     def as_dict(self) -> dict[str, Any]:
         return {"error": {"status": self.status, "message": str(self), "param": self.param,
                           "code": self.code}}
-
-
-def set_torch_threads(n: int, default: int | None = None) -> int:
-    """torch intra-op threads: n, else `default`, else every core this process may use."""
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    want = n or default or cores
-    torch.set_num_threads(max(1, int(want)))
-    return torch.get_num_threads()
 
 
 class Engine:
@@ -265,4 +254,4 @@ def _result(g: Any, use: bool, degraded: str | None = None) -> dict[str, Any]:
     }
 
 
-__all__ = ["Engine", "RequestError", "set_torch_threads"]
+__all__ = ["Engine", "RequestError"]

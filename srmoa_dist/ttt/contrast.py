@@ -8,6 +8,11 @@ same subject (`CONTRAST_TEMPLATES`, worded unlike any relation of the benchmarks
 their queries in the router loss with the deferral column as the label, so the key moves toward what
 the edit is about (the relation) and away from what is only shared (the subject).
 
+They are used two ways: as *rows* of the training batch whose target is the base model's own first
+sentence to them (the expert learns to leave other questions about the subject to the base model:
+`ttt.contrast_prompts`), and optionally in the router loss with the deferral column as the label
+(`ttt.contrast_weight`; measured to cut leaks but also the held-out paraphrases' routing, so off by default).
+
 The subject is found without a model: the longest run of capitalised words (an inner run, not the
 question word that starts the sentence), with a trailing "'s" dropped. No subject -> no contrast prompts.
 """
@@ -59,4 +64,11 @@ def contrast_questions(question: str, n: int) -> list[str]:
     return [t.format(s=s) for t in CONTRAST_TEMPLATES[:n]]
 
 
-__all__ = ["CONTRAST_TEMPLATES", "contrast_questions", "subject_of"]
+def first_sentence(text: str, max_chars: int = 200) -> str:
+    """The first sentence of a reply (a whole sentence makes a clean training target), else its start."""
+    t = " ".join(text.split())
+    m = re.search(r"[.!?](\s|$)", t)
+    return (t[: m.end()].strip() if m else t)[:max_chars].strip()
+
+
+__all__ = ["CONTRAST_TEMPLATES", "contrast_questions", "first_sentence", "subject_of"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from srmoa_dist.ttt.detect import Failure
 
 STRUCTURES = ("instruction", "question_answer", "statement", "worked_example")
+CONTRAST = "contrast"          # a row that keeps the base model's answer (`ttt.contrast`), not an edit's
 
 
 class HeldOutLeak(ValueError):
@@ -33,13 +34,13 @@ class HeldOutLeak(ValueError):
 class TrainingPrompt:
     """One (messages, target) pair; the LM loss covers the target's tokens only."""
 
-    structure: str                          # one of STRUCTURES
+    structure: str                          # one of STRUCTURES, or CONTRAST
     messages: tuple[dict[str, str], ...]    # ends with the user's turn
     target: str                             # the assistant's answer text
 
     def __post_init__(self) -> None:
-        if self.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        if self.structure not in (*STRUCTURES, CONTRAST):
+            raise ValueError(f"structure must be one of {(*STRUCTURES, CONTRAST)}, got {self.structure!r}")
         if not self.messages or self.messages[-1]["role"] != "user":
             raise ValueError("a training prompt's messages must end with a user turn")
         if not self.target.strip():

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from srmoa_dist.config import SrmoaConfig
-from srmoa_dist.ttt.contrast import contrast_questions
+from srmoa_dist.ttt.contrast import contrast_questions, first_sentence
 from srmoa_dist.ttt.detect import Failure, Messages, answer_matches, as_messages
-from srmoa_dist.ttt.diversify import TrainingPrompt, diversify
+from srmoa_dist.ttt.diversify import CONTRAST, TrainingPrompt, diversify
 from srmoa_dist.ttt.ledger import EditLedger, EditRecord
 from srmoa_dist.ttt.reflect import Ask, reflect
 from srmoa_dist.ttt.trainer import Guard, TrainingJob, TrainResult, train_jobs
@@ -68,6 +68,7 @@ class EditResult:
     neighbours: tuple[str, ...] = ()     # edit ids of the neighbour edits (guards, re-verified)
     neighbours_broken: tuple[str, ...] = ()   # those no longer answered right after the commit
     locality_after: tuple[tuple[int, ...], ...] | None = None   # probes' greedy ids after the commit
+    batch_size: int = 1                  # edits trained together in this edit's batch
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,7 +80,7 @@ class EditResult:
             "answer_ok": self.answer_ok, "routed_to": list(self.routed_to),
             "locality_changed": list(self.locality_changed), "reason": self.reason,
             "timings": dict(self.timings), "neighbours": list(self.neighbours),
-            "neighbours_broken": list(self.neighbours_broken),
+            "neighbours_broken": list(self.neighbours_broken), "batch_size": self.batch_size,
         }
 
 
@@ -237,6 +238,7 @@ class Edit:
         self.job: TrainingJob | None = None
         self.res: TrainResult | None = None
         self.rec: EditRecord | None = None
+        self.batch_size = 1
 
     # 1. reflect, diversify, neighbours, the training job (RuleRejected / HeldOutLeak before any write)
     def prepare(self) -> None:
@@ -255,14 +257,35 @@ class Edit:
             if rows:
                 gq = env.queries([p.messages for _, p in rows])                           # (G, d_key)
                 guards = [Guard(eid, p, gq[j]) for j, (eid, p) in enumerate(rows)]
-            cq = contrast_queries(env.base, env.encoder, self.failure.question, ttt.contrast_prompts,
-                                  self.exclude)                                         # (C, d_key)
+            guards += self._contrast_rows()
+            cq = (contrast_queries(env.base, env.encoder, self.failure.question, ttt.contrast_prompts,
+                                   self.exclude) if ttt.contrast_weight > 0 else None)   # (C, d_key)
             self.job = TrainingJob(env.base, env.fusion, self.prompts, qs, env.keystore, env.store, ttt,
                                    ks_cfg, env.cfg.expert, new_slot=self._reserve, may_refine=self.may_refine,
                                    tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq)
         except Exception as e:
             raise self.fail(e, "training failed") from e
         self.timings["prepare_s"] = time.perf_counter() - t
+
+    def _contrast_rows(self) -> list[Guard]:
+        """Contrast prompts about the failing question's subject, each with the base model's own first
+        sentence as its target (`ttt.contrast`), as guard rows without a router label."""
+        from srmoa_dist.model.generation import GenerationParams, generate
+
+        env, n = self.env, self.env.cfg.ttt.contrast_prompts
+        held = [" ".join(x.lower().split()) for x in self.exclude]
+        texts = [t for t in contrast_questions(self.failure.question, n)
+                 if not any(h in t.lower() for h in held)]
+        if not texts:
+            return []
+        chats = [[{"role": "user", "content": t}] for t in texts]
+        params = GenerationParams(max_new_tokens=env.cfg.ttt.verify_max_new_tokens)
+        answers = [first_sentence(g.text) for g in generate(env.base, None, None, chats, params=params)]
+        rows = [(c, a) for c, a in zip(chats, answers) if a]
+        if not rows:
+            return []
+        q = env.queries([c for c, _ in rows])                                            # (C, d_key)
+        return [Guard(-1, TrainingPrompt(CONTRAST, tuple(c), a), q[j]) for j, (c, a) in enumerate(rows)]
 
     def _reserve(self) -> int:
         env = self.env
@@ -401,7 +424,8 @@ class Edit:
                           rule=rec.rule, prompts=tuple(self.prompts), steps=res.steps,
                           lm_losses=res.lm_losses,
                           router_losses=res.router_losses, prev_version=rec.prev_version,
-                          new_version=int(rec.new_version), timings=dict(self.timings), **kw)
+                          new_version=int(rec.new_version), timings=dict(self.timings),
+                          batch_size=self.batch_size, **kw)
 
 
 def apply_edit(
@@ -475,6 +499,7 @@ def apply_edits(env: EditEnv, edits: Sequence[Edit], *, locality_prompts: Sequen
         trained = [err] * len(ready)
     train_s = time.perf_counter() - t
     for i, res in zip(ready, trained):
+        edits[i].batch_size = len(ready)
         try:
             if isinstance(res, BaseException):
                 raise edits[i].fail(res, "training failed") from res

@@ -4,6 +4,10 @@ The trainer actor's `EditContext` builds one over its Ray clients; `srmoa bench 
 over in-process stores, so the benchmark measures the code path of the API. A feedback request (the
 `FeedbackRequest` fields as a dict) becomes a `Failure`, then `ttt.edit.apply_edit`.
 
+`run_many` trains several queued requests in one batch (`ttt.edit.apply_edits`), each committed and
+verified on its own; requests whose questions are near each other (two facts about one entity) go to
+separate batches, so each trains with the other as a neighbour (a guard) instead of beside it blind.
+
 The locality probes' greedy outputs before an edit are the outputs after the last verified one (an
 edit rolled back leaves them as they were), so they are generated once, not before every edit; a
 rollback by request drops the cache.
@@ -17,7 +21,7 @@ from typing import Any
 
 from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.ttt.detect import Failure, explicit_failure
-from srmoa_dist.ttt.edit import EditResult, apply_edit, model_ask, rollback
+from srmoa_dist.ttt.edit import Edit, EditEnv, EditResult, apply_edits, model_ask, rollback
 from srmoa_dist.ttt.ledger import EditLedger, EditRecord
 
 log = logging.getLogger(__name__)
@@ -47,21 +51,79 @@ class Editor:
 
     def run(self, request: dict[str, Any], *, job_id: str | None = None, exclude: Sequence[str] = (),
             seed: int = 0) -> EditResult:
-        """One feedback request -> one edit (verified, rolled back, or EditFailed raised)."""
-        failure = self.failure(request, job_id=job_id)
-        ask = model_ask(self.base) if failure.rule is None else None
+        """One feedback request -> one edit (verified or rolled back); raises what the edit raised."""
+        [out] = self.run_many([request], job_ids=[job_id], excludes=[exclude], seeds=[seed])
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def run_many(self, requests: Sequence[dict[str, Any]], *, job_ids: Sequence[str | None] | None = None,
+                 excludes: Sequence[Sequence[str]] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[EditResult | BaseException]:
+        """Several requests, in batches of at most ttt.batch_edits non-neighbours; per request its
+        EditResult or the exception its edit raised (one failure takes no other request with it)."""
+        n = len(requests)
+        job_ids = list(job_ids or [None] * n)
+        excludes = list(excludes or [()] * n)
+        seeds = list(seeds or [0] * n)
+        out: list[EditResult | BaseException | None] = [None] * n
+        failures: dict[int, Any] = {}
+        for i, r in enumerate(requests):
+            try:
+                failures[i] = self.failure(r, job_id=job_ids[i])
+            except Exception as e:                  # a malformed request
+                out[i] = e
+        for batch in self._batches(failures):
+            env = EditEnv(self.base, self.fusion, self.encoder, self.store, self.keystore, self.ledger,
+                          self.cfg, self.invalidate)
+            edits, idx = [], []
+            for i in batch:
+                f = failures[i]
+                try:
+                    edits.append(Edit(env, f, ask=model_ask(self.base) if f.rule is None else None,
+                                      exclude=excludes[i], seed=seeds[i]))
+                    idx.append(i)
+                except Exception as e:
+                    out[i] = e
+            results = self._apply(env, edits)
+            for i, r in zip(idx, results):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def _apply(self, env: EditEnv, edits: list[Edit]) -> list[EditResult | BaseException]:
         try:
-            res = apply_edit(
-                failure, base=self.base, fusion=self.fusion, encoder=self.encoder, store=self.store,
-                keystore=self.keystore, ledger=self.ledger, cfg=self.cfg, ask=ask,
-                locality_prompts=self.locality_prompts, locality_before=self._probes_before,
-                exclude=exclude, invalidate=self.invalidate, seed=seed)
+            results = apply_edits(env, edits, locality_prompts=self.locality_prompts,
+                                  locality_before=self._probes_before)
         except Exception:
             self._probes_before = None             # state unknown: generate them again next time
             raise
-        if res.status == "verified" and res.locality_after is not None:
-            self._probes_before = [list(x) for x in res.locality_after]
-        return res
+        done = [r for r in results if isinstance(r, EditResult)]
+        if any(r.status == "verified" for r in done):
+            after = next(r.locality_after for r in done if r.locality_after is not None)
+            self._probes_before = [list(x) for x in after]
+        if any(not isinstance(r, EditResult) for r in results):
+            self._probes_before = None
+        return results
+
+    def _batches(self, failures: dict[int, Any]) -> list[list[int]]:
+        """Greedy batches of at most ttt.batch_edits requests whose questions' queries score under
+        tau - ttt.neighbour_margin against each other (request order kept within a batch)."""
+        order = list(failures)
+        if len(order) <= 1:
+            return [order] if order else []
+        from srmoa_dist.model.generation import queries
+
+        Q = queries(self.base, self.encoder, [list(failures[i].messages) for i in order])   # (n, d_key)
+        near = Q @ Q.T >= self.cfg.keystore.tau - self.cfg.ttt.neighbour_margin           # (n, n)
+        left, batches = list(range(len(order))), []
+        while left:
+            batch: list[int] = []
+            for j in list(left):
+                if len(batch) < self.cfg.ttt.batch_edits and not any(near[j, b] for b in batch):
+                    batch.append(j)
+                    left.remove(j)
+            batches.append([order[j] for j in batch])
+        return batches
 
     def rollback(self, edit_id: str, note: str = "rolled back on request") -> EditRecord:
         self._probes_before = None

@@ -86,9 +86,10 @@ class Target:
 
 @dataclass(frozen=True)
 class Guard:
-    """A neighbour edit's training prompt that this edit must leave answered (from the ledger)."""
+    """A row this edit must leave answered: a neighbour edit's training prompt (from the ledger), or a
+    contrast prompt whose target is the base model's answer (expert_id -1: no router label)."""
 
-    expert_id: int                      # the neighbour's expert, the router label of this row
+    expert_id: int                      # the neighbour's expert, the router label of this row; -1: none
     prompt: TrainingPrompt
     query: np.ndarray                   # (d_key,) its routing query
 
@@ -355,7 +356,7 @@ class TrainingJob:
         if target is None:
             target = choose_target(queries, keystore, cfg, new_slot, may_refine, k=ks_cfg.k)
         self.target = target
-        guards = [g for g in guards if g.expert_id != target.expert_id][: cfg.max_guard_prompts]
+        guards = [g for g in guards if g.expert_id != target.expert_id]
         self.prompts = list(prompts) + [g.prompt for g in guards]                 # R rows
         self.P, self.G = P, len(guards)
         self.guards = list(guards)
@@ -433,8 +434,8 @@ class TrainingJob:
         ce_w = torch.zeros(R, device=dev)
         ce_w[: self.P] = 1.0 / self.P
         for j, g in enumerate(self.guards):                       # guard rows: their own expert
-            own = np.flatnonzero(self.I[self.P + j] == g.expert_id)
-            if own.size:
+            own = np.flatnonzero(self.I[self.P + j] == g.expert_id) if g.expert_id >= 0 else []
+            if len(own):
                 label[self.P + j] = int(own[0])
                 ce_w[self.P + j] = cfg.guard_weight / self.G
         self.label, self.ce_w = label, ce_w
@@ -483,7 +484,8 @@ class TrainingJob:
         if self.G:
             self.guard_losses.append(float(per_row[self.P:].mean()))
         self.router_losses.append(float(router.detach()))
-        guards_ok = not self.G or self.guard_losses[-1] < self.cfg.guard_loss
+        # guard rows: no worse than before this edit's expert joined them, give or take guard_loss nats
+        guards_ok = not self.G or self.guard_losses[-1] <= self.guard_losses[0] + self.cfg.guard_loss
         if lm < self.cfg.converge_loss and guards_ok:
             self.converged = self.done = True
 

@@ -78,3 +78,24 @@ def test_job_of_a_dead_trainer_is_failed_not_pending(ray_cluster, tmp_path, tiny
         assert again["status"] in ("pending", "running")
     finally:
         rt.kill_actors()
+
+
+def test_queued_jobs_are_trained_together_and_each_settles_on_its_own(ray_cluster, tmp_path, tiny_model_dir):
+    rt = _runtime(tmp_path, tiny_model_dir, batch_edits=4)
+    try:
+        t = rt.trainer
+        ray_cluster.get(t.wait.remote(ray_cluster.get(t.submit.remote(FEEDBACK))["job_id"], 120.0))  # loads
+        facts = [("What is the capital of Italy?", "Rome"), ("Who wrote Hamlet?", "Shakespeare"),
+                 ("What do bees make?", "Honey")]
+        jobs = [ray_cluster.get(t.submit.remote({"prompt": q, "correct_answer": a})) for q, a in facts]
+        done = [ray_cluster.get(t.wait.remote(j["job_id"], 180.0)) for j in jobs]
+        assert all(d["status"] == "done" for d in done), done
+        sizes = [d["result"]["batch_size"] for d in done]
+        assert max(sizes) > 1, sizes                      # queued jobs shared a training batch
+        ids = {d["result"]["expert_id"] for d in done}
+        assert len(ids) == 3                              # each with its own target expert
+        for d in done:
+            assert d["result"]["status"] in ("verified", "rolled_back")
+            assert "train_s" in d["result"]["timings"]
+    finally:
+        rt.kill_actors()

@@ -34,11 +34,12 @@ def world(make_tiny_world):
 class Env:
     """Fresh key store (6 random keys), LMDB store (their experts) and ledger for one test."""
 
-    def __init__(self, tmp_path, fusion, *, tau=0.5, steps=40, lr=0.05, keys=None):
+    def __init__(self, tmp_path, fusion, *, tau=0.5, steps=40, lr=0.05, keys=None, contrast_prompts=0):
+        # contrast rows off by default: the tiny model cannot learn them beside the fact in few steps
         self.cfg = SrmoaConfig(
             data_dir=str(tmp_path), expert=ExpertConfig(rank=4, alpha=8.0),
             keystore=KeyStoreConfig(d_key=D_KEY, tau=tau, k=4, device="cpu"),
-            ttt=TTTConfig(steps=steps, lr=lr, verify_max_new_tokens=12))
+            ttt=TTTConfig(steps=steps, lr=lr, verify_max_new_tokens=12, contrast_prompts=contrast_prompts))
         if keys is None:
             keys = np.random.default_rng(0).standard_normal((6, D_KEY)).astype(np.float32)
             keys /= np.linalg.norm(keys, axis=1, keepdims=True)
@@ -202,3 +203,18 @@ def test_commit_failure_undoes_the_store_write(world, tmp_path):
         apply_edit(FAILURE, verify=False, **kw)
     assert env.store.versions([3]) == [1] and np.array_equal(env.ks.get([3]), key3)
     assert env.ledger.get(ei.value.edit_id).status == "failed" and len(env.ks) == 6
+
+
+def test_contrast_rows_keep_the_base_answer_about_the_subject(world, tmp_path):
+    from srmoa_dist.ttt.edit import Edit, EditEnv
+
+    env = Env(tmp_path, world[1], contrast_prompts=2)
+    base, fusion, enc = world
+    e = Edit(EditEnv(base, fusion, enc, env.store, env.ks, env.ledger, env.cfg), FAILURE)
+    rows = e._contrast_rows()
+    assert [g.prompt.user_text for g in rows] == ["Tell me something interesting about France.",
+                                                  "What is France known for?"]
+    assert all(g.expert_id == -1 and g.prompt.structure == "contrast" and g.prompt.target for g in rows)
+    assert all(g.query.shape == (D_KEY,) for g in rows)
+    r = apply_edit(FAILURE, verify=False, **env.kw(world))           # they train beside the edit's rows
+    assert r.status == "committed"
