@@ -433,15 +433,18 @@ def bench_lifelong(
     baselines: str = typer.Option("base,rule_in_context,shared_lora", help="Baselines measured beside."),
     serve_queries: int = typer.Option(20_000, min=0, help="Routed queries consolidated after the edits."),
     eval_facts: int = typer.Option(300, min=1, help="Facts evaluated at a checkpoint at most (even sample)."),
+    config: Path | None = typer.Option(None, help="A YAML config to start from (default: the defaults)."),
     data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
     seed: int = typer.Option(0),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Reliability, generalization, locality and same-entity leak at checkpoints, beside baselines."""
     from srmoa_dist.bench.lifelong import run_lifelong_bench
+    from srmoa_dist.config import SrmoaConfig
 
     _logging(verbose)
-    run_lifelong_bench(edits, out, facts_per_entity=facts_per_entity,
+    cfg = SrmoaConfig.load_yaml(config) if config is not None else None
+    run_lifelong_bench(edits, out, facts_per_entity=facts_per_entity, cfg=cfg,
                        checkpoints=_ints(checkpoints, "--checkpoints"),
                        baselines=[b.strip() for b in baselines.split(",") if b.strip()],
                        serve_queries=serve_queries, eval_facts=eval_facts, data_dir=data_dir, seed=seed,

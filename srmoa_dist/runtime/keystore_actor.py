@@ -78,7 +78,6 @@ class KeyStoreActor:
         self._add_requests: OrderedDict[str, np.ndarray] = OrderedDict()   # request id -> slot ids
         self._searches = 0
         self._queries = 0
-        self._paused_until = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keystore-consolidate", daemon=True)
         self._thread.start()
@@ -150,27 +149,12 @@ class KeyStoreActor:
 
     def flush(self) -> dict[str, Any]:
         """Consolidate what is pending now (tests, shutdown); returns the consolidation's stats."""
-        return self._consolidate(force=True)
+        return self._consolidate()
 
-    def pause_consolidation(self, ttl_s: float = 600.0) -> None:
-        """Hold background consolidation (activations keep queueing) for at most `ttl_s` seconds.
-
-        The trainer holds it while an edit trains: the edit checks that no other expert's key moved
-        meanwhile, and gravity must not move them under it. The ttl bounds the hold if the trainer dies.
-        """
-        with self._lock:
-            self._paused_until = time.monotonic() + float(ttl_s)
-
-    def resume_consolidation(self) -> None:
-        with self._lock:
-            self._paused_until = 0.0
-
-    def _consolidate(self, force: bool = False) -> dict[str, Any]:
+    def _consolidate(self) -> dict[str, Any]:
         from srmoa_dist.routing.gravity import Activations
 
         with self._lock:
-            if not force and time.monotonic() < self._paused_until:
-                return {}
             batch, self._pending, self._pending_rows = self._pending, [], 0
             if not batch:
                 return {}
@@ -379,7 +363,6 @@ class KeyStoreActor:
             "consolidated_activations": self._consolidated_rows,
             "last_consolidation": self._last_consolidation,
             "snapshots": self._snapshots, "invalidation_seq": self._seq,
-            "consolidation_paused": time.monotonic() < self._paused_until,
         })
         return out
 

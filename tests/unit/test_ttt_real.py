@@ -73,3 +73,40 @@ def test_smollm2_learns_an_invented_fact(smollm2_base, tmp_path):
         store.close()
     finally:
         fusion.remove()
+
+
+@pytest.mark.slow
+def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_base, tmp_path):
+    """Two edits about one invented country through the feedback path (`Editor`): both answered, their
+    held-out paraphrases too, and an unedited question about the country answers with neither."""
+    from srmoa_dist.ttt.editor import Editor
+
+    base = smollm2_base
+    cfg = SrmoaConfig(data_dir=str(tmp_path), keystore=KeyStoreConfig(tau=TAU, device="cpu"),
+                      ttt=TTTConfig(verify_max_new_tokens=16))
+    fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
+    facts = [("What is the capital of Veloria?", "Quenmark", "Which city is the capital of Veloria?"),
+             ("What is the currency of Veloria?", "drelk", "What money do people use in Veloria?")]
+    unedited = "What is the national anthem of Veloria?"
+    try:
+        enc = QueryEncoder.calibrate(base, d_key=cfg.keystore.d_key)
+        ks = KeyStore(cfg.keystore)
+        store = ShardedExpertStore(cfg.shards_dir, StoreConfig(n_shards=2))
+        editor = Editor(cfg, base=base, fusion=fusion, encoder=enc, store=store, keystore=ks,
+                        ledger=EditLedger(cfg.ledger_dir), locality_prompts=UNRELATED)
+        results = [editor.run({"prompt": q, "correct_answer": a}, exclude=[h]) for q, a, h in facts]
+        print("\nedits:", [(r.status, r.steps, round(r.timings["total_s"], 1)) for r in results])
+        assert [r.status for r in results] == ["verified", "verified"], [r.reason for r in results]
+        assert results[1].neighbours == (results[0].edit_id,)          # the second saw the first as neighbour
+        router, fetch = make_router(ks, cfg.keystore.k), make_fetch(store)
+        params = GenerationParams(max_new_tokens=16, gate_temperature=cfg.keystore.temperature)
+        asks = [q for q, _, _ in facts] + [h for _, _, h in facts] + [unedited]
+        got = [generate(base, fusion, enc, _chat(p), router, fetch, params)[0] for p in asks]
+        print("answers:", [(g.text, g.expert_ids) for g in got])
+        for (q, a, h), g_q, g_h in zip(facts, got[:2], got[2:4]):
+            assert answer_matches(g_q.text, a), (q, g_q.text)
+            assert answer_matches(g_h.text, a), (h, g_h.text)
+        assert not any(answer_matches(got[4].text, a) for _, a, _ in facts), got[4].text
+        store.close()
+    finally:
+        fusion.remove()
