@@ -417,14 +417,13 @@ class TrainingJob:
         R = self.n_rows
         served = self.rival & (self.D >= self.tau)                               # (R, k) mixed at serving
         wanted = sorted({int(i) for i in self.I[served]}) if cfg.train_in_mixture else []
-        experts = dict(zip(wanted, self.store.get_many(wanted))) if wanted else {}
+        experts = _present(self.store, wanted)
+        served &= np.isin(self.I, np.array(list(experts), np.int64))             # missing: skipped, as served
         self.te = self.fusion.trainable(self.source)                             # A, B: float32 Parameters
         self.key = nn.Parameter(torch.tensor(self.key0, device=dev))             # (d,)
         self.q = torch.tensor(self.q_all, device=dev)                            # (R, d)
-        self.row_rivals = [[experts[int(i)] for i in self.I[r][served[r]]] if wanted else []
-                           for r in range(R)]
-        self.rival_gate_logits = [torch.tensor(self.D[r][served[r]] / T, device=dev) if wanted else
-                                  torch.zeros(0, device=dev) for r in range(R)]
+        self.row_rivals = [[experts[int(i)] for i in self.I[r][served[r]]] for r in range(R)]
+        self.rival_gate_logits = [torch.tensor(self.D[r][served[r]] / T, device=dev) for r in range(R)]
         # router CE: rival columns (-inf = none), the deferral column, the target last
         cols = [torch.tensor(np.where(self.rival, self.D, -np.inf), device=dev)]  # (R, k)
         if cfg.router_defer:
@@ -534,6 +533,23 @@ class TrainingJob:
             guard_losses=tuple(self.guard_losses),
             guard_ids=tuple(sorted({g.expert_id for g in self.guards})),
         )
+
+
+def _present(store: ExpertGetter, ids: Sequence[int]) -> dict[int, Any]:
+    """{id: expert} of the ids the store holds (a key whose expert is missing is skipped, as serving
+    skips it)."""
+    if not ids:
+        return {}
+    try:
+        return dict(zip(ids, store.get_many(list(ids))))
+    except LookupError:                                  # MissingExpertError: sort out which
+        out = {}
+        for i in ids:
+            try:
+                [out[i]] = store.get_many([i])
+            except LookupError:
+                log.warning("rival expert %d has a key but no record; trained without it", i)
+        return out
 
 
 class _JointSteps:
