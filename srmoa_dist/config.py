@@ -210,12 +210,12 @@ class TTTConfig:
     check_isolation: bool = True      # snapshot the base model and assert only the target expert moved
     verify_max_new_tokens: int = 24   # greedy tokens generated when verifying an edit (re-ask, locality)
     train_in_mixture: bool = True     # train under the co-routed rivals' gates, as serving will mix them
-    guard_prompts: int = 2            # prompts of each neighbour edit replayed as guard rows (0 = none)
-    max_guard_prompts: int = 6        # guard rows per edit at most
+    guard_prompts: int = 1            # prompts of each neighbour edit replayed as guard rows (0 = none)
+    max_guard_prompts: int = 3        # guard rows per edit at most
     guard_weight: float = 1.0         # weight of the guard rows' LM and router losses
     guard_loss: float = 0.3           # early stop also needs the guard rows' NLL within this of its start
     neighbour_margin: float = 0.1     # neighbours: live edits scoring >= tau - margin on the edit's queries
-    contrast_prompts: int = 2         # generic questions about the subject kept at the base answer
+    contrast_prompts: int = 1         # generic questions about the subject kept at the base answer
     contrast_weight: float = 0.0      # their router loss, label deferral (0.5 halved held-out routing)
     reflect: str = "auto"             # auto: ask the model for a rule only when no correct answer is given
     batch_edits: int = 8              # queued feedback jobs trained together in one batch at most

@@ -21,7 +21,7 @@ One run, one process:
    edit's 4 prompts at gate 1, no routing: what a user would do instead).
 4. Consolidation: `serve_queries` mixed queries (held-out paraphrases, probes, unedited same-entity
    questions) are routed and their activations consolidated (gravity on, as serving records them; no
-   decoding), then every metric is measured again (`after_consolidation`).
+   decoding), then SR-TTT's metrics are measured again (`after_consolidation`).
 
 Shapes: P prompts, k experts per query, d d_key.
 """
@@ -254,7 +254,7 @@ def run_lifelong_bench(
         shared = SharedLoRA(base, fusion, encoder, cfg, seed) if "shared_lora" in baselines else None
         router, fetch = make_router(keystore, cfg.keystore.k), make_fetch(store)
 
-        def evaluate(n_done: int) -> dict[str, dict[str, Any]]:
+        def evaluate(n_done: int, baselines: Sequence[str] = baselines) -> dict[str, dict[str, Any]]:
             es = _eval_set(entities, n_done, probes.locality, eval_facts)
             sr = _generate_all(base, fusion, encoder, es.chats, params=params, router_for=lambda rows: router,
                                fetch=fetch, batch_size=batch_size, desc=f"SR-TTT @ {n_done}")
@@ -276,7 +276,7 @@ def run_lifelong_bench(
                 for r_i, i in enumerate(rows):
                     full[i] = ric[r_i]
                 res["rule_in_context"] = {"edits": n_done, **_metrics(es, full, base_ids)}
-            if shared is not None:
+            if shared is not None and "shared_lora" in baselines:
                 shared_gens = shared.generate(es.chats, params, batch_size)
                 res["shared_lora"] = {"edits": n_done, **_metrics(es, shared_gens,
                                                                   base_ids)}
@@ -317,7 +317,7 @@ def run_lifelong_bench(
         cons = _consolidate_traffic(base, encoder, keystore, router, entities, n_edits, probes.locality,
                                     serve_queries, cfg, seed)
         cons["seconds"] = time.perf_counter() - t0
-        after = evaluate(n_edits)
+        after = evaluate(n_edits, baselines=())          # the baselines do not route: consolidation is moot
         secs = [x["seconds"] for x in edits if x["status"] != "error"]
         pct = lambda q: float(np.percentile(secs, q)) if secs else None
         doc: dict[str, Any] = {

@@ -195,6 +195,7 @@ class EditEnv:
     cfg: SrmoaConfig
     invalidate: Callable[[list[int]], None] | None = None
     new_slot: Callable[[], int] | None = None        # None: a zero key added to the key store, pinned
+    base_answers: dict[str, str] = field(default_factory=dict)   # contrast prompt -> base model's answer
 
     def generate(self, chats: Sequence[Messages]) -> list[Any]:
         """Routed greedy generations (verification length), as serving would answer them."""
@@ -278,10 +279,13 @@ class Edit:
                  if not any(h in t.lower() for h in held)]
         if not texts:
             return []
-        chats = [[{"role": "user", "content": t}] for t in texts]
-        params = GenerationParams(max_new_tokens=env.cfg.ttt.verify_max_new_tokens)
-        answers = [first_sentence(g.text) for g in generate(env.base, None, None, chats, params=params)]
-        rows = [(c, a) for c, a in zip(chats, answers) if a]
+        todo = [t for t in texts if t not in env.base_answers]    # the base model's answers never change
+        if todo:
+            params = GenerationParams(max_new_tokens=env.cfg.ttt.verify_max_new_tokens)
+            gens = generate(env.base, None, None, [[{"role": "user", "content": t}] for t in todo],
+                            params=params)
+            env.base_answers.update((t, first_sentence(g.text)) for t, g in zip(todo, gens))
+        rows = [([{"role": "user", "content": t}], env.base_answers[t]) for t in texts if env.base_answers[t]]
         if not rows:
             return []
         q = env.queries([c for c, _ in rows])                                            # (C, d_key)

@@ -39,6 +39,7 @@ class Editor:
         self.locality_prompts = tuple(locality_prompts)
         self.invalidate = invalidate
         self._probes_before: list[list[int]] | None = None
+        self._base_answers: dict[str, str] = {}     # contrast prompts' base answers, kept across edits
 
     def failure(self, request: dict[str, Any], *, job_id: str | None = None) -> Failure:
         """The Failure of a feedback request (prompt or messages, response, correct_answer, rule)."""
@@ -75,7 +76,7 @@ class Editor:
                 out[i] = e
         for batch in self._batches(failures):
             env = EditEnv(self.base, self.fusion, self.encoder, self.store, self.keystore, self.ledger,
-                          self.cfg, self.invalidate)
+                          self.cfg, self.invalidate, base_answers=self._base_answers)
             edits, idx = [], []
             for i in batch:
                 f = failures[i]
