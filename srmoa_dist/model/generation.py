@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,9 +33,19 @@ from srmoa_dist.model.loading import BaseModel
 
 if TYPE_CHECKING:
     from srmoa_dist.experts.expert import LoRAExpert
-    from srmoa_dist.routing.query_encoder import QueryEncoder
 
 log = logging.getLogger(__name__)
+
+class Encoder(Protocol):
+    """What routed generation needs of a query encoder (`routing.query_encoder.QueryEncoder`); a
+    protocol, so that model/ never imports routing/ (which runs the model to calibrate)."""
+
+    d_key: int
+
+    def check_model(self, base: BaseModel) -> None: ...
+
+    def encode_hidden(self, h_Lq: torch.Tensor, user_mask: torch.Tensor) -> np.ndarray: ...
+
 
 Router = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # xq (B, d_key) -> D, I (B, k); -1 = none
 Fetch = Callable[[list[int]], Mapping[int, "LoRAExpert"]]
@@ -209,7 +219,7 @@ def encode_messages(
 @torch.no_grad()
 def queries(
     base: BaseModel,
-    encoder: QueryEncoder,
+    encoder: Encoder,
     batch_messages: Sequence[Sequence[Message]],
     system_prompt: str | None = None,
 ) -> np.ndarray:
@@ -318,7 +328,7 @@ class _Step:
 def _run(
     base: BaseModel,
     fusion: ExpertFusion | None,
-    encoder: QueryEncoder | None,
+    encoder: Encoder | None,
     batch_messages: Sequence[Sequence[Message]],
     router: Router | None,
     fetch: Fetch | None,
@@ -436,7 +446,7 @@ def _cut_stop(text: str, stop: tuple[str, ...]) -> str:
 def generate(
     base: BaseModel,
     fusion: ExpertFusion | None,
-    encoder: QueryEncoder | None,
+    encoder: Encoder | None,
     batch_messages: Sequence[Sequence[Message]],
     router: Router | None = None,
     fetch: Fetch | None = None,
@@ -456,7 +466,7 @@ def generate(
 def generate_stream(
     base: BaseModel,
     fusion: ExpertFusion | None,
-    encoder: QueryEncoder | None,
+    encoder: Encoder | None,
     messages: Sequence[Message],
     router: Router | None = None,
     fetch: Fetch | None = None,

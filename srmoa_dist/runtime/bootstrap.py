@@ -144,7 +144,7 @@ def ensure_actors(cfg: SrmoaConfig, *, trainer: bool = True, wait: bool = True) 
         trainer_h = _get_or_create(TrainerActor, TRAINER_NAME, ns,
                                    {"max_restarts": rt.max_restarts, "max_task_retries": 0,
                                     "num_cpus": rt.trainer_cpus, "max_concurrency": 8, **place["store"]},
-                                   cfg)
+                                   cfg, shards, keystore)
     if wait:
         infos = ray.get([h.info.remote() for h in [*shards, keystore]], timeout=rt.call_timeout_s * 4)
         for info, want in zip(infos, [*(cfg.shards_dir / f"shard-{i:03d}" for i in range(len(shards))),

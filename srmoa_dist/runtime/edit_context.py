@@ -34,19 +34,17 @@ LOCALITY_PROMPTS: tuple[str, ...] = (
 class EditContext:
     """Store clients, ledger and (lazily) the model of the trainer actor."""
 
-    def __init__(self, cfg: SrmoaConfig) -> None:
-        from srmoa_dist.runtime.bootstrap import find_actors
+    def __init__(self, cfg: SrmoaConfig, shards: list[Any], keystore: Any) -> None:
         from srmoa_dist.runtime.client import ExpertStoreClient
-        from srmoa_dist.runtime.trainer_actor import KeyStoreProxy
+        from srmoa_dist.runtime.keystore_proxy import KeyStoreProxy
         from srmoa_dist.ttt.ledger import EditLedger
 
         self.cfg = cfg
         self.ledger = EditLedger(cfg.ledger_dir)
-        rt = find_actors(cfg)
-        self.runtime = rt
-        self.client = ExpertStoreClient(rt.shards, keystore=rt.keystore, cache_size=256,
+        self.keystore_handle = keystore
+        self.client = ExpertStoreClient(shards, keystore=keystore, cache_size=256,
                                         timeout_s=cfg.runtime.call_timeout_s)
-        self.keystore = KeyStoreProxy(rt.keystore, cfg.keystore, timeout_s=cfg.runtime.call_timeout_s * 2)
+        self.keystore = KeyStoreProxy(keystore, cfg.keystore, timeout_s=cfg.runtime.call_timeout_s * 2)
         self.edit_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self.base: Any = None
@@ -66,7 +64,7 @@ class EditContext:
 
             t0 = time.perf_counter()
             base = load_base_model(self.cfg.model, self.cfg.model_cache_dir)
-            self.encoder = ensure_encoder(self.cfg, base, self.runtime.keystore)
+            self.encoder = ensure_encoder(self.cfg, base, self.keystore_handle)
             self.fusion = ExpertFusion(base.model, self.cfg.expert, self.cfg.model.query_layer)
             self.base = base
             log.info("trainer model loaded in %.1f s", time.perf_counter() - t0)

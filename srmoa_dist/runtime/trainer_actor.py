@@ -9,8 +9,8 @@ never left pending or running forever.
 
 The base model, query encoder and fusion are loaded lazily by the worker (the first job pays for it),
 so the actor answers `job`/`submit` immediately after a (re)start. The store is reached through the
-same actors as serving: an `ExpertStoreClient` (writes publish cache invalidations) and a
-`KeyStoreProxy` with the KeyStore method surface over the key-store actor.
+same actors as serving (their handles are the constructor's arguments): an `ExpertStoreClient` (writes
+publish cache invalidations) and a `KeyStoreProxy` with the KeyStore method surface over the key-store actor.
 """
 
 from __future__ import annotations
@@ -35,65 +35,15 @@ log = logging.getLogger(__name__)
 PUBLIC = ("job_id", "object", "status", "created", "started", "finished", "error", "result", "attempt")
 
 
-class KeyStoreProxy:
-    """The KeyStore API over the key-store actor (what the TTT code calls), numpy in and out."""
-
-    def __init__(self, handle: Any, cfg: Any, timeout_s: float = 60.0) -> None:
-        self.h = handle
-        self.cfg = cfg
-        self.timeout_s = timeout_s
-
-    def _get(self, ref: Any) -> Any:
-        return ray.get(ref, timeout=self.timeout_s)
-
-    def search(self, xq: np.ndarray, k: int | None = None, *, tau: float | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        D, I, *_ = self._get(self.h.search.remote(np.asarray(xq, np.float32), k, tau))
-        return D, I
-
-    def get(self, ids: Any) -> np.ndarray:
-        return self._get(self.h.get.remote(np.asarray(ids, np.int64).reshape(-1).tolist()))
-
-    def add(self, keys: np.ndarray, *, pinned: bool = False) -> np.ndarray:
-        return self._get(self.h.add.remote(np.asarray(keys, np.float32), pinned))
-
-    def update(self, ids: Any, keys: np.ndarray) -> None:
-        ids = np.asarray(ids, np.int64).reshape(-1).tolist()
-        self._get(self.h.update.remote(ids, np.asarray(keys, np.float32)))
-
-    def free(self, ids: Any) -> None:
-        self._get(self.h.free.remote(np.asarray(ids, np.int64).reshape(-1).tolist()))
-
-    def pin(self, ids: Any, pinned: bool = True) -> None:
-        self._get(self.h.pin.remote(np.asarray(ids, np.int64).reshape(-1).tolist(), pinned))
-
-    def snapshot(self) -> None:
-        self._get(self.h.snapshot.remote())
-
-    def stats(self) -> dict[str, Any]:
-        return self._get(self.h.stats.remote())
-
-    def __len__(self) -> int:
-        return int(self._get(self.h.size.remote()))
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._get(self.h.call.remote(name, *args, **kwargs))
-
-        return call
-
-
 @ray.remote
 class TrainerActor:
     """A queue of feedback jobs run one at a time by a worker thread (see the module docstring)."""
 
-    def __init__(self, cfg: SrmoaConfig) -> None:
+    def __init__(self, cfg: SrmoaConfig, shards: list[Any], keystore: Any) -> None:
         from srmoa_dist.runtime.store_init import jobs_dir
 
         self.cfg = cfg
+        self._handles = (list(shards), keystore)           # the store's actors (named, detached)
         self.dir = jobs_dir(cfg)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -231,7 +181,7 @@ class TrainerActor:
 
         with self._lock:
             if self._ctx is None:
-                self._ctx = EditContext(self.cfg)
+                self._ctx = EditContext(self.cfg, *self._handles)
         if load_model:
             self._ctx.load_model()
         return self._ctx
@@ -322,4 +272,4 @@ def _edit_json(rec: Any) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=_jsonable))
 
 
-__all__ = ["TrainerActor", "KeyStoreProxy"]
+__all__ = ["TrainerActor"]

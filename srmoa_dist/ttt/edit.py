@@ -1,8 +1,10 @@
-"""One SR-TTT edit end to end: reflect -> diversify -> train -> commit -> verify (else roll back).
+"""SR-TTT edits end to end: reflect -> diversify -> train -> commit -> verify (else roll back).
 
-`apply_edit` takes the core objects as parameters so the Ray layer can pass its clients: the store
-needs `put_many, get_many, versions, rollback`; the key store `add, update, pin, free, get, search`
-(the same method names on the in-process classes and on the Ray proxies).
+An `Edit` is one edit's steps as methods, in the order they run; `apply_edits` runs several edits
+together (one training batch, then each committed and verified on its own) and `apply_edit` one. They
+take the core objects (`EditEnv`) so the Ray layer can pass its clients: the store needs
+`put_many, get_many, versions, rollback`; the key store `add, update, pin, free, get, search` (and
+`hold, release`): the same method names on the in-process classes and on the Ray proxies.
 
 Commit order (serving goes on meanwhile and must never route to a missing expert):
   1. a new expert's slot is reserved in the key store with a zero key (pinned; scores 0, under tau);
@@ -16,8 +18,9 @@ Commit order (serving goes on meanwhile and must never route to a missing expert
      edit's queries, from the ledger) must still be answered right; the locality probes' greedy outputs
      must equal those taken before the commit. Pass -> "verified"; fail -> `rollback`.
 
-Neighbours also guard the training: a few of their stored prompts train beside this edit's, under the
-mixture serving will use (`ttt.trainer`), so an edit holds when other experts answer near it.
+Neighbours also guard the training: a stored prompt of each trains beside this edit's, under the
+mixture serving will use (`ttt.trainer`), so an edit holds when other experts answer near it; a contrast
+prompt about the question's subject keeps the base model's answer (`ttt.contrast`).
 
 `rollback(edit_id)` restores the previous expert version and key (and pin state), or frees the slot
 of an expert the edit created, and marks the ledger entry "rolled_back".
@@ -153,18 +156,6 @@ def find_neighbours(queries: np.ndarray, keystore: Any, ledger: EditLedger, k: i
     return sorted(live, key=lambda r: r.created_at, reverse=True)
 
 
-def contrast_queries(base: Any, encoder: Any, question: str, n: int, exclude: Sequence[str]) -> np.ndarray:
-    """(C, d_key) queries of the contrast prompts of a question (`ttt.contrast`), none containing a
-    held-out text."""
-    from srmoa_dist.model.generation import queries
-
-    held = [" ".join(x.lower().split()) for x in exclude]
-    texts = [t for t in contrast_questions(question, n) if not any(h in t.lower() for h in held)]
-    if not texts:
-        return np.zeros((0, encoder.d_key), np.float32)
-    return queries(base, encoder, [[{"role": "user", "content": t}] for t in texts])
-
-
 def guard_rows(neighbours: Sequence[EditRecord], per_edit: int,
                limit: int) -> list[tuple[int, TrainingPrompt]]:
     """(expert id, prompt) pairs: the first `per_edit` stored prompts of each neighbour, `limit` in all
@@ -258,9 +249,9 @@ class Edit:
             if rows:
                 gq = env.queries([p.messages for _, p in rows])                           # (G, d_key)
                 guards = [Guard(eid, p, gq[j]) for j, (eid, p) in enumerate(rows)]
-            guards += self._contrast_rows()
-            cq = (contrast_queries(env.base, env.encoder, self.failure.question, ttt.contrast_prompts,
-                                   self.exclude) if ttt.contrast_weight > 0 else None)   # (C, d_key)
+            contrast = self._contrast_rows()
+            guards += contrast
+            cq = np.stack([g.query for g in contrast]) if contrast and ttt.contrast_weight > 0 else None
             self.job = TrainingJob(env.base, env.fusion, self.prompts, qs, env.keystore, env.store, ttt,
                                    ks_cfg, env.cfg.expert, new_slot=self._reserve, may_refine=self.may_refine,
                                    tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq)
