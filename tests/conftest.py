@@ -120,6 +120,18 @@ def make_tiny_model():
     return make
 
 
+@pytest.fixture()
+def tiny_bench_base(make_tiny_model):
+    """(BaseModel over a fresh tiny random Llama, its ModelConfig): what the benchmark smoke tests run."""
+    from srmoa_dist.config import ModelConfig
+    from srmoa_dist.model.loading import from_model
+
+    model, tok = make_tiny_model(seed=0)
+    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
+                       system_prompt="You are a helpful assistant.")
+    return from_model(model, tok, mcfg, name="tiny-random-llama"), mcfg
+
+
 @pytest.fixture(scope="session")
 def make_tiny_world(make_tiny_model):
     """A callable (ExpertConfig, d_key) -> (base, fusion, encoder) over a private tiny model (so no other

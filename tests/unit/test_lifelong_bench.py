@@ -7,22 +7,13 @@ import json
 import pytest
 
 from srmoa_dist.bench.lifelong import format_summary, run_lifelong_bench
-from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, SrmoaConfig, StoreConfig, TTTConfig
-from srmoa_dist.model.loading import from_model
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig, SrmoaConfig, StoreConfig, TTTConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture()
-def tiny(make_tiny_model):
-    model, tok = make_tiny_model(seed=0)
-    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                       system_prompt="You are a helpful assistant.")
-    return from_model(model, tok, mcfg, name="tiny-random-llama"), mcfg
-
-
-def test_lifelong_bench_smoke(tiny, tmp_path):
-    base, mcfg = tiny
+def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
+    base, mcfg = tiny_bench_base
     cfg = SrmoaConfig(model=mcfg, expert=ExpertConfig(rank=4, alpha=8.0), store=StoreConfig(n_shards=2),
                       keystore=KeyStoreConfig(d_key=16, k=4),
                       ttt=TTTConfig(steps=2, lr=0.05, verify_max_new_tokens=4, check_isolation=False,

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from srmoa_dist.bench.ttt_bench import contains_answer, format_summary, run_ttt_bench, with_rule
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, ModelConfig, SrmoaConfig, StoreConfig, TTTConfig
-from srmoa_dist.model.loading import from_model
 
 METRICS = ("reliability", "generalization", "locality", "routing_precision")
-
-
-@pytest.fixture()
-def tiny(make_tiny_model):
-    model, tok = make_tiny_model(seed=0)
-    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                       system_prompt="You are a helpful assistant.")
-    return from_model(model, tok, mcfg, name="tiny-random-llama"), mcfg
 
 
 def _cfg(mcfg: ModelConfig) -> SrmoaConfig:
@@ -27,8 +16,8 @@ def _cfg(mcfg: ModelConfig) -> SrmoaConfig:
                        ttt=TTTConfig(steps=3, lr=0.05, verify_max_new_tokens=4, check_isolation=False))
 
 
-def test_run_ttt_bench_smoke(tiny, tmp_path):
-    base, mcfg = tiny
+def test_run_ttt_bench_smoke(tiny_bench_base, tmp_path):
+    base, mcfg = tiny_bench_base
     out = tmp_path / "bench_ttt.json"
     said: list[str] = []
     doc = run_ttt_bench(2, out, data_dir=tmp_path / "data", seed=0, cfg=_cfg(mcfg), base=base,
@@ -53,8 +42,8 @@ def test_run_ttt_bench_smoke(tiny, tmp_path):
     assert (tmp_path / "data" / "ttt_bench" / "ledger" / "edits.jsonl").exists()   # the real on-disk stores
 
 
-def test_run_ttt_bench_without_rule_option(tiny, tmp_path):
-    base, mcfg = tiny
+def test_run_ttt_bench_without_rule_option(tiny_bench_base, tmp_path):
+    base, mcfg = tiny_bench_base
     doc = run_ttt_bench(1, tmp_path / "o.json", seed=1, with_rule_option=False, cfg=_cfg(mcfg), base=base,
                         tau=0.5, n_probes=4, n_near_miss=1, max_new_tokens=3, verify=False, say=None)
     assert doc["baseline_rule_in_context"] is None and doc["combined"] is None
