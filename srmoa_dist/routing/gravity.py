@@ -280,8 +280,9 @@ def consolidate(keys: np.ndarray, state: GravityState, act: Activations, cfg: Gr
     decays = (u1 < cfg.theta) & ~anchored
     k1[decays] *= 1.0 - cfg.delta
     norms = np.linalg.norm(k1, axis=1)
-    k1 /= np.maximum(norms, 1.0)[:, None]
-    norms = np.minimum(norms, 1.0)
+    clamp = np.where(anchored, 1.0, np.maximum(norms, 1.0))                     # anchors stay bit-identical
+    k1 /= clamp[:, None]
+    norms = norms / clamp
     freed_moved = moved[(norms < cfg.min_norm) & ~state.pinned[moved]]
 
     # Sweep: pending decay of swept keys not activated this batch, up to t (inclusive).
