@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -50,6 +49,7 @@ from srmoa_dist.bench.ttt_bench import (
     _json_default,
     _machine,
     _shared_model_cache,
+    bench_store_config,
     calibrate_deferral,
     contains_answer,
     peak_rss_mb,
@@ -204,14 +204,7 @@ def run_lifelong_bench(
         raise ValueError(f"baselines: unknown {sorted(unknown)}; known: base, rule_in_context, shared_lora")
     t_run = time.perf_counter()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="srmoa-bench-lifelong-")) if data_dir is None else None
-    root = (tmp if tmp is not None else Path(data_dir)) / "lifelong_bench"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    cfg = cfg or SrmoaConfig()
-    cfg = cfg.replace(data_dir=str(root),
-                      keystore=dataclasses.replace(cfg.keystore, index="exact", device="cpu"))
+    tmp, cfg = bench_store_config("lifelong_bench", out, data_dir, cfg)
     machine = _machine()
     fusion = store = keystore = None
     try:

@@ -118,6 +118,20 @@ def _shared_model_cache() -> Path:
     return Path(os.environ.get("SRMOA_MODEL_CACHE", Path.home() / ".cache" / "srmoa-dist" / "model_cache"))
 
 
+def bench_store_config(name: str, out: Path, data_dir: Path | None,
+                       cfg: SrmoaConfig | None) -> tuple[Path | None, SrmoaConfig]:
+    """A fresh store directory `name` under data_dir (or a new temp dir, returned to remove after) and
+    the config pointing at it, with an exact CPU index; the output's folder is created too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"srmoa-{name}-")) if data_dir is None else None
+    root = (tmp if tmp is not None else Path(data_dir)) / name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    cfg = cfg or SrmoaConfig()
+    return tmp, cfg.replace(data_dir=str(root),
+                            keystore=dataclasses.replace(cfg.keystore, index="exact", device="cpu"))
+
+
 # ---------------------------------------------------------------------------------------------- generation
 def _generate_all(base: Any, fusion: Any, encoder: Any, chats: Sequence[Chat], *, params: Any,
                   router_for: Callable[[list[int]], Any] | None, fetch: Any, batch_size: int,
@@ -277,14 +291,7 @@ def run_ttt_bench(
         raise ValueError(f"n_edits must be positive, got {n_edits}")
     t_run = time.perf_counter()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="srmoa-bench-ttt-")) if data_dir is None else None
-    root = (tmp if tmp is not None else Path(data_dir)) / "ttt_bench"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    cfg = cfg or SrmoaConfig()
-    cfg = cfg.replace(data_dir=str(root),
-                      keystore=dataclasses.replace(cfg.keystore, index="exact", device="cpu"))
+    tmp, cfg = bench_store_config("ttt_bench", out, data_dir, cfg)
     machine = _machine()
     fusion = store = keystore = None
     try:
