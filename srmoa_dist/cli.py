@@ -394,6 +394,8 @@ def bench_serve(
     batch_wait_ms: float | None = typer.Option(
         None, min=0, help="serve.batch_wait_timeout_s in ms for this run (default: the config's). A longer "
         "wait makes a burst of requests form the same batches in both modes."),
+    mixed: bool = typer.Option(False, help="Also run routed requests whose sampling parameters differ "
+                               "request to request (greedy, seeded sampling, stop strings)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Requests/s and p50/p99 latency, routed vs base model, at each concurrency; p99 during an edit."""
@@ -403,7 +405,7 @@ def bench_serve(
     overrides = None if batch_wait_ms is None else {"serve": {"batch_wait_timeout_s": batch_wait_ms / 1e3}}
     res = run_serve_bench(out, model=model, concurrency=_ints(concurrency, "--concurrency"),
                           requests=requests or None, max_tokens=max_tokens, data_dir=data_dir, train=train,
-                          say=_say, overrides=overrides)
+                          say=_say, overrides=overrides, mixed=mixed)
     typer.echo(json.dumps(res["summary"], indent=2))
 
 

@@ -8,6 +8,10 @@ close to the base model's, so both modes generate the same number of tokens (rep
 concurrency c, N requests run with c in flight, once routed and once with `use_experts: false` (the
 frozen base model alone, same prompt), the two modes alternating chunk by chunk (so both see the
 same background load).
+With `mixed`, a third mode runs beside them: routed requests whose sampling parameters differ from
+request to request (greedy, seeded temperature/top_p sampling, a shorter max_tokens with a stop string,
+unseeded sampling: `MIXED`), the traffic that a server grouping batches by parameters splits into
+several small forwards.
 Last, the p99 of routed requests while an SR-TTT edit (through `/v1/feedback`) trains.
 
 Figures per (c, mode): requests/s, p50/p99/mean latency (ms), tokens/s, mean completion tokens,
@@ -41,15 +45,34 @@ PROMPT = "Write a long story about a dragon who learns to cook soup."
 EDIT_FACT = {"question": "Who invented the zorblat engine?", "answer": "Mira Tellsworth",
          "rule": "The zorblat engine was invented by Mira Tellsworth."}
 TARGET_OVERHEAD = 0.10
+MIXED: tuple[dict[str, Any], ...] = (       # per-request sampling of the mixed mode, cycled (seed: + i)
+    {"temperature": 0},
+    {"temperature": 0.8, "top_p": 0.9, "seed": 0},
+    {"temperature": 0, "max_tokens_div": 2, "stop": ["\n\n"]},
+    {"temperature": 0.7},
+)
+Body = dict[str, Any] | Callable[[int], dict[str, Any]]
+
+
+def mixed_body(body: dict[str, Any], i: int) -> dict[str, Any]:
+    """Request i of the mixed mode: `body` with the sampling parameters of MIXED[i % len(MIXED)]."""
+    v = dict(MIXED[i % len(MIXED)])
+    out = {**body, **{k: x for k, x in v.items() if k not in ("seed", "max_tokens_div")}}
+    if "seed" in v:
+        out["seed"] = v["seed"] + i
+    if "max_tokens_div" in v:
+        out["max_tokens"] = max(1, body["max_tokens"] // v["max_tokens_div"])
+    return out
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else float("nan")
 
 
-async def _load(url: str, body: dict[str, Any], n: int, c: int, stop: Callable[[], bool] | None = None
+async def _load(url: str, body: Body, n: int, c: int, stop: Callable[[], bool] | None = None
                 ) -> dict[str, Any]:
-    """n requests (or until stop() after each) with c in flight; latencies in ms."""
+    """n requests (or until stop() after each) with c in flight; latencies in ms. `body`: the request,
+    or a function of the request's index giving it."""
     lat: list[float] = []
     routed = 0
     errors = 0
@@ -60,10 +83,10 @@ async def _load(url: str, body: dict[str, Any], n: int, c: int, stop: Callable[[
         async def worker() -> None:
             nonlocal sent, routed, errors, tokens
             while sent < n and not (stop is not None and stop()):
-                sent += 1
+                i, sent = sent, sent + 1
                 t = time.perf_counter()
                 try:
-                    r = await client.post("/v1/chat/completions", json=body)
+                    r = await client.post("/v1/chat/completions", json=body(i) if callable(body) else body)
                     dt = (time.perf_counter() - t) * 1e3
                     if r.status_code != 200:
                         errors += 1
@@ -148,7 +171,7 @@ def _edit(c: httpx.Client, fact: dict[str, str], say: Callable[[str], None],
 def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[int] = (1, 8, 32),
                     requests: int | None = None, max_tokens: int = 16, data_dir: Path | None = None,
                     train: bool = True, say: Callable[[str], None] = print,
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                    overrides: dict[str, Any] | None = None, mixed: bool = False) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); writes JSON to `out` and returns it."""
     import dataclasses
 
@@ -180,6 +203,7 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
         "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "model": model, "max_tokens": max_tokens, "target_overhead_p50": TARGET_OVERHEAD,
+        "mixed": list(MIXED) if mixed else None,
         "max_batch_size": cfg.serve.max_batch_size, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
     }
     try:
@@ -189,24 +213,27 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
             doc["planted_expert"] = _plant_expert(cfg, app.runtime, PROMPT)
             body = {"model": model_id, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": PROMPT}]}
-            bodies = {"routed": body, "base": {**body, "use_experts": False}}
+            bodies: dict[str, Body] = {"routed": body, "base": {**body, "use_experts": False}}
+            if mixed:
+                bodies["mixed"] = lambda i: mixed_body(body, i)
             say("warming up ...")
             for b in bodies.values():
                 asyncio.run(_load(app.url, b, 2, 1))
+            modes = list(bodies)
             levels = []
             for li, cc in enumerate(concurrency):
                 n = requests or max(16, 2 * cc)
                 chunk = max(cc, min(n, 8))          # the modes alternate chunk by chunk: same background load
                 row: dict[str, Any] = {"concurrency": cc, "requests": n, "chunk": chunk}
-                parts: dict[str, list[dict[str, Any]]] = {"base": [], "routed": []}
+                parts: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
                 for k in range(max(1, -(-n // chunk))):
-                    order = ("base", "routed") if (li + k) % 2 == 0 else ("routed", "base")
-                    for mode in order:
+                    shift = (li + k) % len(modes)
+                    for mode in modes[shift:] + modes[:shift]:
                         b0 = _batches_served(c)
                         part = asyncio.run(_load(app.url, bodies[mode], chunk, cc))
                         part["batches"] = _batches_served(c) - b0
                         parts[mode].append(part)
-                for mode in ("base", "routed"):
+                for mode in modes:
                     row[mode] = r = _merge(parts[mode])
                     say(f"c={cc:<3} {mode:<6} {r['rps']:.2f} req/s  p50 {r['p50_ms']:.0f} ms  "
                         f"p99 {r['p99_ms']:.0f} ms  mean batch {r['mean_batch_size'] or 0:.1f}"
@@ -216,6 +243,12 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
                 row["overhead_rps"] = row["base"]["rps"] / row["routed"]["rps"] - 1
                 say(f"c={cc:<3} routing overhead: median {row['overhead_p50']:+.1%}, mean "
                     f"{row['overhead_mean']:+.1%}, throughput {row['overhead_rps']:+.1%}")
+                if mixed:
+                    row["mixed_vs_routed_rps"] = row["mixed"]["rps"] / row["routed"]["rps"] - 1
+                    row["mixed_vs_routed_tokens_per_s"] = (row["mixed"]["tokens_per_s"]
+                                                           / row["routed"]["tokens_per_s"] - 1)
+                    say(f"c={cc:<3} mixed sampling vs uniform: req/s {row['mixed_vs_routed_rps']:+.1%}, "
+                        f"tokens/s {row['mixed_vs_routed_tokens_per_s']:+.1%}")
                 levels.append(row)
             doc["levels"] = levels
             if train:
@@ -264,6 +297,11 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
         "completion_tokens": {m: doc["levels"][0][m]["completion_tokens_mean"] for m in ("routed", "base")}
         if doc["levels"] else None,
     }
+    if mixed:
+        doc["summary"]["rps_mixed"] = {str(lv["concurrency"]): round(lv["mixed"]["rps"], 3)
+                                       for lv in doc["levels"]}
+        doc["summary"]["mixed_vs_routed_rps"] = by_c("mixed_vs_routed_rps")
+        doc["summary"]["mixed_vs_routed_tokens_per_s"] = by_c("mixed_vs_routed_tokens_per_s")
     out.write_text(json.dumps(doc, indent=2))
     return doc
 
