@@ -8,6 +8,7 @@ from srmoa_dist.experts.expert import LoRAExpert, bf16_to_f32, f32_to_bf16
 from srmoa_dist.experts.peft_io import load_peft_adapter, save_peft_adapter
 from srmoa_dist.experts.placement import jump_hash, shard_of
 from srmoa_dist.experts.shard import (
+    DiskFullError,
     ExpertShard,
     MissingExpertError,
     NoPreviousVersionError,
@@ -17,6 +18,7 @@ from srmoa_dist.experts.store import ShardedExpertStore
 
 __all__ = [
     "CorruptExpertError",
+    "DiskFullError",
     "ExpertShard",
     "LoRAExpert",
     "MissingExpertError",

@@ -18,7 +18,10 @@ are read-only views that keep them alive).
 Writes: one write transaction per batch (``putmulti``). Durable by default (``sync=True``: fsync at
 every commit); ``StoreConfig.durable=False`` turns fsync off for bulk loads and :meth:`sync` (also
 called by :meth:`close`) flushes explicitly. A full map doubles (up to ``store.max_map_size_mb``) and
-the batch is retried; past the limit :class:`ShardFullError` says which setting to raise.
+the batch is retried; past the limit :class:`ShardFullError` says which setting to raise. A full
+filesystem (LMDB reports ENOSPC, or EIO for the short write that filled the disk) is a
+:class:`DiskFullError` saying how much room is left. Either way the write transaction is aborted: the
+batch wrote nothing (no version moved, nothing in ``prev``), and reads and smaller writes go on.
 
 Processes: LMDB environments must not cross a ``fork``. Open a shard in the process that uses it
 (the Ray layer opens shards inside its actors), never before forking; a shard refuses to be pickled
@@ -32,8 +35,10 @@ forked while a shard is open cannot open that shard at all).
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -84,7 +89,35 @@ class NoPreviousVersionError(LookupError):
 
 
 class ShardFullError(RuntimeError):
-    """The LMDB map reached ``store.max_map_size_mb``."""
+    """The shard cannot take the batch: its LMDB map reached ``store.max_map_size_mb``. Nothing of the
+    batch was written."""
+
+
+class DiskFullError(ShardFullError):
+    """The filesystem holding the shard is full (ENOSPC). Nothing of the batch was written."""
+
+
+# Free bytes under which an LMDB I/O error on write is taken for a full filesystem (a short write that
+# filled the disk comes back as EIO, not ENOSPC).
+_LOW_DISK_BYTES = 4 * MiB
+
+
+def _disk_free(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether a write error means the filesystem is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc):
+        return True
+    free = _disk_free(path)
+    return isinstance(exc, lmdb.Error) and "Input/output error" in str(exc) and free is not None \
+        and free < _LOW_DISK_BYTES
 
 
 def expert_key(expert_id: int) -> bytes:
@@ -230,14 +263,28 @@ class ExpertShard:
                 except lmdb.MapResizedError:
                     with self._guard.exclusive():
                         env.set_mapsize(0)
+                except (lmdb.Error, OSError) as exc:
+                    if not _is_disk_full(exc, self.path):
+                        raise
+                    raise self._disk_full(exc) from None
+
+    def _disk_full(self, exc: BaseException) -> DiskFullError:
+        free = _disk_free(self.path)
+        room = f"{free // 1024} KiB free" if free is not None else "free space unknown"
+        log.error("%s: write failed, the filesystem is full (%s): %s", self._where, room, exc)
+        return DiskFullError(
+            f"{self._where} cannot be written: its filesystem is full ({room}; {exc}). Nothing of this "
+            "batch was written; free disk space there (or move store.root to a larger disk) and retry"
+        )
 
     def _grow(self) -> None:
         cur = self.map_size
         if cur >= self._max_map:
             raise ShardFullError(
                 f"{self._where} is full: its LMDB map reached {cur // MiB} MiB = store.max_map_size_mb "
-                f"({self.cfg.max_map_size_mb}); raise store.max_map_size_mb in the config (it reserves "
-                "address space, not disk) and reopen the store"
+                f"({self.cfg.max_map_size_mb}); raise "
+                "store.max_map_size_mb in the config (it reserves address space, not disk) and reopen the "
+                "store; nothing of this batch was written"
             ) from None
         new = min(cur * 2, self._max_map)
         log.info("%s: map full at %d MiB, growing to %d MiB", self._where, cur // MiB, new // MiB)
@@ -337,6 +384,33 @@ class ExpertShard:
         ver = self._write(run)
         log.info("%s: rolled expert %d back to version %d", self._where, expert_id, ver)
         return ver
+
+    def snapshot(self, ids: Sequence[int]) -> dict[int, tuple[bytes | None, bytes | None]]:
+        """id -> (current record, previous record), None where absent: what :meth:`restore` puts back."""
+        keys = _keys(ids)
+
+        def run(txn: lmdb.Transaction) -> dict[int, tuple[bytes | None, bytes | None]]:
+            out = {}
+            for i, k in zip(ids, keys, strict=True):
+                cur, prev = txn.get(k, db=self._db), txn.get(k, db=self._prev)
+                out[int(i)] = (None if cur is None else bytes(cur), None if prev is None else bytes(prev))
+            return out
+
+        return self._read(run)
+
+    def restore(self, snap: Mapping[int, tuple[bytes | None, bytes | None]]) -> None:
+        """Put back the records of a :meth:`snapshot` exactly (versions included), in one transaction."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            for i, (cur, prev) in snap.items():
+                k = expert_key(i)
+                for db, val in ((self._db, cur), (self._prev, prev)):
+                    if val is None:
+                        txn.delete(k, db=db)
+                    else:
+                        txn.put(k, val, db=db)
+
+        self._write(run)
 
     def sync(self) -> None:
         """Flush to disk (needed after non-durable writes; a no-op cost when durable)."""
@@ -472,6 +546,7 @@ class ExpertShard:
 
 __all__ = [
     "CorruptExpertError",
+    "DiskFullError",
     "ExpertShard",
     "MissingExpertError",
     "NoPreviousVersionError",

@@ -2,7 +2,9 @@
 
 Ids are placed by jump consistent hash (:mod:`srmoa_dist.experts.placement`). Every batch call
 groups its ids by shard, runs one transaction per shard touched, and returns results in the
-caller's order. A batch spanning several shards is atomic per shard, not across shards.
+caller's order. A batch spanning several shards is atomic per shard, not across shards, with one
+exception: a put that one shard refuses for lack of room (:class:`ShardFullError`, a full map or a
+full disk) undoes the shards the batch already wrote, so a full store never holds half a batch.
 
 ``root/store.json`` records the shard count; opening with another ``n_shards`` is refused, since
 changing it moves ids between shards (a migration, not a config edit).
@@ -23,7 +25,7 @@ from srmoa_dist.config import StoreConfig
 from srmoa_dist.experts.codec import Buffer
 from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.experts.placement import shard_of
-from srmoa_dist.experts.shard import ExpertShard, MissingExpertError, expert_key
+from srmoa_dist.experts.shard import ExpertShard, MissingExpertError, ShardFullError, expert_key
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +149,28 @@ class ShardedExpertStore:
 
     # -- batch API --------------------------------------------------------------------------------
     def put_many(self, items: Mapping[int, LoRAExpert]) -> dict[int, int]:
-        """id -> new version. One transaction per shard touched."""
-        out: dict[int, int] = {}
-        for s, sub in self._split(items).items():
-            out.update(self.shards[s].put_many(sub))
-        return {int(i): out[int(i)] for i in items}
+        """id -> new version. One transaction per shard touched (see the module docstring on a full one)."""
+        return self._put(items, "put_many")
 
     def put_raw_many(self, items: Mapping[int, Buffer]) -> dict[int, int]:
+        return self._put(items, "put_raw_many")
+
+    def _put(self, items: Mapping[int, Any], method: str) -> dict[int, int]:
+        per = self._split(items)
         out: dict[int, int] = {}
-        for s, sub in self._split(items).items():
-            out.update(self.shards[s].put_raw_many(sub))
+        written: list[tuple[int, dict[int, tuple[bytes | None, bytes | None]]]] = []
+        for s, sub in per.items():
+            snap = self.shards[s].snapshot(list(sub)) if len(per) > 1 else {}
+            try:
+                out.update(getattr(self.shards[s], method)(sub))
+            except ShardFullError:
+                for w, before in reversed(written):
+                    self.shards[w].restore(before)
+                if written:
+                    log.warning("a full shard refused a batch: undid its writes to %d other shard(s)",
+                                len(written))
+                raise
+            written.append((s, snap))
         return {int(i): out[int(i)] for i in items}
 
     def get_many(self, ids: Sequence[int]) -> list[LoRAExpert]:

@@ -71,6 +71,17 @@ class ExpertStoreClient:
 
         return ray.get(refs, timeout=self.timeout_s)
 
+    def _get_written(self, refs: list[Any]) -> list[Any]:
+        """`_get` of write calls: a shard that is full raises its own ShardFullError / DiskFullError
+        (its message says what to do), not Ray's wrapper, whose first line names only the actor."""
+        from srmoa_dist.experts.shard import ShardFullError
+
+        try:
+            return self._get(refs)
+        except ShardFullError as e:             # a RayTaskError(ShardFullError) is one too
+            cause = getattr(e, "cause", None) or e
+            raise type(cause)(str(cause)) from None
+
     # -- reads ----------------------------------------------------------------------------------------
 
     def get_raw_many(self, ids: Sequence[int]) -> list[bytes]:
@@ -182,7 +193,7 @@ class ExpertStoreClient:
         groups = self._group(list(items))
         refs = [self.shards[s].put_raw.remote({i: items[i] for i in sub}) for s, sub in groups.items()]
         versions: dict[int, int] = {}
-        for v in self._get(refs):
+        for v in self._get_written(refs):
             versions.update(v)
         self.publish(versions)
         return versions
@@ -196,7 +207,7 @@ class ExpertStoreClient:
     def rollback(self, expert_id: int) -> int:
         """Restore the previous version of one expert; returns the restored version."""
         s = int(self.shard_of([expert_id])[0])
-        v = int(self._get([self.shards[s].rollback.remote(int(expert_id))])[0])
+        v = int(self._get_written([self.shards[s].rollback.remote(int(expert_id))])[0])
         self.publish({int(expert_id): v})
         return v
 

@@ -89,3 +89,28 @@ def test_raw_bytes_round_trip_and_restart(ray_cluster, shards):
         time.sleep(0.2)
     assert c.get_raw_many([5])[0] == raw_before
     assert np.array_equal(c.get_many([5])[0].targets["layers.1.mlp"][0], e.targets["layers.1.mlp"][0])
+
+
+def test_a_full_shard_actor_says_so_and_keeps_serving(ray_cluster, tmp_path):
+    """A shard actor whose LMDB map cannot grow: the client raises ShardFullError itself (its message
+    says which setting to raise, not Ray's wrapper naming the actor), nothing of the refused batch is
+    stored, and the actor, alive, goes on serving reads."""
+    from srmoa_dist.config import StoreConfig
+    from srmoa_dist.experts.shard import ShardFullError
+
+    cfg = StoreConfig(n_shards=1, map_size_mb=1, max_map_size_mb=1)
+    h = ShardActor.options(num_cpus=0.05, max_restarts=0).remote(str(tmp_path / "shard-000"), cfg, 0)
+    big = {"layers.1.mlp": (2048, 2048)}                     # 64 KiB per expert
+    c = ExpertStoreClient([h], cache_size=0)
+    try:
+        n = 0
+        with pytest.raises(ShardFullError) as ei:
+            while n < 100:
+                c.put_many({n: LoRAExpert.random(big, rank=4, alpha=8.0, dtype="float32", seed=n)})
+                n += 1
+        assert type(ei.value) is ShardFullError and "raise store.max_map_size_mb" in str(ei.value)
+        assert "nothing of this batch was written" in str(ei.value) and "ray::" not in str(ei.value)
+        assert 0 < n < 100 and len(c) == n and c.contains([n]) == [False]
+        assert [e.version for e in c.get_many(list(range(n)))] == [1] * n     # serving goes on
+    finally:
+        ray_cluster.kill(h, no_restart=True)

@@ -1,6 +1,7 @@
 import multiprocessing as mp
 import os
 import pickle
+import subprocess
 import threading
 
 import numpy as np
@@ -10,6 +11,7 @@ from srmoa_dist.config import StoreConfig
 from srmoa_dist.experts.codec import CorruptExpertError, encode_expert
 from srmoa_dist.experts.expert import DTYPES, LoRAExpert
 from srmoa_dist.experts.shard import (
+    DiskFullError,
     ExpertShard,
     MissingExpertError,
     NoPreviousVersionError,
@@ -157,6 +159,80 @@ def test_map_grows_then_fails_clearly(tmp_path):
     # reopening with the small configured map keeps the grown size
     with ExpertShard(tmp_path / "s", cfg) as s2:
         assert s2.map_size >= 4 << 20 and len(s2) == 40
+
+
+BIG = {"layers.1.mlp": (2048, 2048)}  # rank 4 fp32: 64 KiB per expert
+
+
+def _fill(s: ExpertShard, start: int, error: type[Exception]) -> tuple[int, Exception]:
+    """Put experts one at a time from id `start` until the shard refuses one; (next id, the error)."""
+    i = start
+    while i < start + 10_000:
+        try:
+            s.put_many({i: ex(i, "float32", BIG)})
+        except error as exc:
+            return i, exc
+        i += 1
+    raise AssertionError("the shard never filled up")
+
+
+def test_full_map_refuses_whole_batch_keeps_versions_and_serves(tmp_path):
+    cfg = StoreConfig(map_size_mb=1, max_map_size_mb=1)     # a map that cannot grow
+    with ExpertShard(tmp_path / "s", cfg) as s:
+        s.put_many({0: ex(0, "float32", BIG)})
+        s.put_many({0: ex(100, "float32", BIG)})              # version 2, version 1 kept in prev
+        n, exc = _fill(s, 1, ShardFullError)
+        assert not isinstance(exc, DiskFullError)
+        assert "nothing of this batch was written" in str(exc) and "store.max_map_size_mb" in str(exc)
+        before = s.stats()
+        # an overwrite of a stored expert plus new ones: refused as a whole
+        with pytest.raises(ShardFullError):
+            s.put_many({0: ex(200, "float32", BIG), **{i: ex(i, "float32", BIG) for i in range(n, n + 4)}})
+        after = s.stats()
+        counts = [(st["entries"], st["prev_entries"]) for st in (before, after)]
+        assert counts == [(n, 1), (n, 1)]
+        assert s.versions([0]) == [2] and s.get_many([0])[0].same_weights(ex(100, "float32", BIG))
+        assert s.get_previous(0).same_weights(ex(0, "float32", BIG))
+        assert s.get_raw_many(list(range(n)), verify=True)   # serving goes on: every record reads, crc ok
+        with pytest.raises(ShardFullError):                  # copy-on-write: even a rollback needs room
+            s.rollback(0)
+        assert s.versions([0]) == [2]
+        s.delete([1, 2, 3])                                   # deletes still work and free room (LMDB
+        s.delete([4, 5, 6])                                   # reuses a page one commit after its free)
+        assert s.rollback(0) == 1
+        assert s.put_many({n: ex(n, "float32", BIG)}) == {n: 1}   # room again: writes go on
+    with ExpertShard(tmp_path / "s", cfg) as s:               # and the file reopens consistent
+        assert len(s) == n - 5 and s.versions([0, n]) == [1, 1]
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 3 MiB tmpfs (needs root: mount); the shard's map (64 MiB) is far larger than the disk."""
+    mnt = tmp_path / "tiny-fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_filesystem_is_a_clear_error_nothing_half_written(tiny_filesystem):
+    cfg = StoreConfig(map_size_mb=64, max_map_size_mb=64)
+    with ExpertShard(tiny_filesystem / "s", cfg) as s:
+        n, exc = _fill(s, 0, DiskFullError)
+        assert isinstance(exc, ShardFullError)                # callers that catch "full" catch both
+        assert "filesystem is full" in str(exc) and "free disk space" in str(exc)
+        assert "nothing of this batch was written" in str(exc).lower()
+        assert len(s) == n and s.get_raw_many(list(range(n)), verify=True)
+        with pytest.raises(DiskFullError):
+            s.put_many({0: ex(500, "float32", BIG), **{i: ex(i, "float32", BIG) for i in (n, n + 1)}})
+        assert len(s) == n and s.versions([0]) == [1] and s.stats()["prev_entries"] == 0
+        s.delete([0, 1])
+        s.delete([2, 3])
+        assert s.put_many({n: ex(n, "float32", BIG)}) == {n: 1}   # freed pages are reused
+    with ExpertShard(tiny_filesystem / "s", cfg) as s:
+        assert len(s) == n - 3 and s.get_raw_many(list(range(4, n + 1)), verify=True)
 
 
 def test_crc_corruption_on_disk_names_id_and_path(tmp_path):

@@ -7,7 +7,7 @@ from srmoa_dist.config import StoreConfig
 from srmoa_dist.experts.codec import encode_expert
 from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.experts.placement import shard_of
-from srmoa_dist.experts.shard import ExpertShard, MissingExpertError
+from srmoa_dist.experts.shard import ExpertShard, MissingExpertError, ShardFullError
 from srmoa_dist.experts.store import META_FILE, ShardedExpertStore
 
 CFG = StoreConfig(n_shards=4, map_size_mb=4)
@@ -130,3 +130,27 @@ def test_invalid_ids(store):
         store.get_many([1, -1])
     with pytest.raises(ValueError):
         store.get_many(np.array([2**63], dtype=np.uint64).tolist())
+
+
+def test_a_full_shard_undoes_the_whole_batch_across_shards(tmp_path):
+    cfg = StoreConfig(n_shards=2, map_size_mb=1, max_map_size_mb=1)
+    big = {"layers.1.mlp": (2048, 2048)}                      # 64 KiB per expert
+    mk = lambda i: LoRAExpert.random(big, rank=4, alpha=8.0, dtype="float32", seed=i)  # noqa: E731
+    ids = np.arange(400)
+    on = {k: [int(i) for i in ids[shard_of(ids, 2) == k]] for k in (0, 1)}
+    with ShardedExpertStore(tmp_path / "s", cfg) as st:
+        st.put_many({on[0][0]: mk(1)})                        # shard 0: one expert, version 1
+        full = []
+        for i in on[1]:                                       # fill shard 1 until it refuses
+            try:
+                st.put_many({i: mk(i)})
+            except ShardFullError:
+                break
+            full.append(i)
+        before = [s.snapshot(st.shards[k].ids()) for k, s in enumerate(st.shards)]
+        batch = {on[0][0]: mk(2), on[0][1]: mk(3), on[1][len(full)]: mk(4)}   # shard 0 first, then 1
+        with pytest.raises(ShardFullError, match="nothing of this batch was written"):
+            st.put_many(batch)
+        after = [s.snapshot(st.shards[k].ids()) for k, s in enumerate(st.shards)]
+        assert after == before                                # shard 0's write was undone exactly
+        assert st.versions([on[0][0]]) == [1] and on[0][1] not in st.shards[0]
