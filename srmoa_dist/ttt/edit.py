@@ -6,13 +6,16 @@ take the core objects (`EditEnv`) so the Ray layer can pass its clients: the sto
 `put_many, get_many, versions, rollback`; the key store `add, update, pin, free, get, search` (and
 `hold, release`): the same method names on the in-process classes and on the Ray proxies.
 
-Commit order (serving goes on meanwhile and must never route to a missing expert):
-  1. a new expert's slot is reserved in the key store with a zero key (pinned; scores 0, under tau);
+Commit order (serving goes on meanwhile and must never route to a missing expert). Every write comes
+after a ledger line that says what it will be, so `ttt.recovery` can roll any crash forward or back:
+  1. a new expert's slot: the ledger intent (slot -1), then the slot reserved in the key store with a
+     zero key (pinned; scores 0, under tau), then the intent rewritten with its id;
   2. training (reads only);
-  3. `store.put_many({id: expert})` -> the new version;
-  4. `keystore.update(id, key)` and `keystore.pin(id)` -> routing reaches the new version;
-  5. the ledger entry (status "committed"), then `invalidate([id])` (replicas' expert caches);
-  6. verify, in one batched generation: the failing prompt is asked again (routed, greedy): its answer
+  3. the full intent (previous version, key and pin state, the new key), fsynced;
+  4. `store.put_many({id: expert})` -> the new version;
+  5. `keystore.update(id, key)` and `keystore.pin(id)` -> routing reaches the new version;
+  6. the ledger entry (status "committed", replacing the intent), then `invalidate([id])`;
+  7. verify, in one batched generation: the failing prompt is asked again (routed, greedy): its answer
      must contain the correct answer (or, with a rule only, be routed to the edited expert); each
      *neighbour* edit's question (a live edit whose expert scores >= tau - ttt.neighbour_margin on this
      edit's queries, from the ledger) must still be answered right; the locality probes' greedy outputs
@@ -22,8 +25,11 @@ Neighbours also guard the training: a stored prompt of each trains beside this e
 mixture serving will use (`ttt.trainer`), so an edit holds when other experts answer near it; a contrast
 prompt about the question's subject keeps the base model's answer (`ttt.contrast`).
 
-`rollback(edit_id)` restores the previous expert version and key (and pin state), or frees the slot
-of an expert the edit created, and marks the ledger entry "rolled_back".
+A failure anywhere undoes what of the edit is in place (`ttt.recovery.undo`) and records it "failed";
+if the undo itself fails, the intent stays for the trainer's recovery. `rollback(edit_id)` writes
+"rolling_back", restores the previous expert version and key (and pin state), or frees the slot of an
+expert the edit created, and marks the ledger entry "rolled_back"; it is idempotent (a retry after a
+crash finds the store already restored and finishes the rest).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.ttt.contrast import contrast_questions, first_sentence
 from srmoa_dist.ttt.detect import Failure, Messages, answer_matches, as_messages
 from srmoa_dist.ttt.diversify import CONTRAST, TrainingPrompt, diversify
-from srmoa_dist.ttt.ledger import EditLedger, EditRecord
+from srmoa_dist.ttt.ledger import LIVE, EditLedger, EditRecord
+from srmoa_dist.ttt.recovery import Writes, expected_version, undo, version_of
 from srmoa_dist.ttt.reflect import Ask, reflect
 from srmoa_dist.ttt.trainer import Guard, TrainingJob, TrainResult, train_jobs
 
@@ -134,15 +141,6 @@ def _is_pinned(keystore: Any, expert_id: int) -> bool | None:
         return None
 
 
-def _version_or_none(store: Any, expert_id: int) -> int | None:
-    """The stored version of one expert, None when it is not stored."""
-    try:
-        v = store.versions([expert_id])[0]
-    except LookupError:                     # MissingExpertError (a KeyError), also through Ray
-        return None
-    return None if v is None else int(v)
-
-
 def find_neighbours(queries: np.ndarray, keystore: Any, ledger: EditLedger, k: int, tau: float,
                     margin: float) -> list[EditRecord]:
     """Live edits whose experts score >= tau - margin on any of `queries` (P, d): the edits this one
@@ -152,7 +150,7 @@ def find_neighbours(queries: np.ndarray, keystore: Any, ledger: EditLedger, k: i
     near = {int(i) for i in I[(I >= 0) & (D >= tau - margin)].tolist()}
     if not near:
         return []
-    live = [r for r in ledger.list(("committed", "verified")) if r.expert_id in near]
+    live = [r for r in ledger.list(LIVE) if r.expert_id in near]
     return sorted(live, key=lambda r: r.created_at, reverse=True)
 
 
@@ -208,12 +206,14 @@ class EditEnv:
 class Edit:
     """One edit's steps, in the order they run: `prepare` (reflect, diversify, neighbours, target),
     training (`train_jobs`, alone or beside other edits), `commit`, then `settle` with the verification's
-    generations. Nothing is written before `commit` but a reserved slot, which `fail` frees."""
+    generations. Nothing is written before `commit` but a reserved slot (after its intent), which `fail`
+    frees. `job_id` (the trainer's job) is recorded in the ledger entry."""
 
     def __init__(self, env: EditEnv, failure: Failure, *, ask: Ask | None = None, exclude: Sequence[str] = (),
                  edit_id: str | None = None, may_refine: Callable[[int], bool] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, job_id: str | None = None) -> None:
         self.env, self.failure, self.ask = env, failure, ask
+        self.job_id = job_id
         self.exclude, self.seed = tuple(exclude), seed
         self.edit_id = edit_id or env.ledger.new_id()
         if self.edit_id in env.ledger:
@@ -230,6 +230,7 @@ class Edit:
         self.job: TrainingJob | None = None
         self.res: TrainResult | None = None
         self.rec: EditRecord | None = None
+        self.intent: EditRecord | None = None     # the ledger intent, while the edit is in flight
         self.batch_size = 1
 
     # 1. reflect, diversify, neighbours, the training job (RuleRejected / HeldOutLeak before any write)
@@ -283,53 +284,66 @@ class Edit:
         return [Guard(-1, TrainingPrompt(CONTRAST, tuple(c), a), q[j]) for j, (c, a) in enumerate(rows)]
 
     def _reserve(self) -> int:
+        """A new expert's slot: the intent first (slot -1), the pinned zero key, the intent with its id."""
         env = self.env
-        if env.new_slot is not None:
+        if env.new_slot is not None:                # the caller's slot: the caller frees it
             eid = int(env.new_slot())
-        else:
-            ids = env.keystore.add(np.zeros((1, env.cfg.keystore.d_key), np.float32), pinned=True)
-            eid = int(np.asarray(ids).reshape(-1)[0])
+            self.reserved.append(eid)
+            return eid
+        self._write_intent(-1, True, stage="reserving")
+        ids = env.keystore.add(np.zeros((1, env.cfg.keystore.d_key), np.float32), pinned=True)
+        eid = int(np.asarray(ids).reshape(-1)[0])
         self.reserved.append(eid)
+        self._write_intent(eid, True, prev_version=version_of(env.store, eid), prev_pinned=True,
+                           stage="reserved")
         return eid
 
-    # 2. commit: the expert's new version, its key (pinned), the ledger entry, the caches
+    def _write_intent(self, expert_id: int, created: bool, *, stage: str, prev_version: int | None = None,
+                      prev_key: np.ndarray | None = None, prev_pinned: bool = False,
+                      new_key: np.ndarray | None = None, new_version: int | None = None) -> None:
+        f = self.failure
+        self.intent = self.env.ledger.intent(EditRecord(
+            edit_id=self.edit_id, status="intent", rule=self.rule,
+            prompts=tuple(p.to_dict() for p in self.prompts), expert_id=expert_id, created=created,
+            prev_version=prev_version, new_version=new_version, prev_key=prev_key, new_key=new_key,
+            prev_pinned=prev_pinned, question=f.question, correct_answer=f.correct_answer,
+            extra={"stage": stage, "job_id": self.job_id, "source": f.source, "request_id": f.request_id,
+                   "slot_reserved": self.env.new_slot is None}))
+
+    # 2. commit: the full intent, the expert's new version, its key (pinned), the ledger entry, the caches
     def commit(self, res: TrainResult, train_s: float) -> None:
         env = self.env
         self.res = res
         self.timings["train_s"] = train_s
         t = time.perf_counter()
         eid = res.expert_id
-        prev_pinned = True if res.created else bool(_is_pinned(env.keystore, eid) or eid in self.live)
-        written = False
         try:
-            prev_version = res.prev_version
-            if res.created:
-                prev_version = _version_or_none(env.store, eid)      # a recycled slot may hold an old record
+            prev_version = version_of(env.store, eid)     # a recycled slot may hold an old record
+            if not res.created and prev_version != res.prev_version:
+                log.warning("edit %s: expert %d changed while it trained (version %s, trained from %s)",
+                            self.edit_id, eid, prev_version, res.prev_version)
+            prev_pinned = True if res.created else bool(_is_pinned(env.keystore, eid) or eid in self.live)
+            self._write_intent(eid, res.created, stage="committing", prev_version=prev_version,
+                               prev_key=res.prev_key, prev_pinned=prev_pinned, new_key=res.key,
+                               new_version=expected_version(prev_version))
             new_version = int(env.store.put_many({eid: res.expert})[eid])
-            written = True
             env.keystore.update(np.array([eid], np.int64), res.key[None, :])
             env.keystore.pin(np.array([eid], np.int64), True)
+            f = self.failure
+            self.rec = env.ledger.commit(EditRecord(
+                edit_id=self.edit_id, status="committed", rule=self.rule,
+                prompts=tuple(p.to_dict() for p in self.prompts), expert_id=eid, created=res.created,
+                prev_version=prev_version, new_version=new_version, prev_key=res.prev_key, new_key=res.key,
+                prev_pinned=prev_pinned, lm_losses=res.lm_losses, router_losses=res.router_losses,
+                steps=res.steps,
+                question=f.question, correct_answer=f.correct_answer, train_seconds=res.seconds,
+                extra={**self.intent.extra, "stage": "committed", "converged": res.converged,
+                       "target_scores": list(res.target_scores), "guard_losses": list(res.guard_losses),
+                       "neighbours": [r.edit_id for r in self.neighbours]},
+            ))
+            self.intent = None
         except Exception as e:
-            if written and not res.created:        # the new weights must not serve under the old key
-                try:
-                    env.store.rollback(eid)
-                    env.keystore.update(np.array([eid], np.int64), res.prev_key[None, :])
-                except Exception:
-                    log.exception("edit %s: could not undo the partial commit of expert %d",
-                                  self.edit_id, eid)
             raise self.fail(e, "commit failed") from e
-        f = self.failure
-        self.rec = env.ledger.commit(EditRecord(
-            edit_id=self.edit_id, status="committed", rule=self.rule,
-            prompts=tuple(p.to_dict() for p in self.prompts), expert_id=eid, created=res.created,
-            prev_version=prev_version, new_version=new_version, prev_key=res.prev_key, new_key=res.key,
-            prev_pinned=prev_pinned, lm_losses=res.lm_losses, router_losses=res.router_losses,
-            steps=res.steps,
-            question=f.question, correct_answer=f.correct_answer, train_seconds=res.seconds,
-            extra={"source": f.source, "request_id": f.request_id, "converged": res.converged,
-                   "target_scores": list(res.target_scores), "guard_losses": list(res.guard_losses),
-                   "neighbours": [r.edit_id for r in self.neighbours]},
-        ))
         if env.invalidate is not None:
             env.invalidate([eid])
         self.timings["commit_s"] = time.perf_counter() - t
@@ -389,13 +403,15 @@ class Edit:
                             neighbours_broken=tuple(broken),
                             locality_after=after)
 
-    # on any failure: free the reserved slot, record the failure; the EditFailed to raise
+    # on any failure: undo what of the intent is in place, record the failure; the EditFailed to raise
     def fail(self, err: BaseException, what: str) -> EditFailed:
-        if self.reserved and self.env.new_slot is None:        # only slots this edit reserved
+        if self.intent is not None:
             try:
-                self.env.keystore.free(np.array(self.reserved, np.int64))
-            except Exception:
-                log.exception("could not free reserved slot(s) %s", self.reserved)
+                undo(self.intent, self.env.store, self.env.keystore)
+            except Exception:        # the intent stays: the trainer's recovery finishes the undo
+                log.exception("edit %s: could not undo its writes; left to recovery", self.edit_id)
+                return EditFailed(f"edit {self.edit_id}: {what}: {type(err).__name__}: {err} (its partial "
+                                  "writes are undone by the trainer's recovery)", self.edit_id)
         res, f = self.res, self.failure
         try:
             self.env.ledger.commit(EditRecord(
@@ -408,7 +424,9 @@ class Edit:
                 steps=res.steps if res is not None else 0,
                 question=f.question, correct_answer=f.correct_answer,
                 notes=(f"{type(err).__name__}: {err}",),
+                extra={"job_id": self.job_id, "source": f.source, "request_id": f.request_id},
             ))
+            self.intent = None
         except Exception:
             log.exception("could not record the failed edit %s in the ledger", self.edit_id)
         return EditFailed(f"edit {self.edit_id}: {what}: {type(err).__name__}: {err}", self.edit_id)
@@ -521,7 +539,11 @@ def apply_edits(env: EditEnv, edits: Sequence[Edit], *, locality_prompts: Sequen
         e = edits[i]
         n = len(e.verify_chats())
         mine = [j for j in changed if len(committed) == 1 or e.res.expert_id in g_probes[j].expert_ids]
-        out[i] = e.settle(gens[pos:pos + n], mine, after, verify_s)
+        try:
+            out[i] = e.settle(gens[pos:pos + n], mine, after, verify_s)
+        except Exception as err:            # a rollback that failed: left "rolling_back" for recovery
+            log.exception("edit %s could not be settled", e.edit_id)
+            out[i] = err
         pos += n
     return out
 
@@ -557,36 +579,30 @@ def rollback(
 ) -> EditRecord:
     """Undo a committed or verified edit: the previous expert version and key come back (an expert the
     edit created has its key slot freed and its record deleted). Only the latest live edit of an
-    expert can be undone (the store keeps one previous version). Returns the ledger record, now
-    "rolled_back"."""
+    expert can be undone (the store keeps one previous version). "rolling_back" is written first, so a
+    crash midway is finished by recovery or by calling this again: each write is checked before it is
+    redone (`ttt.recovery.undo`). Returns the ledger record, now "rolled_back"."""
     rec = ledger.get(edit_id)
-    if rec.status not in ("committed", "verified"):
+    if rec.status not in ("committed", "verified", "rolling_back"):
         raise ValueError(f"edit {edit_id!r} is {rec.status}: only committed or verified edits can be "
                          "rolled back")
-    later = [r.edit_id for r in ledger.list(("committed", "verified"))
+    later = [r.edit_id for r in ledger.list(LIVE)
              if r.expert_id == rec.expert_id and r.created_at > rec.created_at and r.edit_id != edit_id]
     if later:
         raise ValueError(f"edit {edit_id!r}: expert {rec.expert_id} was edited again by {later}; roll "
                          "those back first (the store keeps one previous version)")
     eid = rec.expert_id
-    ids = np.array([eid], np.int64)
-    if rec.created:
-        keystore.free(ids)                      # unreachable first: a request routed just before reads
-        store.delete([eid])                     # a missing expert as "no expert", never a half record
-    else:
+    if not rec.created:
         if rec.prev_key is None:
             raise ValueError(f"edit {edit_id!r} refined expert {eid} but recorded no previous key")
-        cur = _version_or_none(store, eid)
-        if cur is not None and rec.new_version is not None and int(cur) != int(rec.new_version):
-            raise ValueError(f"edit {edit_id!r}: expert {eid} is at version {cur}, not the edit's "
-                             f"{rec.new_version}; it changed since (cannot roll back safely)")
-        restored = store.rollback(eid)
-        if rec.prev_version is not None and int(restored) != int(rec.prev_version):
-            log.warning("rollback of %s restored version %s of expert %d, ledger says %s", edit_id, restored,
-                        eid, rec.prev_version)
-        keystore.update(ids, rec.prev_key[None, :])
-        if not rec.prev_pinned:
-            keystore.pin(ids, False)
+        w = Writes.of(rec, store, keystore)
+        if not w.expert(rec) and w.version != rec.prev_version:
+            raise ValueError(f"edit {edit_id!r}: expert {eid} is at version {w.version}, neither the edit's "
+                             f"{rec.new_version} nor the previous {rec.prev_version}; it changed since "
+                             "(cannot roll back safely)")
+    if rec.status != "rolling_back":
+        rec = ledger.set_status(edit_id, "rolling_back")
+    undo(rec, store, keystore)
     if invalidate is not None:
         invalidate([eid])
     log.info("edit %s rolled back (expert %d %s)", edit_id, eid, "freed" if rec.created else "restored")

@@ -82,7 +82,7 @@ class Editor:
                 f = failures[i]
                 try:
                     edits.append(Edit(env, f, ask=model_ask(self.base) if f.rule is None else None,
-                                      exclude=excludes[i], seed=seeds[i]))
+                                      exclude=excludes[i], seed=seeds[i], job_id=job_ids[i]))
                     idx.append(i)
                 except Exception as e:
                     out[i] = e

@@ -1,9 +1,13 @@
 """The edit ledger: an append-only JSONL file on disk, one line per event, fsynced.
 
-An edit is written once when committed (everything needed to audit and roll it back: rule, prompts,
-expert id, previous and new expert versions, previous key, losses), then gets status lines appended
-(verified, rolled_back, failed). Reading folds the lines by edit_id: the first line is the record,
-later lines update status, timestamps and notes. A line is complete when its newline is written (one
+An edit is first written as an *intent* (status "intent": what it is about to write, and what was there
+before: expert id or -1 while its slot is not reserved yet, created, previous version, previous key and
+pin state, new key), durable before any of its writes; an intent line may be rewritten while it is an
+intent. The commit line then replaces the intent with the full record (status "committed", or "failed"
+when the edit was undone). Status lines follow (verified, rolling_back before a rollback's writes,
+rolled_back, failed). `ttt.recovery` settles whatever a crash left "intent", "committed" or
+"rolling_back". Reading folds the lines by edit_id: the first line is the record, later lines update
+status, timestamps and notes. A line is complete when its newline is written (one
 ``write`` per line, fsynced). A torn last line (a crash mid-write, no newline yet) is dropped with a
 warning and truncated away on open, so the next append starts on a clean line; any other corrupt line
 raises a ValueError naming the file and line. Appends and the repair on open hold an exclusive
@@ -30,7 +34,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("committed", "verified", "rolled_back", "failed")
+STATUSES = ("intent", "committed", "verified", "rolling_back", "rolled_back", "failed")
+LIVE = ("committed", "verified")             # edits in force: their expert version and key are served
+IN_FLIGHT = ("intent", "rolling_back")       # writes of these may be partly done (ttt.recovery settles them)
 LEDGER_FILE = "edits.jsonl"
 _FORMAT = 1
 
@@ -128,14 +134,30 @@ class EditLedger:
         finally:
             os.close(fd)                      # closing releases the flock
 
+    def intent(self, record: EditRecord) -> EditRecord:
+        """Write (or rewrite) an edit's intent: status "intent", durable before any of its writes. Its
+        edit_id must be new or still an intent."""
+        if record.status != "intent":
+            raise ValueError(f"an intent record has status 'intent', got {record.status!r}")
+        return self._write("intent", record)
+
     def commit(self, record: EditRecord) -> EditRecord:
-        """Write a new edit (its status is usually 'committed'). Its edit_id must be new."""
+        """Write an edit's record (usually 'committed'; 'failed' for an edit undone). Its edit_id must be
+        new or an intent, which the record replaces (keeping its created_at)."""
+        if record.status == "intent":
+            raise ValueError("commit takes a settled record; write intents with intent()")
+        return self._write("commit", record)
+
+    def _write(self, op: str, record: EditRecord) -> EditRecord:
         with self._lock:
-            if record.edit_id in self._records:
-                raise ValueError(f"edit {record.edit_id!r} is already in the ledger {self.path}")
+            old = self._records.get(record.edit_id)
+            if old is not None and old.status != "intent":
+                raise ValueError(f"edit {record.edit_id!r} is already in the ledger {self.path} "
+                                 f"({old.status})")
             now = time.time()
-            rec = dataclasses.replace(record, created_at=record.created_at or now, updated_at=now)
-            self._append({"format": _FORMAT, "op": "commit", "record": rec.to_json()})
+            created = (old.created_at if old is not None else 0.0) or record.created_at or now
+            rec = dataclasses.replace(record, created_at=created, updated_at=now)
+            self._append({"format": _FORMAT, "op": op, "record": rec.to_json()})
             self._records[rec.edit_id] = rec
             return rec
 
@@ -174,7 +196,15 @@ class EditLedger:
 
     def live_experts(self) -> set[int]:
         """Experts held by an edit in force (committed or verified, not rolled back)."""
-        return {r.expert_id for r in self._records.values() if r.status in ("committed", "verified")}
+        return {r.expert_id for r in self._records.values() if r.status in LIVE}
+
+    def in_flight(self) -> list[EditRecord]:
+        """Edits whose writes may be partly done (an intent, a rollback under way)."""
+        return [r for r in self._records.values() if r.status in IN_FLIGHT]
+
+    def by_job(self, job_id: str) -> list[EditRecord]:
+        """The edits a trainer job ran (its id in the record's extra), in commit order."""
+        return [r for r in self._records.values() if r.extra.get("job_id") == job_id]
 
     def __len__(self) -> int:
         return len(self._records)
@@ -224,8 +254,11 @@ class EditLedger:
             try:
                 if obj.get("format") != _FORMAT:
                     raise ValueError(f"unknown format {obj.get('format')!r}")
-                if obj["op"] == "commit":
+                if obj["op"] in ("intent", "commit"):
                     rec = EditRecord.from_json(obj["record"])
+                    old = self._records.get(rec.edit_id)
+                    if old is not None and old.status != "intent":
+                        raise ValueError(f"{obj['op']} line for edit {rec.edit_id!r}, which is {old.status}")
                     self._records[rec.edit_id] = rec
                 elif obj["op"] == "status":
                     eid = obj["edit_id"]
