@@ -2,11 +2,12 @@
 
 from srmoa_dist.model.fusion import ExpertFusion, PreparedRouting, TrainableExpert
 from srmoa_dist.model.generation import (
+    BatchRouting,
     Fetch,
     Generation,
     GenerationParams,
     Router,
-    Routing,
+    RouteStep,
     generate,
     generate_stream,
     prefill_lower,
@@ -23,8 +24,9 @@ __all__ = [
     "Generation",
     "GenerationParams",
     "PreparedRouting",
+    "RouteStep",
     "Router",
-    "Routing",
+    "BatchRouting",
     "TrainableExpert",
     "generate",
     "generate_stream",

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
+Encoded = tuple[list[int], list[bool], list[bool]]  # one conversation's (ids, user_mask, answer_mask)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
 
 def encode_one(
     tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool | None = None
-) -> tuple[list[int], list[bool], list[bool]]:
+) -> Encoded:
     """(ids, user_mask, answer_mask) of one conversation (`messages` already carry their system prompt).
 
     add_generation_prompt: None = True unless the conversation ends with an assistant message
@@ -105,17 +106,24 @@ def encode_chat(
     add_generation_prompt: bool | None = None,
     device: torch.device | str | None = None,
 ) -> ChatBatch:
-    """Template, tokenize and left-pad a batch of conversations (see `encode_one`)."""
+    """Template, tokenize and left-pad a batch of conversations (see `encode_one`, `pad`)."""
     if not batch_messages:
         raise ValueError("empty batch")
     rows = [
         encode_one(tokenizer, with_system(m, system_prompt), add_generation_prompt=add_generation_prompt)
         for m in batch_messages
     ]
+    return pad(tokenizer, rows, device)
+
+
+def pad(tokenizer: Any, rows: Sequence[Encoded], device: torch.device | str | None = None) -> ChatBatch:
+    """Left-pad conversations already encoded by `encode_one` into one `ChatBatch`."""
+    if not rows:
+        raise ValueError("empty batch")
     T = max(len(r[0]) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     B = len(rows)
-    ids = torch.full((B, T), int(pad), dtype=torch.long)
+    ids = torch.full((B, T), int(pad_id), dtype=torch.long)
     att = torch.zeros(B, T, dtype=torch.long)
     user = torch.zeros(B, T, dtype=torch.bool)
     ans = torch.zeros(B, T, dtype=torch.bool)

@@ -2,21 +2,26 @@
 
     prefill_lower:  embed -> layers[0..Lq]            -> h_Lq (B, T, D)  (KV cache of layers 0..Lq filled)
     query:          encoder.encode_hidden(h_Lq, user_mask)            -> xq (B, d_key)
-    route:          router(xq) -> D, I (B, k); keep I >= 0 and D >= tau; gates g = softmax(D / T_g)
-    fetch:          fetch(unique ids) -> {id: LoRAExpert}
+    route step:     route_step(xq) -> BatchRouting: the kept experts (fetched), scores and gates
+                    (built from a router and a fetch by `route_step`, or handed down by the serving engine)
+      router:       router(xq) -> D, I (B, k); keep I >= 0 (-1: none or deferred); g = softmax(D / T_g)
+      fetch:        fetch(unique ids) -> {id: LoRAExpert}; an id it lacks is skipped
     prefill_upper:  under fusion.routing(...): layers[Lq+1..] -> norm -> lm_head   (cache of those layers)
-    decode:         HF forward with the KV cache, one token per step, routing fixed per sequence
+    decode:         HF forward with the KV cache, one token per step, routing fixed per sequence,
+                    sampling (temperature, top_p, seed) and stopping (max tokens, stop strings) per sequence
 
 The decoder layers are run by hand with the model's own rotary embedding, `create_causal_mask` and a
-`DynamicCache`, so the two stages equal one `model(...)` call. The router and fetch callables are plain
-Python (they may call Ray in the serving layer) and never run inside an `nn.Module.forward`.
-A sequence whose router keeps no expert gets exactly the base model's tokens.
+`DynamicCache`, so the two stages equal one `model(...)` call. The route step is plain Python (it may call
+Ray in the serving layer) and never runs inside an `nn.Module.forward`. A sequence whose routing keeps no
+expert gets exactly the base model's tokens; a seeded sequence samples from its own generator, so it gets
+the same tokens whatever batch it is in.
 
 Shapes: B sequences, T prompt tokens (left padded), D model dim, V vocab, K experts kept per sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,17 +54,23 @@ class Encoder(Protocol):
 
 Router = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # xq (B, d_key) -> D, I (B, k); -1 = none
 Fetch = Callable[[list[int]], Mapping[int, "LoRAExpert"]]
+RouteStep = Callable[[np.ndarray], "BatchRouting"]  # xq (B, d_key) -> the batch's routing, experts fetched
+Chats = Sequence[Sequence[Message]] | ChatBatch  # conversations, or conversations already encoded
 
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """Sampling and stopping of one sequence (or of every sequence of a batch).
+
+    A batch may give each sequence its own params; `gate_temperature` and `system_prompt` apply to the
+    whole batch and must then agree.
+    """
+
     max_new_tokens: int | None = None  # None: ModelConfig.max_new_tokens
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling when temperature > 0
-    seed: int | None = None  # sampling seed (None: nondeterministic)
-    tau: float | None = None  # extra deferral on router scores (None: trust the router's -1)
-    gate_temperature: float = 0.1  # gates g = softmax(scores / gate_temperature) over kept experts
-    max_experts: int | None = None  # keep at most this many experts per sequence
+    seed: int | None = None  # sampling seed of this sequence (None: nondeterministic)
+    gate_temperature: float = 0.1  # router/fetch: gates g = softmax(scores / gate_temperature)
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
     system_prompt: str | None = None  # None: ModelConfig.system_prompt (used when a chat has none)
 
@@ -72,20 +83,21 @@ class GenerationParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.gate_temperature <= 0:
             raise ValueError(f"gate_temperature must be positive, got {self.gate_temperature}")
-        if self.max_experts is not None and self.max_experts <= 0:
-            raise ValueError(f"max_experts must be positive, got {self.max_experts}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
 
 @dataclass(frozen=True)
-class Routing:
-    """The routing of a batch: per sequence, the kept experts (best first) and their gates."""
+class BatchRouting:
+    """The routing of a batch: per sequence, the kept experts (best first), their gates and, once
+    fetched (`fetch_experts`), the experts themselves."""
 
     expert_ids: list[list[int]]
     scores: list[list[float]]
     gates: list[list[float]]
     queries: np.ndarray  # (B, d_key) float32; (B, 0) without an encoder
     skipped: list[list[int]] | None = None  # per sequence, routed experts the store did not hold
+    experts: list[list[ExpertLike]] | None = None  # per sequence, the fetched experts (None: not fetched)
+    degraded: str | None = None  # why the batch got no routing (the router did not answer), if so
 
     def gate_tensor(self) -> torch.Tensor:
         """(B, K) gates, zero-padded."""
@@ -109,6 +121,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # prefill_s, decode_s (batch-wide)
     skipped: list[int] = field(default_factory=list)  # routed experts missing from the store (left out)
+    degraded: str | None = None  # why the batch was routed to no expert (the router did not answer)
 
 
 @dataclass
@@ -231,37 +244,46 @@ def queries(
 
 
 # ----------------------------------------------------------------------------- routing
-def route(xq: np.ndarray, router: Router | None, params: GenerationParams) -> Routing:
-    """Apply the router and the deferral rule: keep id >= 0 (and score >= tau); gates = softmax(s / T)."""
+def select_experts(xq: np.ndarray, D: np.ndarray, I: np.ndarray, gate_temperature: float) -> BatchRouting:
+    """The deferral rule on a search's answer D, I (B, k): keep id >= 0, best first; g = softmax(s / T)."""
     B = xq.shape[0]
-    if router is None:
-        return Routing([[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], xq)
-    D, I = router(xq)
     D, I = np.asarray(D, dtype=np.float32), np.asarray(I, dtype=np.int64)
     if D.shape != I.shape or D.ndim != 2 or D.shape[0] != B:
         raise ValueError(f"router must return D, I of shape (B={B}, k), got {D.shape}, {I.shape}")
     ids, scores, gates = [], [], []
     for b in range(B):
         keep = I[b] >= 0
-        if params.tau is not None:
-            keep &= D[b] >= params.tau
         order = np.argsort(-D[b][keep], kind="stable")
         s, i = D[b][keep][order], I[b][keep][order]
-        if params.max_experts is not None:
-            s, i = s[: params.max_experts], i[: params.max_experts]
         if len(s):
-            z = (s.astype(np.float64) - s.max()) / params.gate_temperature
+            z = (s.astype(np.float64) - s.max()) / gate_temperature
             g = np.exp(z) / np.exp(z).sum()
         else:
             g = np.zeros(0)
         ids.append([int(x) for x in i])
         scores.append([float(x) for x in s])
         gates.append([float(x) for x in g])
-    return Routing(ids, scores, gates, xq)
+    return BatchRouting(ids, scores, gates, xq)
 
 
-def _fetch_experts(routing: Routing, fetch: Fetch | None) -> tuple[Routing, list[list[LoRAExpert]]]:
-    """The routed experts of each sequence, and the routing they are used under.
+def no_routing(xq: np.ndarray, degraded: str | None = None) -> BatchRouting:
+    """The routing of a batch that gets no expert (the base model alone)."""
+    B = xq.shape[0]
+    empty: list[list[Any]] = [[] for _ in range(B)]
+    return BatchRouting(empty, [[] for _ in range(B)], [[] for _ in range(B)], xq,
+                        experts=[[] for _ in range(B)], degraded=degraded)
+
+
+def route(xq: np.ndarray, router: Router | None, params: GenerationParams) -> BatchRouting:
+    """`select_experts` on the router's answer for xq (router None: no expert for any sequence)."""
+    if router is None:
+        return no_routing(xq)
+    D, I = router(xq)
+    return select_experts(xq, D, I, params.gate_temperature)
+
+
+def fetch_experts(routing: BatchRouting, fetch: Fetch | None) -> BatchRouting:
+    """The routing with its experts fetched.
 
     An expert the store no longer holds (deleted by a rollback after the search that found it) is
     left out of its sequence, the remaining gates are renormalised to sum to 1, and its id goes to
@@ -269,7 +291,7 @@ def _fetch_experts(routing: Routing, fetch: Fetch | None) -> tuple[Routing, list
     """
     wanted = sorted({i for ids in routing.expert_ids for i in ids})
     if not wanted:
-        return routing, [[] for _ in routing.expert_ids]
+        return dataclasses.replace(routing, experts=[[] for _ in routing.expert_ids])
     if fetch is None:
         raise ValueError("the router returned experts but no fetch callable was given")
     got = fetch(wanted)
@@ -278,10 +300,19 @@ def _fetch_experts(routing: Routing, fetch: Fetch | None) -> tuple[Routing, list
         log.warning("routed expert(s) %s are not in the store; their sequences go on without them",
                     sorted(missing)[:8])
         routing = _without(routing, missing)
-    return routing, [[got[i] for i in ids] for ids in routing.expert_ids]
+    return dataclasses.replace(routing, experts=[[got[i] for i in ids] for ids in routing.expert_ids])
 
 
-def _without(routing: Routing, missing: set[int]) -> Routing:
+def make_route_step(router: Router | None, fetch: Fetch | None, gate_temperature: float) -> RouteStep:
+    """The route step of a router and a fetch: xq -> `fetch_experts(route(xq, router))`."""
+
+    def step(xq: np.ndarray) -> BatchRouting:
+        return fetch_experts(route(xq, router, GenerationParams(gate_temperature=gate_temperature)), fetch)
+
+    return step
+
+
+def _without(routing: BatchRouting, missing: set[int]) -> BatchRouting:
     """The routing with the `missing` experts removed from every sequence, gates renormalised."""
     ids, scores, gates, skipped = [], [], [], []
     for i_b, s_b, g_b in zip(routing.expert_ids, routing.scores, routing.gates):
@@ -291,7 +322,7 @@ def _without(routing: Routing, missing: set[int]) -> Routing:
         scores.append([s_b[j] for j in keep])
         gates.append([float(x) for x in g / g.sum()] if g.size and g.sum() > 0 else [0.0] * g.size)
         skipped.append([i for i in i_b if i in missing])
-    return Routing(ids, scores, gates, routing.queries, skipped)
+    return BatchRouting(ids, scores, gates, routing.queries, skipped, degraded=routing.degraded)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -305,17 +336,39 @@ def _eos_ids(base: BaseModel) -> set[int]:
     return ids
 
 
-def _select(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator | None) -> torch.Tensor:
-    """Next tokens (B,) from last-position logits (B, V)."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (B, V)
-    if params.top_p < 1.0:
-        sp, si = probs.sort(dim=-1, descending=True)
-        drop = sp.cumsum(-1) - sp > params.top_p  # keep the smallest head >= top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+def _select(logits: torch.Tensor, rows: Sequence[GenerationParams], gens: Sequence[torch.Generator | None],
+            finished: Sequence[bool]) -> torch.Tensor:
+    """Next tokens (B,) from last-position logits (B, V): greedy rows by argmax, each sampling row from
+    its own temperature, top_p and generator (a finished row draws nothing, so a seeded row's draws
+    depend on that row alone)."""
+    nxt = logits.argmax(-1)
+    for b, p in enumerate(rows):
+        if p.temperature == 0 or finished[b]:
+            continue
+        probs = torch.softmax(logits[b].float() / p.temperature, dim=-1)  # (V,)
+        if p.top_p < 1.0:
+            sp, si = probs.sort(descending=True)
+            drop = sp.cumsum(-1) - sp > p.top_p  # keep the smallest head >= top_p
+            probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
+        nxt[b] = torch.multinomial(probs, 1, generator=gens[b])[0]
+    return nxt
+
+
+Params = GenerationParams | Sequence[GenerationParams] | None  # one for all sequences, or one each
+
+
+def _row_params(params: Params, B: int) -> list[GenerationParams]:
+    """One GenerationParams per sequence; the batch-wide fields must agree."""
+    if params is None or isinstance(params, GenerationParams):
+        return [params or GenerationParams()] * B
+    rows = list(params)
+    if len(rows) != B:
+        raise ValueError(f"params: got {len(rows)} GenerationParams for a batch of {B} sequences")
+    for name in ("gate_temperature", "system_prompt"):
+        values = {getattr(p, name) for p in rows}
+        if len(values) > 1:
+            raise ValueError(f"params: {name} applies to the whole batch, got {sorted(map(str, values))}")
+    return rows
 
 
 @dataclass
@@ -329,32 +382,37 @@ def _run(
     base: BaseModel,
     fusion: ExpertFusion | None,
     encoder: Encoder | None,
-    batch_messages: Sequence[Sequence[Message]],
-    router: Router | None,
-    fetch: Fetch | None,
-    params: GenerationParams,
+    chats: Chats,
+    route_step: RouteStep | None,
+    params: Params,
 ) -> Iterator[_Step | list[Generation]]:
     """The generation loop; yields a `_Step` per decoded token, then the list of Generations.
 
     No context (grad mode, routing) is held across a `yield`: each forward enters its own.
     """
     tok = base.tokenizer
-    max_new = params.max_new_tokens or base.config.max_new_tokens
-    if router is not None and encoder is None:
+    if route_step is not None and encoder is None:
         raise ValueError("a router needs a query encoder")
     if encoder is not None:
         encoder.check_model(base)
     t0 = time.perf_counter()
+    if isinstance(chats, ChatBatch):
+        batch = chats
+        rows = _row_params(params, batch.input_ids.shape[0])
+    else:
+        rows = _row_params(params, len(chats))
+        batch = encode_messages(base, chats, rows[0].system_prompt if rows else None)
+    B = batch.input_ids.shape[0]
     with torch.no_grad():
-        batch = encode_messages(base, batch_messages, params.system_prompt)
-        B = batch.input_ids.shape[0]
         lower = prefill_lower(base, batch.input_ids, batch.attention_mask)
         if encoder is not None:
             xq = encoder.encode_hidden(lower.hidden, batch.user_mask)  # (B, d_key)
         else:
             xq = np.zeros((B, 0), dtype=np.float32)
-    routing = route(xq, router, params)
-    routing, experts = _fetch_experts(routing, fetch)  # plain Python (may call Ray)
+    routing = route_step(xq) if route_step is not None else no_routing(xq)  # plain Python (may call Ray)
+    experts = routing.experts if routing.experts is not None else [[] for _ in range(B)]
+    if len(experts) != B:
+        raise ValueError(f"the route step returned the routing of {len(experts)} sequences, not {B}")
     if fusion is None and any(experts):
         raise ValueError("experts were routed but no ExpertFusion was given")
     prepared = fusion.prepare(experts, routing.gate_tensor()) if fusion is not None else None
@@ -362,9 +420,9 @@ def _run(
     def routed():
         return fusion.activate(prepared) if fusion is not None else nullcontext()
 
-    gen = None
-    if params.temperature > 0 and params.seed is not None:
-        gen = torch.Generator(device=base.device).manual_seed(params.seed)
+    gens = [torch.Generator(device=base.device).manual_seed(p.seed)
+            if p.temperature > 0 and p.seed is not None else None for p in rows]
+    max_new = [p.max_new_tokens or base.config.max_new_tokens for p in rows]
     eos = _eos_ids(base)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -376,8 +434,8 @@ def _run(
     with torch.no_grad(), routed():
         logits = prefill_upper(base, lower, last_only=True)[:, -1]  # (B, V)
     t_prefill = time.perf_counter() - t0
-    for step in range(max_new):
-        nxt = _select(logits, params, gen)  # (B,)
+    while True:
+        nxt = _select(logits, rows, gens, finished)  # (B,)
         news = []
         for b in range(B):
             if finished[b]:
@@ -391,10 +449,12 @@ def _run(
                 finished[b], reasons[b] = True, "stop"
                 continue
             out[b].append(t)
-            if params.stop and _hit_stop(tok, out[b], params.stop):
+            if rows[b].stop and _hit_stop(tok, out[b], rows[b].stop):
                 finished[b], reasons[b] = True, "stop"
+            elif n_gen[b] >= max_new[b]:
+                finished[b] = True  # reason "length"
         yield _Step(news)
-        if all(finished) or step == max_new - 1:
+        if all(finished):
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos + 1
@@ -410,12 +470,12 @@ def _run(
         logits = res.logits[:, -1]
     t_total = time.perf_counter() - t0
     timings = {"prefill_s": t_prefill, "decode_s": t_total - t_prefill}
-    gens = []
+    result = []
     for b in range(B):
         text = tok.decode(out[b], skip_special_tokens=True)
-        if params.stop:
-            text = _cut_stop(text, params.stop)
-        gens.append(
+        if rows[b].stop:
+            text = _cut_stop(text, rows[b].stop)
+        result.append(
             Generation(
                 text=text,
                 expert_ids=routing.expert_ids[b],
@@ -428,9 +488,10 @@ def _run(
                 token_ids=out[b],
                 timings=timings,
                 skipped=routing.skipped[b] if routing.skipped is not None else [],
+                degraded=routing.degraded,
             )
         )
-    yield gens
+    yield result
 
 
 def _hit_stop(tok: Any, ids: list[int], stop: tuple[str, ...]) -> bool:
@@ -443,21 +504,38 @@ def _cut_stop(text: str, stop: tuple[str, ...]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+def _step_of(router: Router | None, fetch: Fetch | None, step: RouteStep | None,
+             params: Params) -> RouteStep | None:
+    if step is not None:
+        if router is not None or fetch is not None:
+            raise ValueError("give a route_step or a router and fetch, not both")
+        return step
+    if router is None:
+        return None
+    p = params if isinstance(params, GenerationParams) else next(iter(params or ()), GenerationParams())
+    return make_route_step(router, fetch, p.gate_temperature)
+
+
 def generate(
     base: BaseModel,
     fusion: ExpertFusion | None,
     encoder: Encoder | None,
-    batch_messages: Sequence[Sequence[Message]],
+    batch_messages: Chats,
     router: Router | None = None,
     fetch: Fetch | None = None,
-    params: GenerationParams | None = None,
+    params: Params = None,
+    *,
+    route_step: RouteStep | None = None,
 ) -> list[Generation]:
-    """Routed generation for a batch of chats (lists of {"role", "content"} messages).
+    """Routed generation for a batch of chats (lists of {"role", "content"} messages, or a `ChatBatch`
+    already encoded), in one batched forward.
 
-    encoder/router None: the plain base model (no query, no experts).
+    Routing: `route_step` (xq -> BatchRouting, experts fetched), or a router and a fetch; none of them (and
+    encoder None): the plain base model. params: one for every sequence, or one per sequence.
     """
     result: list[Generation] = []
-    for item in _run(base, fusion, encoder, batch_messages, router, fetch, params or GenerationParams()):
+    step = _step_of(router, fetch, route_step, params)
+    for item in _run(base, fusion, encoder, batch_messages, step, params):
         if isinstance(item, list):
             result = item
     return result
@@ -467,12 +545,14 @@ def generate_stream(
     base: BaseModel,
     fusion: ExpertFusion | None,
     encoder: Encoder | None,
-    messages: Sequence[Message],
+    messages: Sequence[Message] | ChatBatch,
     router: Router | None = None,
     fetch: Fetch | None = None,
     params: GenerationParams | None = None,
+    *,
+    route_step: RouteStep | None = None,
 ) -> Iterator[str | Generation]:
-    """One chat, streamed: yields text deltas (str), then the final `Generation`.
+    """One chat (or a `ChatBatch` of one), streamed: yields text deltas (str), then the final `Generation`.
 
     Deltas are held back while the decoded text ends in an incomplete UTF-8 character; the
     concatenated deltas equal the final text (stop strings are cut before they are emitted).
@@ -483,7 +563,8 @@ def generate_stream(
     ids: list[int] = []
     emitted = ""
     hold = max((len(s) for s in params.stop), default=1) - 1
-    for item in _run(base, fusion, encoder, [messages], router, fetch, params):
+    chats = messages if isinstance(messages, ChatBatch) else [messages]
+    for item in _run(base, fusion, encoder, chats, _step_of(router, fetch, route_step, params), params):
         if isinstance(item, list):
             final = item[0]
             if len(final.text) > len(emitted) and final.text.startswith(emitted):

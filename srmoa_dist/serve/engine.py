@@ -1,10 +1,13 @@
 """`Engine`: what one ModelServer replica holds and does, without Serve.
 
 The frozen base model, its query encoder and expert fusion, the `ExpertStoreClient` (LRU cache of
-decoded experts) and the key-store actor handle. `generate` runs a batch of requests through
-`model.generation.generate` with a router that asks the key-store actor (one search per batch) and a
-fetch that reads through the client; `stream` does the same for one request, token by token. After
-each batch the activations (q, ids, gates) go to the key store without waiting.
+decoded experts) and the key-store actor handle. A request takes one pass, top to bottom:
+
+    prepare     messages -> token ids, once (the length check counts these ids); params; use_experts
+    generate    every prepared request of the batch in one `model.generation.generate` call (one
+                batched forward, sampling and stopping per row), handed the engine's route step:
+    _route      xq -> key-store search (one per batch) -> deferral and gates -> fetch through the
+                client -> the activations (q, ids, gates) sent to the key store without waiting
 
 Requests and results are plain dicts so that they cross Serve handles cheaply:
 
@@ -22,9 +25,11 @@ longer holds is skipped; the routing says so (`degraded`, `degraded_reason`, `sk
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,49 +78,25 @@ class Engine:
         log.info("engine ready in %.1f s: model %s, d_key %d", self.load_seconds, self.base.name,
                  self.encoder.d_key)
 
-    # -- store access ---------------------------------------------------------------------------------
-
-    def _fetch(self, ids: list[int]) -> dict[int, Any]:
-        return self.client.fetch(ids) if self.client is not None else {}
-
-    def _record(self, gens: Sequence[Any], router: _Router) -> None:
-        """Send the activations of routed sequences to the key store (fire-and-forget), stamped with the
-        key store's incarnation and slot epoch at routing time so it can drop activations of a slot
-        that was freed and reused since."""
-        rows = [g for g in gens if g.expert_ids]
-        if not rows or router.routed_at is None:       # None: no key store, or no search made
-            return
-        k = max(len(g.expert_ids) for g in rows)
-        q = np.stack([g.query for g in rows]).astype(np.float32)                 # (n, d_key)
-        ids = np.full((len(rows), k), -1, np.int64)
-        gates = np.zeros((len(rows), k), np.float32)
-        for r, g in enumerate(rows):
-            ids[r, : len(g.expert_ids)] = g.expert_ids
-            gates[r, : len(g.gates)] = g.gates
-        try:
-            self.keystore.record.remote(q, ids, gates, *router.routed_at)
-        except Exception:      # the key store restarting must not fail a request
-            log.warning("could not send activations to the key store", exc_info=True)
-
     # -- requests -------------------------------------------------------------------------------------
 
-    def prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+    def prepare(self, req: dict[str, Any]) -> _Prepared:
+        """The request tokenized (once), its length checked and its params built; RequestError if bad."""
         from srmoa_dist.model.chat import encode_one, with_system
 
-        ids, _, _ = encode_one(self.base.tokenizer, with_system(messages, self.base.system_prompt),
-                               add_generation_prompt=True)
-        return len(ids)
-
-    def check(self, req: dict[str, Any]) -> None:
-        """Raise RequestError when the prompt is over the limit."""
-        limit = self.cfg.serve.max_prompt_tokens
         try:
-            n = self.prompt_tokens(req["messages"])
+            row = encode_one(self.base.tokenizer, with_system(req["messages"], self.base.system_prompt))
         except ValueError as e:
             raise RequestError(f"invalid messages: {e}", param="messages", code="invalid_value") from None
+        n, limit = len(row[0]), self.cfg.serve.max_prompt_tokens
         if n > limit:
             raise RequestError(f"the prompt is {n} tokens long; this server accepts at most {limit}",
                                param="messages", code="context_length_exceeded")
+        try:
+            params = self._params(req)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return _Prepared(row, params, bool(req.get("use_experts", True)))
 
     def _params(self, req: dict[str, Any]) -> Any:
         from srmoa_dist.model.generation import GenerationParams
@@ -125,66 +106,117 @@ class Engine:
             temperature=float(req.get("temperature") or 0.0),
             top_p=float(req.get("top_p") or 1.0),
             seed=req.get("seed"),
-            gate_temperature=self.cfg.keystore.temperature,
             stop=tuple(req.get("stop") or ()),
         )
 
     def generate(self, reqs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """A batch of requests -> results in order (equal sampling parameters share one forward)."""
+        """A batch of requests -> results in order; the valid ones run as one batched forward, each
+        with its own sampling parameters."""
+        from srmoa_dist.model.chat import pad
         from srmoa_dist.model.generation import generate
 
-        out: list[dict[str, Any] | None] = [None] * len(reqs)
-        groups: dict[Any, list[int]] = {}
+        out: list[dict[str, Any]] = [RequestError("no result").as_dict()] * len(reqs)
+        todo: list[tuple[int, _Prepared]] = []
         for j, r in enumerate(reqs):
             try:
-                self.check(r)
-                p = self._params(r)
+                todo.append((j, self.prepare(r)))
             except RequestError as e:
                 out[j] = e.as_dict()
-                continue
-            except ValueError as e:
-                out[j] = RequestError(str(e)).as_dict()
-                continue
-            groups.setdefault(p, []).append(j)
-        for p, idx in groups.items():
-            use = [bool(reqs[j].get("use_experts", True)) for j in idx]
-            router = _Router(self, use)
-            gens = generate(self.base, self.fusion, self.encoder, [reqs[j]["messages"] for j in idx],
-                            router=router, fetch=self._fetch, params=p)
-            self._record(gens, router)
-            for j, u, g in zip(idx, use, gens):
-                out[j] = _result(g, u, router.degraded if u else None)
+        if todo:
+            use = [p.use for _, p in todo]
+            batch = pad(self.base.tokenizer, [p.row for _, p in todo], self.base.device)
+            gens = generate(self.base, self.fusion, self.encoder, batch, params=[p.params for _, p in todo],
+                            route_step=functools.partial(self._route, use=use))
+            for (j, _), u, g in zip(todo, use, gens):
+                out[j] = self._count(_result(g, u))
             self.batches += 1
         self.requests += len(reqs)
-        for r in out:
-            if r is not None and "routing" in r:
-                self.skipped += bool(r["routing"]["skipped"])
-                if r["routing"]["deferred"]:
-                    self.deferred += 1
-                else:
-                    self.routed += 1
-        return [r if r is not None else RequestError("no result").as_dict() for r in out]
+        return out
 
     def stream(self, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """One request streamed: {"delta": str} items, then the final result dict (with "routing")."""
+        from srmoa_dist.model.chat import pad
         from srmoa_dist.model.generation import Generation, generate_stream
 
-        self.check(req)
-        use = bool(req.get("use_experts", True))
-        router = _Router(self, [use])
-        for item in generate_stream(self.base, self.fusion, self.encoder, req["messages"],
-                                    router=router, fetch=self._fetch, params=self._params(req)):
+        p = self.prepare(req)
+        batch = pad(self.base.tokenizer, [p.row], self.base.device)
+        for item in generate_stream(self.base, self.fusion, self.encoder, batch, params=p.params,
+                                    route_step=functools.partial(self._route, use=[p.use])):
             if isinstance(item, Generation):
-                self._record([item], router)
                 self.requests += 1
-                self.skipped += bool(item.skipped)
-                if item.expert_ids:
-                    self.routed += 1
-                else:
-                    self.deferred += 1
-                yield _result(item, use, router.degraded if use else None)
+                yield self._count(_result(item, p.use))
             elif item:
                 yield {"delta": item}
+
+    def _count(self, res: dict[str, Any]) -> dict[str, Any]:
+        r = res["routing"]
+        self.skipped += bool(r["skipped"])
+        if r["deferred"]:
+            self.deferred += 1
+        else:
+            self.routed += 1
+        return res
+
+    # -- the route step ---------------------------------------------------------------------------------
+
+    def _route(self, xq: np.ndarray, use: Sequence[bool]) -> Any:
+        """The route step handed to generation: xq (B, d_key) -> BatchRouting with the experts fetched.
+
+        One key-store search for the batch (applying its pending cache invalidations); rows with
+        use=False get no expert. The activations go to the key store, stamped with its incarnation and
+        slot epoch at search time, so it can drop those of a slot freed and reused since.
+        """
+        from srmoa_dist.model.generation import fetch_experts, no_routing, select_experts
+
+        if self.keystore is None or not any(use):        # the base model alone: no search at all
+            return no_routing(xq)
+        found = self._search(xq)
+        if isinstance(found, str):
+            return no_routing(xq, degraded=found)
+        D, I, stamp = found
+        I = np.array(I, dtype=np.int64, copy=True)                                 # (B, k)
+        I[~np.asarray(use, dtype=bool)] = -1
+        routing = fetch_experts(select_experts(xq, D, I, self.cfg.keystore.temperature), self.client.fetch)
+        self._record(routing, stamp)
+        return routing
+
+    def _search(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, int]] | str:
+        """D, I (B, k) and the (incarnation, epoch) stamp of one search; or why there is none (degraded)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        c, timeout = self.client, self.cfg.runtime.search_timeout_s
+        try:
+            D, I, inc, entries, epoch = ray.get(
+                self.keystore.search.remote(xq, self.cfg.keystore.k, self.tau, c.incarnation, c.seen_seq),
+                timeout=timeout)
+        except GetTimeoutError:
+            why = f"the key store did not answer in {timeout:g} s: base model only"
+        except RayActorError as err:       # dead or restarting (ActorUnavailableError is one too)
+            why = f"the key store is unavailable ({type(err).__name__}): base model only"
+        else:
+            c.apply_invalidations(inc, entries)
+            return D, I, (inc, int(epoch))
+        self.degraded += 1
+        log.warning("routing degraded for a batch of %d: %s", xq.shape[0], why)
+        return why
+
+    def _record(self, routing: Any, stamp: tuple[str, int]) -> None:
+        """Send the activations of the routed sequences to the key store (fire-and-forget)."""
+        rows = [b for b, ids in enumerate(routing.expert_ids) if ids]
+        if not rows:
+            return
+        k = max(len(routing.expert_ids[b]) for b in rows)
+        q = np.asarray(routing.queries, dtype=np.float32)[rows]                    # (n, d_key)
+        ids = np.full((len(rows), k), -1, np.int64)
+        gates = np.zeros((len(rows), k), np.float32)
+        for r, b in enumerate(rows):
+            ids[r, : len(routing.expert_ids[b])] = routing.expert_ids[b]
+            gates[r, : len(routing.gates[b])] = routing.gates[b]
+        try:
+            self.keystore.record.remote(q, ids, gates, *stamp)
+        except Exception:      # the key store restarting must not fail a request
+            log.warning("could not send activations to the key store", exc_info=True)
 
     # -- stats ----------------------------------------------------------------------------------------
 
@@ -195,52 +227,19 @@ class Engine:
                 "cache": self.client.cache_stats() if self.client is not None else None}
 
 
-class _Router:
-    """One batch's router: xq (B, d_key) -> D, I (B, k) from the key-store actor (one search), applying
-    the batch's pending cache invalidations; rows with use=False get no expert (I = -1). Remembers the
-    key store's (incarnation, slot epoch) of the search for `Engine._record`."""
+@dataclass(frozen=True)
+class _Prepared:
+    """A request ready for a batch: its encoded chat (ids, user mask, answer mask), params, use_experts."""
 
-    def __init__(self, engine: Engine, use: Sequence[bool]) -> None:
-        self.engine = engine
-        self.use = list(use)
-        self.routed_at: tuple[str, int] | None = None
-        self.degraded: str | None = None      # why the batch was answered by the base model, if so
-
-    def __call__(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        e = self.engine
-        B = xq.shape[0]
-        none = np.zeros((B, 1), np.float32), np.full((B, 1), -1, np.int64)
-        if e.keystore is None or not any(self.use):     # the base model alone: no search at all
-            return none
-        c = e.client
-        timeout = e.cfg.runtime.search_timeout_s
-        try:
-            D, I, inc, entries, epoch = ray.get(
-                e.keystore.search.remote(xq, e.cfg.keystore.k, e.tau, c.incarnation, c.seen_seq),
-                timeout=timeout)
-        except GetTimeoutError:
-            self.degraded = f"the key store did not answer in {timeout:g} s: base model only"
-        except RayActorError as err:       # dead or restarting (ActorUnavailableError is one too)
-            self.degraded = f"the key store is unavailable ({type(err).__name__}): base model only"
-        if self.degraded is not None:
-            e.degraded += 1
-            log.warning("routing degraded for a batch of %d: %s", B, self.degraded)
-            return none
-        c.apply_invalidations(inc, entries)
-        self.routed_at = (inc, int(epoch))
-        I = np.array(I, dtype=np.int64, copy=True)                                 # (B, k)
-        for b, u in enumerate(self.use):
-            if not u:
-                I[b] = -1
-        return D, I
+    row: tuple[list[int], list[bool], list[bool]]
+    params: Any
+    use: bool
 
 
-def _result(g: Any, use: bool, degraded: str | None = None) -> dict[str, Any]:
-    """A Generation as a result dict; `degraded`: why routing was skipped for the batch, if it was."""
-    skipped = [int(i) for i in getattr(g, "skipped", ())]
+def _result(g: Any, use: bool) -> dict[str, Any]:
+    """A Generation as a result dict (routing.degraded: why routing was skipped for the batch, if so)."""
+    degraded = g.degraded if use else None
+    skipped = [int(i) for i in g.skipped]
     if degraded is None and skipped:
         degraded = f"expert(s) {skipped} are no longer in the store: answered without them"
     return {

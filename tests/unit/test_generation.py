@@ -104,15 +104,15 @@ def test_routed_generation_mixed_batch(tiny_base, fusion, encoder):
         fetched.append(list(ids))
         return {i: experts[i] for i in ids}
 
-    router = _router_for({0: ([7, 9], [0.8, 0.7]), 2: ([9, 7], [0.9, 0.1])})
-    params = GenerationParams(max_new_tokens=6, tau=0.5)
+    router = _router_for({0: ([7, 9], [0.8, 0.7]), 2: ([9, -1], [0.9, 0.1])})   # -1: deferred by the store
+    params = GenerationParams(max_new_tokens=6)
     base_gens = generate(tiny_base, fusion, encoder, CHATS, params=params)
     gens = generate(tiny_base, fusion, encoder, CHATS, router, fetch, params)
     assert fetched == [[7, 9]]
     assert gens[0].expert_ids == [7, 9] and gens[0].scores == pytest.approx([0.8, 0.7])
     assert sum(gens[0].gates) == pytest.approx(1.0) and gens[0].gates[0] > gens[0].gates[1]
     assert gens[1].expert_ids == [] and gens[1].token_ids == base_gens[1].token_ids
-    assert gens[2].expert_ids == [9] and gens[2].gates == [1.0]  # 7 scored under tau
+    assert gens[2].expert_ids == [9] and gens[2].gates == [1.0]  # the deferred slot is dropped
     assert gens[0].token_ids != base_gens[0].token_ids
     for g in gens:
         assert g.query.shape == (16,) and np.linalg.norm(g.query) == pytest.approx(1.0, abs=1e-5)
@@ -127,7 +127,7 @@ def test_expert_missing_from_the_store_is_skipped_not_fatal(tiny_base, fusion, e
     def fetch(ids):
         return {i: seven for i in ids if i == 7}                 # 9 is gone
 
-    params = GenerationParams(max_new_tokens=6, tau=0.5)
+    params = GenerationParams(max_new_tokens=6)
     base_gens = generate(tiny_base, fusion, encoder, CHATS, params=params)
     only7 = generate(tiny_base, fusion, encoder, CHATS, _router_for({0: ([7], [0.8])}), fetch, params)
     gens = generate(tiny_base, fusion, encoder, CHATS,
@@ -146,15 +146,16 @@ def test_expert_missing_from_the_store_is_skipped_not_fatal(tiny_base, fusion, e
 def test_route_deferral_and_gates():
     xq = np.zeros((3, 4), np.float32)
     D = np.array([[0.9, 0.5, 0.2], [0.3, 0.2, 0.1], [0.7, 0.7, -1]], np.float32)
-    I = np.array([[4, 5, 6], [1, 2, 3], [8, 9, -1]])
-    r = route(xq, lambda q: (D, I), GenerationParams(tau=0.4, gate_temperature=0.1))
-    assert r.expert_ids == [[4, 5], [], [8, 9]]
+    I = np.array([[4, 5, -1], [-1, -1, -1], [9, 8, -1]])     # -1: below the store's tau, or no key
+    r = route(xq, lambda q: (D, I), GenerationParams(gate_temperature=0.1))
+    assert r.expert_ids == [[4, 5], [], [9, 8]] and r.scores[1] == [] and r.gates[1] == []
     g = np.exp(np.array([0.9, 0.5]) / 0.1)
     assert r.gates[0] == pytest.approx(list(g / g.sum()))
     assert r.gates[2] == pytest.approx([0.5, 0.5])
-    r = route(xq, lambda q: (D, I), GenerationParams(max_experts=1))
-    assert r.expert_ids == [[4], [1], [8]]
-    assert r.gate_tensor().shape == (3, 1)
+    assert r.gate_tensor().shape == (3, 2)
+    r = route(xq, lambda q: (D[:, ::-1], I[:, ::-1]), GenerationParams(gate_temperature=0.1))
+    assert r.expert_ids == [[4, 5], [], [8, 9]]                # best first; equal scores: the router's order
+    assert route(xq, None, GenerationParams()).expert_ids == [[], [], []]
 
 
 def test_sampling_seeded_and_top_p(tiny_base):
@@ -172,6 +173,79 @@ def test_sampling_seeded_and_top_p(tiny_base):
         params=GenerationParams(max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=0),
     )
     assert [g.token_ids for g in nucleus] == [g.token_ids for g in greedy]
+
+
+def test_per_row_params_in_one_batch(tiny_base):
+    """Each row samples and stops by its own params, as it would alone; a seeded row gets the same
+    tokens whatever batch it is in (its own generator), in one batched forward."""
+    alone = [
+        GenerationParams(max_new_tokens=6, temperature=1.5, seed=11),
+        GenerationParams(max_new_tokens=3),
+        GenerationParams(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=5),
+    ]
+    solo = [generate(tiny_base, None, None, [c], params=p)[0] for c, p in zip(CHATS, alone)]
+    mixed = generate(tiny_base, None, None, CHATS, params=alone)
+    assert [g.token_ids for g in mixed] == [g.token_ids for g in solo]
+    assert [g.completion_tokens for g in mixed] == [g.completion_tokens for g in solo]
+    assert [g.finish_reason for g in mixed] == [g.finish_reason for g in solo]
+    # the seeded row again, now next to other sampling rows and in another position
+    other = [GenerationParams(max_new_tokens=8, temperature=1.0, seed=99), alone[0]]
+    again = generate(tiny_base, None, None, [CHATS[2], CHATS[0]], params=other)
+    assert again[1].token_ids == solo[0].token_ids
+    # greedy rows equal the all-greedy batch
+    greedy = generate(tiny_base, None, None, CHATS, params=GenerationParams(max_new_tokens=3))
+    assert mixed[1].token_ids == greedy[1].token_ids
+    with pytest.raises(ValueError, match="2 GenerationParams for a batch of 3"):
+        generate(tiny_base, None, None, CHATS, params=alone[:2])
+    with pytest.raises(ValueError, match="system_prompt applies to the whole batch"):
+        generate(tiny_base, None, None, CHATS[:2],
+                 params=[GenerationParams(system_prompt="a"), GenerationParams(system_prompt="b")])
+
+
+def test_per_row_stop_and_length(tiny_base):
+    """A stop string or a token budget ends its own row only; the others run on."""
+    ref = generate(tiny_base, None, None, CHATS, params=GenerationParams(max_new_tokens=10))
+    text0 = ref[0].text
+    stop = text0[2:4]
+    assert len(text0) >= 4 and stop.strip() and text0.find(stop) == 2, text0   # the tiny model's text
+    rows = [GenerationParams(max_new_tokens=10, stop=(stop,)), GenerationParams(max_new_tokens=2),
+            GenerationParams(max_new_tokens=10)]
+    got = generate(tiny_base, None, None, CHATS, params=rows)
+    assert got[0].text == text0[: text0.find(stop)] and got[0].finish_reason == "stop"
+    assert got[1].token_ids == ref[1].token_ids[:2]
+    assert got[2].token_ids == ref[2].token_ids and got[2].finish_reason == ref[2].finish_reason
+
+
+def test_encoded_chats_and_route_step(tiny_base, fusion, encoder):
+    """A ChatBatch encoded once gives the same generation as its messages; a route step handed down
+    (xq -> BatchRouting, experts fetched) routes like a router and a fetch, and says when it degraded."""
+    from srmoa_dist.model.chat import encode_one, pad, with_system
+    from srmoa_dist.model.generation import fetch_experts, no_routing, select_experts
+
+    seven = LoRAExpert.random(fusion.target_shapes(), rank=4, alpha=64.0, dtype="float16", seed=7)
+    router = _router_for({1: ([7], [0.9])})
+    fetch = lambda ids: {7: seven}                              # noqa: E731
+    params = GenerationParams(max_new_tokens=5)
+    ref = generate(tiny_base, fusion, encoder, CHATS, router, fetch, params)
+    rows = [encode_one(tiny_base.tokenizer, with_system(c, tiny_base.system_prompt)) for c in CHATS]
+    batch = pad(tiny_base.tokenizer, rows, tiny_base.device)
+    seen = []
+
+    def step(xq):
+        seen.append(xq.shape)
+        return fetch_experts(select_experts(xq, *router(xq), params.gate_temperature), fetch)
+
+    got = generate(tiny_base, fusion, encoder, batch, params=params, route_step=step)
+    assert seen == [(3, 16)]
+    assert [g.token_ids for g in got] == [g.token_ids for g in ref]
+    assert [g.expert_ids for g in got] == [[], [7], []]
+    assert [g.prompt_tokens for g in got] == list(batch.lengths)
+    down = generate(tiny_base, fusion, encoder, batch, params=params,
+                    route_step=lambda xq: no_routing(xq, "the key store did not answer"))
+    assert all(g.degraded == "the key store did not answer" and g.expert_ids == [] for g in down)
+    assert down[1].token_ids == generate(tiny_base, None, None, CHATS, params=params)[1].token_ids
+    with pytest.raises(ValueError, match="not both"):
+        generate(tiny_base, fusion, encoder, batch, router, fetch, params, route_step=step)
 
 
 def test_stream_deltas_add_up(tiny_base):
