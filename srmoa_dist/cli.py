@@ -53,23 +53,17 @@ def _say(msg: str) -> None:
 
 
 def _config(data_dir: Path, config: Path | None, model: str | None = None, **serve: Any) -> Any:
-    """The store's config: --config, else data_dir/config.yaml, else defaults; then CLI overrides."""
-    from srmoa_dist.config import SrmoaConfig
-    from srmoa_dist.runtime.store_init import load_config
+    """The store's config (`config.resolve`): --config, else data_dir/config.yaml, else defaults; then
+    the options that were given (None: not given, the file's value stands)."""
+    from srmoa_dist.config import resolve
 
+    overrides: dict[str, Any] = {"serve": {k: v for k, v in serve.items() if v is not None}}
+    if model:
+        overrides["model"] = {"name_or_path": model}
     try:
-        if config is not None:
-            cfg = SrmoaConfig.load_yaml(config).replace(data_dir=str(data_dir))
-        else:
-            cfg = load_config(data_dir)
-        if model:
-            cfg = cfg.replace(model=_dc_replace(cfg.model, name_or_path=model))
-        changes = {k: v for k, v in serve.items() if v is not None}
-        if changes:
-            cfg = cfg.replace(serve=_dc_replace(cfg.serve, **changes))
+        return resolve(data_dir, config, overrides)
     except (ValueError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
-    return cfg
 
 
 def _read_key(path: Path | None, option: str) -> str | None:
@@ -83,12 +77,6 @@ def _read_key(path: Path | None, option: str) -> str | None:
     if not key:
         raise typer.BadParameter(f"{option} {path} is empty")
     return key
-
-
-def _dc_replace(obj: Any, **kw: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +105,9 @@ def serve_cmd(
     data_dir: Path = typer.Option(Path("./data"), help="Directory of the store (created when empty)."),
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     model: str | None = typer.Option(None, help=MODEL_HELP),
-    host: str = typer.Option("127.0.0.1", help="HTTP host."),
-    port: int = typer.Option(8000, min=0, max=65535, help="HTTP port (0: a free one)."),
+    host: str | None = typer.Option(None, help="HTTP host (default: the config's serve.host, 127.0.0.1)."),
+    port: int | None = typer.Option(None, min=0, max=65535,
+                                    help="HTTP port (default: the config's serve.port, 8000; 0: any free)."),
     api_key: str | None = typer.Option(None, envvar="SRMOA_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on every /v1 route "
                                             "(never saved to the config; prefer the environment)."),
@@ -130,6 +119,8 @@ def serve_cmd(
     admin_key_file: Path | None = typer.Option(None, envvar="SRMOA_ADMIN_KEY_FILE",
                                                help="Read the admin key from this file."),
     replicas: int = typer.Option(1, min=1, help="ModelServer replicas."),
+    show_config: bool = typer.Option(False, "--show-config",
+                                     help="Print the resolved config (YAML, keys left out) and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the OpenAI-compatible API: a local Ray cluster (or RAY_ADDRESS) plus the Serve app.
@@ -145,6 +136,9 @@ def serve_cmd(
     admin_key = admin_key or _read_key(admin_key_file, "--admin-key-file")
     cfg = _config(data_dir, config, model, host=host, port=port if port else None, api_key=api_key,
                   admin_key=admin_key)
+    if show_config:
+        typer.echo(local.without_keys(cfg).to_yaml(), nl=False)
+        return
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

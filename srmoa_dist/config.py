@@ -3,6 +3,9 @@
 Every config validates itself in `__post_init__` and raises `ValueError` naming the field and the
 bad value. Paths of the stores are derived from `SrmoaConfig.data_dir` so one directory holds a
 whole deployment (shards, key store, model cache, edit ledger).
+
+`resolve` is the one way a config is made from a file, overrides and defaults: the CLI, the Serve
+app's build args and the store set-up all call it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ INDEX_KINDS = ("auto", "exact", "ivf")
 EXPERT_FORMS = ("parallel_mlp", "lora")
 
 T = TypeVar("T")
+CONFIG_FILE = "config.yaml"           # a store's own config: data_dir/config.yaml
 
 
 def _positive(name: str, value: float) -> None:
@@ -321,7 +325,7 @@ class ServeConfig:
     max_ongoing_requests: int = 32
     max_queued_requests: int = 64
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.03   # 10 ms split bursts into small batches on 2 CPU cores (bench serve)
+    batch_wait_timeout_s: float = 0.03   # how long a batch waits to fill (README Results, Serving: why 30 ms)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -385,20 +389,54 @@ class SrmoaConfig:
     def from_dict(cls, data: dict[str, Any] | None) -> SrmoaConfig:
         return _build(cls, data or {}, prefix="")
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_listify(self.to_dict()), sort_keys=False)
+
     def save_yaml(self, path: str | os.PathLike) -> None:
-        d = self.to_dict()
-        Path(path).write_text(yaml.safe_dump(_listify(d), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
     @classmethod
     def load_yaml(cls, path: str | os.PathLike) -> SrmoaConfig:
-        text = Path(path).read_text()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_yaml(path))
+
+
+def resolve(data_dir: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
+            overrides: dict[str, Any] | None = None, *, default: SrmoaConfig | None = None) -> SrmoaConfig:
+    """The config of a store, in this order, validated once at the end:
+
+    1. a file: `config_file` when given, else data_dir/config.yaml when it exists (data_dir None:
+       the default "./data"), else `default` (None: the defaults);
+    2. `overrides`: {section: {field: value}} merged field by field into the file's sections, or
+       {top-level field: value}; a None value is an override too (callers leave out what was not given);
+    3. `data_dir`, when given, replaces the file's.
+    """
+    if config_file is not None:
+        data = _read_yaml(config_file)
+    else:
+        p = Path(data_dir if data_dir is not None else SrmoaConfig.data_dir) / CONFIG_FILE
+        data = _read_yaml(p) if p.is_file() else (default or SrmoaConfig()).to_dict()
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"config overrides must be a mapping, got {overrides!r}")
+    for name, value in (overrides or {}).items():
+        if name in _SECTIONS and isinstance(value, dict) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **value}
+        else:
+            data[name] = value
+    if data_dir is not None:
+        data["data_dir"] = str(data_dir)
+    return SrmoaConfig.from_dict(data)
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} for an empty file)."""
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return dict(data or {})
 
 
 def _listify(obj: Any) -> Any:
@@ -423,7 +461,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
         sub = _SECTIONS.get(name) if cls is SrmoaConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value or {}, prefix=f"{prefix}{name}.")
-        elif isinstance(value, list):
+        elif isinstance(value, (list, tuple)):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value

@@ -173,10 +173,7 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
                     train: bool = True, say: Callable[[str], None] = print,
                     overrides: dict[str, Any] | None = None, mixed: bool = False) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); writes JSON to `out` and returns it."""
-    import dataclasses
-
-    from srmoa_dist.config import SrmoaConfig
-    from srmoa_dist.runtime.store_init import load_config
+    from srmoa_dist.config import resolve
     from srmoa_dist.serve import local
 
     out = Path(out)
@@ -185,13 +182,9 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
     if data_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="srmoa-bench-serve-"))
         data_dir = tmp
-    cfg = load_config(data_dir)
-    cfg = cfg.replace(model=dataclasses.replace(cfg.model, name_or_path=model))
-    if overrides:
-        d = cfg.to_dict()
-        for k, v in overrides.items():
-            d[k] = {**d[k], **v} if isinstance(v, dict) else v
-        cfg = SrmoaConfig.from_dict(json.loads(json.dumps(d)))
+    overrides = dict(overrides or {})
+    overrides["model"] = {**overrides.get("model", {}), "name_or_path": model}
+    cfg = resolve(data_dir, overrides=overrides)
     if model == "smollm2" and not (Path(data_dir) / "model_cache").exists():
         default = Path.home() / ".cache" / "srmoa-dist" / "model_cache"
         shared = Path(os.environ.get("SRMOA_MODEL_CACHE", default))

@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.config import CONFIG_FILE, SrmoaConfig, resolve
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
 ENCODER_FILE = "query_encoder.npz"
 SEED_KEY_NORM = 1.0
 
@@ -57,11 +56,9 @@ def data_dir_lock(cfg: SrmoaConfig, name: str = "init") -> Iterator[None]:
 
 
 def load_config(data_dir: str | os.PathLike, default: SrmoaConfig | None = None) -> SrmoaConfig:
-    """data_dir/config.yaml when present (with data_dir set to this directory), else `default`."""
-    p = Path(data_dir) / CONFIG_FILE
-    if p.is_file():
-        return SrmoaConfig.load_yaml(p).replace(data_dir=str(data_dir))
-    return (default or SrmoaConfig()).replace(data_dir=str(data_dir))
+    """data_dir/config.yaml when present (with data_dir set to this directory), else `default`
+    (`config.resolve`)."""
+    return resolve(data_dir, default=default)
 
 
 def save_config(cfg: SrmoaConfig) -> Path:

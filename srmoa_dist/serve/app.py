@@ -33,6 +33,7 @@ generation: it is answered by the base model with `routing.degraded` set (see se
 
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -87,48 +88,26 @@ CHARS_PER_TOKEN_BOUND = 16      # a prompt longer than this many chars per allow
 
 
 def config_from_args(args: dict[str, Any] | None) -> SrmoaConfig:
-    """The SrmoaConfig that `build_app(args)` serves (see the module docstring for the keys)."""
+    """The SrmoaConfig that `build_app(args)` serves (see the module docstring for the keys):
+    `config.resolve` of config / data_dir / overrides, the named args on top, data_dir made absolute."""
+    from srmoa_dist.config import resolve
     from srmoa_dist.runtime.bootstrap import resolve_config
-    from srmoa_dist.runtime.store_init import CONFIG_FILE
 
     args = dict(args or {})
     unknown = sorted(set(args) - set(ARGS))
     if unknown:
         raise ValueError(f"unknown build_app arg(s) {unknown}; known: {list(ARGS)}")
-    if args.get("config"):
-        cfg = SrmoaConfig.load_yaml(args["config"])
-    else:
-        d = args.get("data_dir") or SrmoaConfig().data_dir
-        p = os.path.join(d, CONFIG_FILE)
-        cfg = SrmoaConfig.load_yaml(p) if os.path.isfile(p) else SrmoaConfig()
-    if args.get("data_dir"):
-        cfg = cfg.replace(data_dir=str(args["data_dir"]))
     overrides = args.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ValueError(f"build_app arg 'overrides' must be a mapping, got {overrides!r}")
-    d = cfg.to_dict()
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(d.get(section), dict):
-            d[section] = {**d[section], **values}
-        else:
-            d[section] = values
-    if args.get("model"):
-        d["model"]["name_or_path"] = str(args["model"])
-    if args.get("model_id"):
-        d["serve"]["model_id"] = str(args["model_id"])
-    for name in ("api_key", "admin_key"):
-        if args.get(name):
-            d["serve"][name] = str(args[name])
-    cfg = SrmoaConfig.from_dict(_listify_tuples(d))
+    named = {"model": {"name_or_path": args.get("model")},
+             "serve": {k: args.get(k) for k in ("model_id", "api_key", "admin_key")}}
+    for section, values in named.items():
+        given = {k: str(v) for k, v in values.items() if v}
+        if given:
+            overrides = {**overrides, section: {**(overrides.get(section) or {}), **given}}
+    cfg = resolve(args.get("data_dir") or None, args.get("config") or None, overrides)
     return resolve_config(cfg)
-
-
-def _listify_tuples(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _listify_tuples(v) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return list(obj)
-    return obj
 
 
 def _usage(res: dict[str, Any]) -> Usage:
@@ -206,7 +185,7 @@ class ModelServer:
         self._generate_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         log.info("ModelServer ready (torch threads %d)", threads)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch  # max_batch_size and batch_wait_timeout_s: set from cfg.serve in __init__
     async def _generate_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.engine.generate, reqs)
@@ -726,7 +705,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     args = dict(args or {})
     s, rt = cfg.serve, cfg.runtime
     keys = {"api_key": resolve_api_key(cfg), "admin_key": resolve_admin_key(cfg)}  # the driver's env
-    cfg = cfg.replace(serve=_replace(cfg.serve, **keys))
+    cfg = cfg.replace(serve=dataclasses.replace(cfg.serve, **keys))
     server = ModelServer.options(
         num_replicas=int(args.get("num_replicas") or 1),
         ray_actor_options={"num_cpus": rt.replica_cpus},
@@ -737,12 +716,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         ray_actor_options={"num_cpus": rt.actor_cpus},
         max_ongoing_requests=s.max_ongoing_requests + s.max_queued_requests + 64,
     ).bind(cfg, server)
-
-
-def _replace(obj: Any, **kw: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 __all__ = ["build_app", "config_from_args", "ModelServer", "Ingress", "api"]
