@@ -3,9 +3,14 @@
 `submit(request)` records a job (status "pending") and returns at once; one worker thread takes jobs
 in order and runs each (status "running", then "done" with the edit's result or "failed" with the
 error). Every status change is written to data_dir/jobs/<job_id>.json (temp file + rename) before it
-is reported. When the actor restarts after a crash (`max_restarts`), its constructor marks the job
-that was running "failed" (the trainer died under it), and queues the pending ones again: a job is
-never left pending or running forever.
+is reported. When the actor restarts after a crash (`max_restarts`), its constructor queues the
+pending jobs again, and the worker's first act, before any job, is the edit recovery
+(`ttt.recovery.Recovery`): every edit the crash left in flight is rolled back (an edit counts once
+verified), leaked key-store reservations are freed. The job that was running then gets the status the
+ledger says (its edit is found by job id): done when its edit had settled before the crash, failed
+with what recovery undid, or failed with "nothing of its edit was written" when it had no ledger entry
+yet. A job is never left pending or running forever. After a batch in which an edit failed, recovery
+runs again (a failed undo leaves its intent for it) and the failed jobs' errors say what the ledger says.
 
 The base model, query encoder and fusion are loaded lazily by the worker (the first job pays for it),
 so the actor answers `job`/`submit` immediately after a (re)start. The store is reached through the
@@ -52,6 +57,9 @@ class TrainerActor:
         self._ctx: Any = None
         self._ctx_error: str | None = None
         self._current: str | None = None
+        self._interrupted: list[str] = []           # running when the trainer stopped: settled by recovery
+        self._recovery: dict[str, Any] | None = None
+        self._recovered = threading.Event()
         self.incarnation = uuid.uuid4().hex
         self._recover()
         self._thread = threading.Thread(target=self._worker, name="ttt-worker", daemon=True)
@@ -83,14 +91,36 @@ class TrainerActor:
         jobs.sort(key=lambda j: j.get("created", 0))
         for job in jobs:
             self._jobs[job["job_id"]] = job
-            if job["status"] == "running":
-                job.update(status="failed", finished=time.time(),
-                           error="the trainer stopped while this job was running (it was restarted); "
-                                 "the edit was not applied — send the feedback again")
-                self._save(job)
-                log.warning("job %s was running when the trainer stopped: marked failed", job["job_id"])
+            if job["status"] == "running":            # its outcome is the ledger's, after recovery
+                self._interrupted.append(job["job_id"])
+                log.warning("job %s was running when the trainer stopped: settled by recovery", job["job_id"])
             elif job["status"] == "pending":
                 self._queue.put(job["job_id"])
+
+    def _recover_edits(self) -> None:
+        """Settle the edits a crash left in flight, then the interrupted jobs from the ledger; retried
+        until the stores answer (no job runs before)."""
+        delay = 1.0
+        while True:
+            try:
+                ctx = self._context(load_model=False)
+                with ctx.edit_lock:
+                    self._run_recovery(ctx)
+                    for job_id in self._interrupted:
+                        self._set(job_id, finished=time.time(), **_outcome(ctx.ledger.by_job(job_id), None))
+                self._interrupted = []
+                self._recovered.set()
+                return
+            except Exception:
+                log.exception("edit recovery failed; retrying in %.0f s", delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
+
+    def _run_recovery(self, ctx: Any) -> None:
+        from srmoa_dist.ttt.recovery import Recovery
+
+        report = Recovery(ctx.client, ctx.keystore, ctx.ledger, invalidate=ctx.invalidate).run()
+        self._recovery = {**report.to_json(), "at": time.time()}
 
     def _prune(self) -> None:
         done = [j for j in self._jobs.values() if j["status"] not in ("pending", "running")]
@@ -151,7 +181,8 @@ class TrainerActor:
                 counts[j["status"]] = counts.get(j["status"], 0) + 1
         return {"queued": self._queue.qsize(), "running": self._current, "jobs": counts,
                 "model_loaded": self._ctx is not None, "load_error": self._ctx_error, "pid": os.getpid(),
-                "incarnation": self.incarnation}
+                "incarnation": self.incarnation, "recovered": self._recovered.is_set(),
+                "recovery": self._recovery}
 
     def list_edits(self) -> list[dict[str, Any]]:
         ctx = self._context(load_model=False)
@@ -197,6 +228,7 @@ class TrainerActor:
 
         # every core: an edit finishes while the user waits (serving shares them while one trains)
         set_torch_threads(self.cfg.runtime.torch_threads)
+        self._recover_edits()                       # before any job: what a crash left in flight
         while True:
             batch = self._take_batch()
             if not batch:
@@ -208,16 +240,35 @@ class TrainerActor:
             except Exception as e:                  # the model or the stores are unusable: every job fails
                 log.exception("jobs %s failed", batch)
                 results = [e] * len(batch)
+            failed = {j: r for j, r in zip(batch, results) if isinstance(r, BaseException)}
+            if failed:
+                self._settle_failed(failed)
             for job_id, r in zip(batch, results):
-                if isinstance(r, BaseException):
-                    self._set(job_id, status="failed", finished=time.time(), error=_brief(r))
-                else:
+                if not isinstance(r, BaseException):
                     self._set(job_id, status="done", finished=time.time(), result=r)
                     log.info("job %s done: edit %s %s (expert %s)", job_id, r.get("edit_id"), r.get("status"),
                              r.get("expert_id"))
             with self._lock:
                 self._current = None
                 self._prune()
+
+    def _settle_failed(self, failed: dict[str, BaseException]) -> None:
+        """Jobs whose edit raised: recovery settles what their edits left (an undo that failed, an edit
+        committed but never verified), then each job says what the ledger says."""
+        ledger = None
+        try:
+            ctx = self._context(load_model=False)
+            with ctx.edit_lock:
+                self._run_recovery(ctx)
+            ledger = ctx.ledger
+        except Exception:
+            log.exception("edit recovery after failed jobs %s failed (the next start-up retries)",
+                          list(failed))
+        for job_id, err in failed.items():
+            if ledger is None:                      # the ledger cannot say: the error as it was raised
+                self._set(job_id, status="failed", finished=time.time(), error=_brief(err))
+            else:
+                self._set(job_id, finished=time.time(), **_outcome(ledger.by_job(job_id), _brief(err)))
 
     def _take_batch(self) -> list[str]:
         """The next pending job (waiting for one), and up to ttt.batch_edits - 1 more already queued;
@@ -239,6 +290,25 @@ class TrainerActor:
         for job_id in batch:
             self._set(job_id, status="running", started=time.time())
         return batch
+
+
+def _outcome(recs: list[Any], error: str | None) -> dict[str, Any]:
+    """A job's status, error and result from its edit's ledger record (the latest of `recs`), after
+    recovery: `error` is what the job raised (None: the trainer stopped under it)."""
+    stopped = "the trainer stopped while this job was running (it was restarted)"
+    why = error or stopped
+    if not recs:
+        return {"status": "failed", "result": None,
+                "error": f"{why}; nothing of its edit was written (no ledger entry): the edit was not "
+                         "applied — send the feedback again"}
+    rec = recs[-1]
+    result = {**_edit_json(rec), "recovered": bool(rec.extra.get("recovered"))}
+    if rec.status in ("verified", "committed") or (rec.status == "rolled_back" and not result["recovered"]):
+        return {"status": "done", "result": result, "error": None}       # settled before it stopped
+    note = rec.notes[-1] if rec.notes else rec.status
+    return {"status": "failed", "result": result,
+            "error": f"{why}; its edit {rec.edit_id} is {rec.status} ({note}): the edit was not applied "
+                     "— send the feedback again"}
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:

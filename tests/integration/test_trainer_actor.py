@@ -34,6 +34,61 @@ def _poll(ray, trainer, job_id, until, timeout=120.0):
     raise AssertionError(f"job {job_id} never reached the expected state")
 
 
+def _pinned_slots(ray, keystore) -> list[int]:
+    ids = ray.get(keystore.call.remote("active_ids"))
+    if not len(ids):
+        return []
+    return [int(i) for i, p in zip(ids, ray.get(keystore.call.remote("is_pinned", ids))) if p]
+
+
+def test_restart_settles_an_edit_that_died_mid_commit(ray_cluster, tmp_path, tiny_model_dir):
+    """What a trainer killed between `pin` and the ledger's commit leaves on disk (the intent, the new
+    expert, its pinned key), plus a slot reserved just before a crash: the next trainer's recovery
+    undoes the edit, frees both slots, and the job says the edit was not applied."""
+    import json
+
+    import numpy as np
+
+    from srmoa_dist.experts.expert import LoRAExpert
+    from srmoa_dist.runtime.client import ExpertStoreClient
+    from srmoa_dist.runtime.store_init import jobs_dir
+    from srmoa_dist.ttt.ledger import EditLedger, EditRecord
+
+    cfg = small_config(tmp_path / "data", model={"name_or_path": str(tiny_model_dir), **TINY_MODEL},
+                       ttt=TINY_TTT)
+    rt = ensure_actors(cfg, trainer=False)
+    try:
+        key = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+        key /= np.linalg.norm(key)
+        [eid] = ray_cluster.get(rt.keystore.add.remote(key, True)).tolist()
+        [leaked] = ray_cluster.get(rt.keystore.add.remote(np.zeros((1, 16), np.float32), True)).tolist()
+        client = ExpertStoreClient(rt.shards, keystore=rt.keystore)
+        client.put_many({eid: LoRAExpert.random({"q": (64, 64)}, 4, 8.0, "float16", seed=1)})
+        EditLedger(cfg.ledger_dir).intent(EditRecord(
+            edit_id="edit-x", status="intent", rule="r", prompts=(), expert_id=eid, created=True,
+            prev_version=None, new_version=1, new_key=key[0], prev_pinned=True, question=FEEDBACK["prompt"],
+            extra={"job_id": "job-x", "stage": "committing"}))
+        jobs = jobs_dir(cfg)
+        jobs.mkdir(parents=True, exist_ok=True)
+        (jobs / "job-x.json").write_text(json.dumps({
+            "job_id": "job-x", "object": "feedback.job", "status": "running", "created": time.time(),
+            "started": time.time(), "finished": None, "error": None, "result": None, "attempt": 1,
+            "request": FEEDBACK}))
+        rt = ensure_actors(cfg, trainer=True)           # the restarted trainer, over the same store
+        t = rt.trainer
+        job = _poll(ray_cluster, t, "job-x", lambda j: j["status"] != "running", timeout=60)
+        assert job["status"] == "failed" and "edit-x is failed" in job["error"], job
+        assert "not applied" in job["error"] and job["result"]["recovered"]
+        [e] = ray_cluster.get(t.list_edits.remote())
+        assert e["status"] == "failed" and "recovered after a crash" in e["notes"][-1]
+        assert ray_cluster.get(rt.keystore.key_info.remote([eid, leaked])) == [None, None]
+        assert client.contains([eid]) == [False] and _pinned_slots(ray_cluster, rt.keystore) == []
+        rec = ray_cluster.get(t.stats.remote())["recovery"]
+        assert rec["undone"] == ["edit-x"] and rec["freed_slots"] == [leaked]
+    finally:
+        rt.kill_actors()
+
+
 def test_job_lifecycle_edit_and_rollback(ray_cluster, tmp_path, tiny_model_dir):
     rt = _runtime(tmp_path, tiny_model_dir)
     try:
@@ -73,7 +128,12 @@ def test_job_of_a_dead_trainer_is_failed_not_pending(ray_cluster, tmp_path, tiny
         time.sleep(1.0)
         ray_cluster.kill(t, no_restart=False)             # the trainer process dies mid-job
         failed = _poll(ray_cluster, t, job["job_id"], lambda j: j["status"] == "failed", timeout=60)
-        assert "trainer stopped" in failed["error"]
+        assert "trainer stopped" in failed["error"] and "not applied" in failed["error"]
+        st = ray_cluster.get(t.stats.remote())
+        assert st["recovered"] and st["recovery"] is not None
+        assert _pinned_slots(ray_cluster, rt.keystore) == []     # the edit's reserved slot did not leak
+        assert all(e["status"] not in ("intent", "committed", "rolling_back")
+                   for e in ray_cluster.get(t.list_edits.remote()))
         # the job queued behind it was not lost: it is pending or running again after the restart
         again = _poll(ray_cluster, t, queued["job_id"], lambda j: j["status"] in ("pending", "running"))
         assert again["status"] in ("pending", "running")

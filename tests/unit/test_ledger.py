@@ -116,3 +116,42 @@ def test_non_object_line_is_a_clear_error(tmp_path):
         f.write(b"[1, 2]\n")
     with pytest.raises(ValueError, match="line 2 is corrupt"):
         EditLedger(tmp_path)
+
+
+def test_intent_then_commit_replaces_it_and_survives_a_reopen(tmp_path):
+    led = EditLedger(tmp_path / "ledger")
+    i1 = led.intent(_record("e1", status="intent", expert_id=-1, extra={"job_id": "job-1"}))
+    led.intent(_record("e1", status="intent", expert_id=7, extra={"job_id": "job-1"}))    # rewritten
+    assert [r.edit_id for r in led.in_flight()] == ["e1"] and led.live_experts() == set()
+    again = EditLedger(tmp_path / "ledger")
+    assert again.get("e1").status == "intent" and again.get("e1").expert_id == 7
+    c = led.commit(_record("e1", extra={"job_id": "job-1"}))
+    assert c.status == "committed" and c.created_at == i1.created_at and led.in_flight() == []
+    again = EditLedger(tmp_path / "ledger")
+    assert again.get("e1").status == "committed" and again.live_experts() == {7}
+    assert [r.edit_id for r in again.by_job("job-1")] == ["e1"] and again.by_job("job-2") == []
+    led.set_status("e1", "rolling_back")
+    assert [r.edit_id for r in led.in_flight()] == ["e1"] and led.live_experts() == set()
+
+
+def test_intent_rules(tmp_path):
+    led = EditLedger(tmp_path / "ledger")
+    with pytest.raises(ValueError, match="status 'intent'"):
+        led.intent(_record("e1"))
+    with pytest.raises(ValueError, match="intent\\(\\)"):
+        led.commit(_record("e1", status="intent"))
+    led.commit(_record("e1"))
+    with pytest.raises(ValueError, match="already in the ledger"):
+        led.intent(_record("e1", status="intent"))          # a settled edit is never an intent again
+    with pytest.raises(ValueError, match="already in the ledger"):
+        led.commit(_record("e1"))
+
+
+def test_an_intent_line_after_a_commit_is_corrupt(tmp_path):
+    led = EditLedger(tmp_path / "ledger")
+    led.commit(_record("e1"))
+    line = {"format": 1, "op": "intent", "record": _record("e1", status="intent").to_json()}
+    with open(led.path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match="line 2 is corrupt.*intent line for edit 'e1', which is committed"):
+        EditLedger(tmp_path / "ledger")
