@@ -34,6 +34,7 @@ import numpy as np
 import ray
 
 from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.runtime.errors import brief
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +267,10 @@ class TrainerActor:
                           list(failed))
         for job_id, err in failed.items():
             if ledger is None:                      # the ledger cannot say: the error as it was raised
-                self._set(job_id, status="failed", finished=time.time(), error=_brief(err))
+                self._set(job_id, status="failed", finished=time.time(), error=brief(err, 500))
             else:
-                self._set(job_id, finished=time.time(), **_outcome(ledger.by_job(job_id), _brief(err)))
+                self._set(job_id, finished=time.time(), **_outcome(ledger.by_job(job_id),
+                                                                   brief(err, 500)))
 
     def _take_batch(self) -> list[str]:
         """The next pending job (waiting for one), and up to ttt.batch_edits - 1 more already queued;
@@ -317,11 +319,6 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 def _err(status: int, message: str, code: str) -> dict[str, Any]:
     return {"error": {"status": status, "message": message, "code": code}}
-
-
-def _brief(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0][:500]}" if s else type(e).__name__
 
 
 def _jsonable(o: Any) -> Any:

@@ -50,6 +50,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.runtime.errors import brief
 from srmoa_dist.serve.errors import (
     APIError,
     bad_request,
@@ -113,11 +114,6 @@ def config_from_args(args: dict[str, Any] | None) -> SrmoaConfig:
 def _usage(res: dict[str, Any]) -> Usage:
     return Usage(prompt_tokens=res["prompt_tokens"], completion_tokens=res["completion_tokens"],
                  total_tokens=res["prompt_tokens"] + res["completion_tokens"])
-
-
-def _brief(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0][:300]}" if s else type(e).__name__
 
 
 def _from_error(err: dict[str, Any]) -> APIError:
@@ -212,7 +208,7 @@ class ModelServer:
                 loop.call_soon_threadsafe(q.put_nowait, e.as_dict())
             except Exception as e:
                 log.exception("streamed generation failed")
-                loop.call_soon_threadsafe(q.put_nowait, {"error": {"status": 500, "message": _brief(e),
+                loop.call_soon_threadsafe(q.put_nowait, {"error": {"status": 500, "message": brief(e),
                                                                    "code": "internal_error", "param": None}})
             finally:
                 loop.call_soon_threadsafe(q.put_nowait, done)
@@ -303,11 +299,11 @@ def _generation_error(e: Exception) -> APIError:
     (queue full, replica restarting, a store call timing out), else 500 without it."""
     if _is_backpressure(e):
         return overloaded("the model server's queue is full; retry later")
-    log.error("generation failed: %s", _brief(e), exc_info=e)
+    log.error("generation failed: %s", brief(e), exc_info=e)
     if _is_transient(e):
-        return APIError(503, f"generation failed ({_brief(e)}); retry later", code="unavailable",
+        return APIError(503, f"generation failed ({brief(e)}); retry later", code="unavailable",
                         headers={"Retry-After": "1"})
-    return APIError(500, f"generation failed ({_brief(e)})", code="internal_error")
+    return APIError(500, f"generation failed ({brief(e)})", code="internal_error")
 
 
 def _is_transient(e: BaseException) -> bool:
@@ -435,10 +431,10 @@ class Ingress:
                            code="unavailable", headers={"Retry-After": "2"}) from None
         except Exception as e:
             if not _is_transient(e):     # the actor raised: the same call would raise again
-                log.error("the %s failed: %s", what, _brief(e), exc_info=e)
-                raise APIError(500, f"the {what} failed ({_brief(e)})", code="internal_error") from None
-            log.warning("the %s is unavailable: %s", what, _brief(e))   # died for good, or restarting
-            raise APIError(503, f"the {what} is unavailable ({_brief(e)}); retry later",
+                log.error("the %s failed: %s", what, brief(e), exc_info=e)
+                raise APIError(500, f"the {what} failed ({brief(e)})", code="internal_error") from None
+            log.warning("the %s is unavailable: %s", what, brief(e))   # died for good, or restarting
+            raise APIError(503, f"the {what} is unavailable ({brief(e)}); retry later",
                            code="unavailable", headers={"Retry-After": "2"}) from None
 
     # -- OpenAI-compatible ----------------------------------------------------------------------------
@@ -460,12 +456,12 @@ class Ingress:
         try:
             checks["model"] = await asyncio.wait_for(_as_future(model_ref), self.timeout)
         except Exception as e:
-            problems.append(f"the model server did not answer ({_brief(e)})")
+            problems.append(f"the model server did not answer ({brief(e)})")
         try:
             await asyncio.wait_for(_as_future(ks_ref), t_ks)
             checks["keystore"] = "ok"
         except Exception as e:
-            problems.append(f"the key store did not answer in {t_ks:g} s ({_brief(e)})")
+            problems.append(f"the key store did not answer in {t_ks:g} s ({brief(e)})")
         if problems:
             raise APIError(503, "not ready: " + "; ".join(problems), code="not_ready",
                            headers={"Retry-After": "2"})
@@ -538,7 +534,7 @@ class Ingress:
                 yield "data: [DONE]\n\n"
             except Exception as e:
                 log.exception("stream failed")
-                yield f"data: {json.dumps({'error': {'message': _brief(e), 'type': 'server_error'}})}\n\n"
+                yield f"data: {json.dumps({'error': {'message': brief(e), 'type': 'server_error'}})}\n\n"
             finally:
                 slots.release()
 
@@ -684,14 +680,14 @@ class Ingress:
         try:
             out["server"] = await asyncio.wait_for(_as_future(self.server.stats.remote()), self.timeout)
         except Exception as e:
-            out["server"] = {"error": _brief(e)}
+            out["server"] = {"error": brief(e)}
         cache = (out["server"] or {}).get("cache") or {}
         out["cache_hit_rate"] = cache.get("hit_rate")
         if rt.trainer is not None:
             try:
                 out["trainer"] = await _await(rt.trainer.stats.remote(), self.timeout)
             except Exception as e:
-                out["trainer"] = {"error": _brief(e)}
+                out["trainer"] = {"error": brief(e)}
         out["ingress"] = {"inflight": self.inflight, "rejected": self.rejected, "limit": self.limit}
         return out
 
