@@ -30,10 +30,9 @@ def test_select_device():
         select_device("gpu", gpu_available=False)
     with pytest.raises(ValueError, match="device"):
         select_device("tpu", gpu_available=False)
-    assert isinstance(ix.faiss_gpu_available(), bool)
-    # this CPU build: auto resolves to cpu
-    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
-        assert select_device("auto") == "cpu"
+    gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0     # this FAISS build
+    assert ix.faiss_gpu_available() is gpu
+    assert select_device("auto") == ("gpu" if gpu else "cpu")
 
 
 def test_gpu_detection_follows_faiss(monkeypatch):
