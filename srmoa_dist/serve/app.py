@@ -21,9 +21,10 @@ Entry point for `serve run` / `serve deploy`: `srmoa_dist.serve.app:build_app` w
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/feedback,
 GET /v1/feedback/{job_id}, GET /v1/experts/{id}, GET /v1/edits, DELETE /v1/edits/{edit_id},
-GET /v1/stats; and, without auth, GET /healthz (liveness: the Ingress answers; it touches nothing
-else) and GET /readyz (readiness: a model server answers, so the model is loaded, and the key store
-answers a ping within runtime.search_timeout_s; 503 otherwise).
+GET /v1/stats; and, without auth, GET /openapi.json (the OpenAPI document of every route, see
+serve/openapi.py), GET /docs (an offline HTML page listing them), GET /healthz (liveness: the Ingress
+answers; it touches nothing else) and GET /readyz (readiness: a model server answers, so the model is
+loaded, and the key store answers a ping within runtime.search_timeout_s; 503 otherwise).
 
 Errors: bad input is a 4xx, never with Retry-After; an application error in a replica or actor is a
 500 (retrying the same request meets it again); only transient conditions (queue full, an actor
@@ -46,9 +47,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
+from srmoa_dist import __version__
 from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.runtime.errors import brief
 from srmoa_dist.serve.errors import (
@@ -60,6 +62,7 @@ from srmoa_dist.serve.errors import (
     overloaded,
     unauthorized,
 )
+from srmoa_dist.serve.openapi import DOCS_PATH, OPENAPI_PATH, PUBLIC_PATHS, docs_html, install_openapi
 from srmoa_dist.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -242,8 +245,12 @@ class ModelServer:
 # ----------------------------------------------------------------------------------------------------
 # Ingress
 
-api = FastAPI(title="srmoa-dist", docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(title="srmoa-dist", version=__version__, docs_url=None, redoc_url=None,
+              openapi_url=OPENAPI_PATH,
+              description="OpenAI-compatible chat and completions over a frozen LLM with routed LoRA "
+                          "experts that learn at test time (POST /v1/feedback).")
 install_error_handlers(api)
+install_openapi(api, __version__)
 api.state.api_key = None
 api.state.admin_key = None
 
@@ -255,11 +262,12 @@ def _same(token: str, key: str | None) -> bool:
 @api.middleware("http")
 async def _auth(request: Request, call_next: Any) -> Any:
     """Bearer keys. The user key (if any) opens every route but the admin ones; the admin key (if any)
-    opens every route and is the only one that opens the admin routes. Probes need no key."""
+    opens every route and is the only one that opens the admin routes. Probes and the API's
+    description (/openapi.json, /docs) need no key."""
     user = getattr(request.app.state, "api_key", None)
     admin = getattr(request.app.state, "admin_key", None)
     path = request.url.path
-    if path.endswith(("/healthz", "/readyz")):
+    if path.endswith(PUBLIC_PATHS):
         return await call_next(request)
     needs_admin = admin is not None and _is_admin_route(request.method, path)
     if not needs_admin and user is None:
@@ -316,6 +324,18 @@ def _is_transient(e: BaseException) -> bool:
     if isinstance(e, RayTaskError):
         return isinstance(getattr(e, "cause", None), transient)
     return isinstance(e, transient)
+
+
+def _is_store_full(e: BaseException) -> bool:
+    """A shard refused a write for room (its map or its disk): 507, the message says what to do."""
+    from srmoa_dist.experts.shard import ShardFullError
+
+    return isinstance(e, ShardFullError) or isinstance(getattr(e, "cause", None), ShardFullError)
+
+
+def _cause(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else e).strip().splitlines()[0][:500]
 
 
 def _is_backpressure(e: BaseException) -> bool:
@@ -430,12 +450,21 @@ class Ingress:
             raise APIError(503, f"the {what} did not answer in {self.timeout:.0f} s; retry later",
                            code="unavailable", headers={"Retry-After": "2"}) from None
         except Exception as e:
+            if _is_store_full(e):
+                raise APIError(507, f"the expert store is full: {_cause(e)}", code="storage_full") from None
             if not _is_transient(e):     # the actor raised: the same call would raise again
                 log.error("the %s failed: %s", what, brief(e), exc_info=e)
                 raise APIError(500, f"the {what} failed ({brief(e)})", code="internal_error") from None
             log.warning("the %s is unavailable: %s", what, brief(e))   # died for good, or restarting
             raise APIError(503, f"the {what} is unavailable ({brief(e)}); retry later",
                            code="unavailable", headers={"Retry-After": "2"}) from None
+
+    # -- the API's description ------------------------------------------------------------------------
+
+    @api.get(DOCS_PATH, include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        """Every route of the OpenAPI document as one self-contained HTML page (no CDN)."""
+        return HTMLResponse(docs_html(api.openapi()))
 
     # -- OpenAI-compatible ----------------------------------------------------------------------------
 

@@ -122,12 +122,13 @@ def validation_error(exc: RequestValidationError) -> APIError:
     kind = first.get("type", "")
     if kind in ("json_invalid", "value_error.jsondecode"):
         return bad_request(f"the request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
-    param = _loc_to_param(first.get("loc", ()))
+    cause = (first.get("ctx") or {}).get("error")      # a FieldError of a model validator names its field
+    param = _loc_to_param(first.get("loc", ())) or getattr(cause, "param", None)
     if kind == "missing":
         msg = f"missing required parameter '{param}'"
         code = "missing_required_parameter"
     else:
-        what = first.get("msg", "invalid")
+        what = first.get("msg", "invalid").removeprefix("Value error, ")
         msg = f"invalid value for '{param}': {what}" if param else what
         code = "invalid_value" if kind != "model_attributes_type" else "invalid_type"
     if len(errors) > 1:
@@ -155,6 +156,9 @@ def install_error_handlers(app: FastAPI) -> None:
         elif status == 405:
             msg = f"method {request.method} not allowed on {request.url.path}"
             code = "method_not_allowed"
+        elif status == 400 and "parsing the body" in str(exc.detail):   # FastAPI: undecodable bytes
+            msg = "the request body could not be read: send UTF-8 JSON with 'Content-Type: application/json'"
+            code = "invalid_json"
         else:
             msg = str(exc.detail)
             code = None

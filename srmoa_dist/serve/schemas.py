@@ -20,6 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Role = Literal["system", "user", "assistant"]
 
 
+class FieldError(ValueError):
+    """A check over several fields (a model validator) that names the parameter at fault: the 400's
+    `error.param` (a plain ValueError there would name none)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -82,7 +91,7 @@ class ChatCompletionRequest(_Sampling):
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         if not any(m.role == "user" and str(m.content).strip() for m in self.messages):
-            raise ValueError("messages must hold at least one non-empty user message")
+            raise FieldError("messages", "messages must hold at least one non-empty user message")
         return self
 
     def message_dicts(self) -> list[dict[str, str]]:
@@ -229,11 +238,12 @@ class FeedbackRequest(_Req):
     @model_validator(mode="after")
     def _check(self) -> FeedbackRequest:
         if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of 'messages' or 'prompt'")
+            raise FieldError("messages" if self.prompt is None else "prompt",
+                             "give exactly one of 'messages' or 'prompt'")
         if self.messages is not None and self.messages[-1].role != "user":
-            raise ValueError("messages must end with the user's turn that failed")
+            raise FieldError("messages", "messages must end with the user's turn that failed")
         if self.verdict == "wrong" and not (self.correct_answer or self.rule):
-            raise ValueError("a 'wrong' verdict needs a correct_answer, a rule, or both")
+            raise FieldError("correct_answer", "a 'wrong' verdict needs a correct_answer, a rule, or both")
         return self
 
     def message_dicts(self) -> list[dict[str, str]]:
@@ -275,8 +285,9 @@ class EditList(BaseModel):
 
 
 __all__ = [
-    "ChatMessage", "ChatCompletionRequest", "CompletionRequest", "Routing", "Usage", "ChatCompletion",
-    "ChatCompletionChunk", "ChatChunkChoice", "ChunkDelta", "ChatChoice", "AssistantMessage",
+    "FieldError", "ChatMessage", "ChatCompletionRequest", "CompletionRequest", "Routing", "Usage",
+    "ChatCompletion", "ChatCompletionChunk", "ChatChunkChoice", "ChunkDelta", "ChatChoice",
+    "AssistantMessage",
     "Completion", "CompletionChoice", "ModelCard", "ModelList", "FeedbackRequest", "FeedbackJob",
     "ExpertInfo", "EditList", "JobStatus",
 ]
