@@ -408,6 +408,8 @@ class Edit:
         if self.intent is not None:
             try:
                 undo(self.intent, self.env.store, self.env.keystore)
+                if self.intent.expert_id < 0 and self.reserved and self.env.new_slot is None:
+                    self.env.keystore.free(np.array(self.reserved, np.int64))    # reserved, not yet named
             except Exception:        # the intent stays: the trainer's recovery finishes the undo
                 log.exception("edit %s: could not undo its writes; left to recovery", self.edit_id)
                 return EditFailed(f"edit {self.edit_id}: {what}: {type(err).__name__}: {err} (its partial "

@@ -259,3 +259,31 @@ def test_sweep_frees_only_leaked_reservations(tmp_path):
     assert ks.active_ids().tolist() == [*seeds.tolist(), int(imported[0])]
     assert not Recovery(store, ks, ledger).run().changed
     store.close()
+
+
+def test_an_error_right_after_the_reservation_frees_the_slot(world, tmp_path):
+    """The slot is reserved but the intent does not name it yet when the store fails: `fail` frees it
+    (a plain error, not a crash: the edit's own clean-up runs)."""
+    from srmoa_dist.ttt.edit import EditFailed
+
+    env = Env(tmp_path, world)
+
+    class StoreDown:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def versions(self, ids):
+            raise RuntimeError("shard actor unreachable")
+
+    base, fusion, enc = world
+    with pytest.raises(EditFailed, match="unreachable") as ei:
+        apply_edit(FAILURE, base=base, fusion=fusion, encoder=enc, store=StoreDown(env.store),
+                   keystore=env.ks,
+                   ledger=EditLedger(env.cfg.ledger_dir), cfg=env.cfg, verify=False)
+    ledger = EditLedger(env.cfg.ledger_dir)
+    assert ledger.get(ei.value.edit_id).status == "failed" and env.state()[:4] == env.before[:4]
+    assert audit(env.store, env.ks, ledger).ok
+    env.store.close()
