@@ -1,4 +1,4 @@
-"""The `srmoa` command: init, serve, chat, feedback, stats, demo, bench store, bench serve."""
+"""The `srmoa` command: init, serve, chat, feedback, stats, demo, bench store, bench serve, bench chaos."""
 
 from __future__ import annotations
 
@@ -464,6 +464,35 @@ def bench_feedback(
     _logging(verbose)
     run_feedback_bench(out, edits=edits, facts_per_entity=facts_per_entity, queued=queued, model=model,
                        data_dir=data_dir, seed=seed, say=_say)
+
+
+@bench_app.command("chaos")
+def bench_chaos(
+    minutes: float = typer.Option(10.0, min=0.1, help="How long the load, the edits and the kills run."),
+    out: Path = typer.Option(Path("results/bench_chaos.json"), help="JSON file (and a timeline PNG beside)."),
+    model: str | None = typer.Option(None, help="Base model of the served app (default: the config's)."),
+    config: Path | None = typer.Option(None, help="A YAML config to start from (default: the defaults)."),
+    data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
+    kill_min_s: float = typer.Option(10.0, min=0.1, help="Shortest wait between two kills (seconds)."),
+    kill_max_s: float = typer.Option(30.0, min=0.1, help="Longest wait between two kills (seconds)."),
+    chat_workers: int = typer.Option(2, min=1, help="Clients sending chats back to back."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """kill -9 of shards, the key store, the trainer and the model replica under chat load and edits;
+    then every edit invariant checked on the files, recovery times and every reply's body."""
+    from srmoa_dist.bench.chaos import run_chaos_bench
+    from srmoa_dist.config import SrmoaConfig
+
+    _logging(verbose)
+    if kill_max_s < kill_min_s:
+        raise typer.BadParameter(f"--kill-max-s ({kill_max_s}) must be >= --kill-min-s ({kill_min_s})")
+    cfg = SrmoaConfig.load_yaml(config) if config is not None else None
+    doc = run_chaos_bench(out, minutes, cfg=cfg, model=model, data_dir=data_dir,
+                          kill_interval_s=(kill_min_s, kill_max_s), chat_workers=chat_workers, seed=seed,
+                          say=_say)
+    if not doc["meets_targets"]:
+        _say("the run missed a target (see the JSON)")
 
 
 def main() -> None:

@@ -235,8 +235,8 @@ class ModelServer:
             raise RuntimeError("the model server has no engine")
 
     async def ready(self) -> dict[str, Any]:
-        """Answers once the model is loaded (the constructor loaded it): its name and load time."""
-        return {"model": self.engine.base.name, "load_seconds": self.engine.load_seconds}
+        """Answers once the model is loaded (the constructor loaded it): its name, load time and pid."""
+        return {"model": self.engine.base.name, "load_seconds": self.engine.load_seconds, "pid": os.getpid()}
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
