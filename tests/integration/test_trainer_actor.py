@@ -44,7 +44,8 @@ def _pinned_slots(ray, keystore) -> list[int]:
 def test_restart_settles_an_edit_that_died_mid_commit(ray_cluster, tmp_path, tiny_model_dir):
     """What a trainer killed between `pin` and the ledger's commit leaves on disk (the intent, the new
     expert, its pinned key), plus a slot reserved just before a crash: the next trainer's recovery
-    undoes the edit, frees both slots, and the job says the edit was not applied."""
+    undoes the edit, frees both slots, and the job says the edit was not applied. A second job whose
+    edit was verified just before the crash (its job record still says running) is done, with it."""
     import json
 
     import numpy as np
@@ -58,31 +59,43 @@ def test_restart_settles_an_edit_that_died_mid_commit(ray_cluster, tmp_path, tin
                        ttt=TINY_TTT)
     rt = ensure_actors(cfg, trainer=False)
     try:
-        key = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
-        key /= np.linalg.norm(key)
-        [eid] = ray_cluster.get(rt.keystore.add.remote(key, True)).tolist()
+        keys = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        key = keys[:1]
+        [eid, kept] = ray_cluster.get(rt.keystore.add.remote(keys, True)).tolist()
         [leaked] = ray_cluster.get(rt.keystore.add.remote(np.zeros((1, 16), np.float32), True)).tolist()
         client = ExpertStoreClient(rt.shards, keystore=rt.keystore)
-        client.put_many({eid: LoRAExpert.random({"q": (64, 64)}, 4, 8.0, "float16", seed=1)})
-        EditLedger(cfg.ledger_dir).intent(EditRecord(
+        client.put_many({i: LoRAExpert.random({"q": (64, 64)}, 4, 8.0, "float16", seed=i)
+                         for i in (eid, kept)})
+        ledger = EditLedger(cfg.ledger_dir)
+        ledger.commit(EditRecord(
+            edit_id="edit-y", status="committed", rule="r", prompts=(), expert_id=kept, created=True,
+            prev_version=None, new_version=1, new_key=keys[1], prev_pinned=True, extra={"job_id": "job-y"}))
+        ledger.set_status("edit-y", "verified", note="verified")
+        ledger.intent(EditRecord(
             edit_id="edit-x", status="intent", rule="r", prompts=(), expert_id=eid, created=True,
             prev_version=None, new_version=1, new_key=key[0], prev_pinned=True, question=FEEDBACK["prompt"],
             extra={"job_id": "job-x", "stage": "committing"}))
         jobs = jobs_dir(cfg)
         jobs.mkdir(parents=True, exist_ok=True)
-        (jobs / "job-x.json").write_text(json.dumps({
-            "job_id": "job-x", "object": "feedback.job", "status": "running", "created": time.time(),
-            "started": time.time(), "finished": None, "error": None, "result": None, "attempt": 1,
-            "request": FEEDBACK}))
+        for job_id in ("job-x", "job-y"):
+            (jobs / f"{job_id}.json").write_text(json.dumps({
+                "job_id": job_id, "object": "feedback.job", "status": "running", "created": time.time(),
+                "started": time.time(), "finished": None, "error": None, "result": None, "attempt": 1,
+                "request": FEEDBACK}))
         rt = ensure_actors(cfg, trainer=True)           # the restarted trainer, over the same store
         t = rt.trainer
         job = _poll(ray_cluster, t, "job-x", lambda j: j["status"] != "running", timeout=60)
         assert job["status"] == "failed" and "edit-x is failed" in job["error"], job
         assert "not applied" in job["error"] and job["result"]["recovered"]
-        [e] = ray_cluster.get(t.list_edits.remote())
-        assert e["status"] == "failed" and "recovered after a crash" in e["notes"][-1]
+        done = ray_cluster.get(t.job.remote("job-y"))
+        assert done["status"] == "done" and done["result"]["status"] == "verified" and not done["error"]
+        e = {e["edit_id"]: e for e in ray_cluster.get(t.list_edits.remote())}
+        assert e["edit-x"]["status"] == "failed" and "recovered after a crash" in e["edit-x"]["notes"][-1]
+        assert e["edit-y"]["status"] == "verified"
         assert ray_cluster.get(rt.keystore.key_info.remote([eid, leaked])) == [None, None]
-        assert client.contains([eid]) == [False] and _pinned_slots(ray_cluster, rt.keystore) == []
+        assert client.contains([eid, kept]) == [False, True]
+        assert _pinned_slots(ray_cluster, rt.keystore) == [kept]
         rec = ray_cluster.get(t.stats.remote())["recovery"]
         assert rec["undone"] == ["edit-x"] and rec["freed_slots"] == [leaked]
     finally:
