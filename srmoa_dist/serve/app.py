@@ -326,16 +326,17 @@ def _is_transient(e: BaseException) -> bool:
     return isinstance(e, transient)
 
 
-def _is_store_full(e: BaseException) -> bool:
-    """A shard refused a write for room (its map or its disk): 507, the message says what to do."""
+def _store_full_error(e: BaseException) -> APIError | None:
+    """A shard refused a write for room (its map or its disk), also through Ray: a 507 whose message
+    is the shard's (it says which setting to raise or what to free); None for any other error."""
     from srmoa_dist.experts.shard import ShardFullError
 
-    return isinstance(e, ShardFullError) or isinstance(getattr(e, "cause", None), ShardFullError)
-
-
-def _cause(e: BaseException) -> str:
     cause = getattr(e, "cause", None)
-    return str(cause if isinstance(cause, BaseException) else e).strip().splitlines()[0][:500]
+    full = cause if isinstance(cause, ShardFullError) else e if isinstance(e, ShardFullError) else None
+    if full is None:
+        return None
+    lines = str(full).strip().splitlines() or [type(full).__name__]
+    return APIError(507, f"the expert store is full: {lines[0][:500]}", code="storage_full")
 
 
 def _is_backpressure(e: BaseException) -> bool:
@@ -450,8 +451,9 @@ class Ingress:
             raise APIError(503, f"the {what} did not answer in {self.timeout:.0f} s; retry later",
                            code="unavailable", headers={"Retry-After": "2"}) from None
         except Exception as e:
-            if _is_store_full(e):
-                raise APIError(507, f"the expert store is full: {_cause(e)}", code="storage_full") from None
+            full = _store_full_error(e)
+            if full is not None:
+                raise full from None
             if not _is_transient(e):     # the actor raised: the same call would raise again
                 log.error("the %s failed: %s", what, brief(e), exc_info=e)
                 raise APIError(500, f"the {what} failed ({brief(e)})", code="internal_error") from None

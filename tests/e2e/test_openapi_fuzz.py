@@ -146,3 +146,21 @@ def test_fuzz_route(api_schema, url, method, path):
     CASES[f"{method} {path}"] = n
     assert n > 0
     print(f"fuzzed {method} {path}: {n} requests")
+
+
+def test_a_full_store_behind_an_actor_call_is_a_507_saying_what_to_do():
+    from ray.exceptions import RayTaskError
+
+    from srmoa_dist.experts.shard import DiskFullError, ShardFullError
+    from srmoa_dist.serve.app import _store_full_error
+
+    full = ShardFullError("shard /d/shard-000 is full: ...; raise store.max_map_size_mb in the config")
+    disk = DiskFullError("free disk space")
+    for err in (full, RayTaskError("put_raw", "Traceback ...", full).as_instanceof_cause(),
+                RayTaskError("put_raw", "Traceback ...", disk).as_instanceof_cause()):
+        e = _store_full_error(err)
+        assert e is not None and e.status == 507 and e.code == "storage_full", err
+        assert "Retry-After" not in e.headers and "Traceback" not in e.message
+        assert ("store.max_map_size_mb" in e.message) or ("free disk space" in e.message)
+        assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+    assert _store_full_error(RayTaskError("get", "tb", KeyError("x")).as_instanceof_cause()) is None
