@@ -283,19 +283,26 @@ def route(xq: np.ndarray, router: Router | None, params: GenerationParams) -> Ba
 
 
 def fetch_experts(routing: BatchRouting, fetch: Fetch | None) -> BatchRouting:
-    """The routing with its experts fetched.
+    """The routing with its experts fetched: `with_experts(routing, fetch(routing's ids))`."""
+    wanted = routed_ids(routing)
+    if wanted and fetch is None:
+        raise ValueError("the router returned experts but no fetch callable was given")
+    return with_experts(routing, fetch(wanted) if wanted else {})
+
+
+def routed_ids(routing: BatchRouting) -> list[int]:
+    """The distinct expert ids of a batch's routing, sorted (what to fetch)."""
+    return sorted({i for ids in routing.expert_ids for i in ids})
+
+
+def with_experts(routing: BatchRouting, got: Mapping[int, ExpertLike]) -> BatchRouting:
+    """The routing with the fetched experts `got` ({id: expert}) in place.
 
     An expert the store no longer holds (deleted by a rollback after the search that found it) is
     left out of its sequence, the remaining gates are renormalised to sum to 1, and its id goes to
     `routing.skipped`; a sequence left with no expert gets exactly the base model's output.
     """
-    wanted = sorted({i for ids in routing.expert_ids for i in ids})
-    if not wanted:
-        return dataclasses.replace(routing, experts=[[] for _ in routing.expert_ids])
-    if fetch is None:
-        raise ValueError("the router returned experts but no fetch callable was given")
-    got = fetch(wanted)
-    missing = {i for i in wanted if i not in got}
+    missing = {i for i in routed_ids(routing) if i not in got}
     if missing:
         log.warning("routed expert(s) %s are not in the store; their sequences go on without them",
                     sorted(missing)[:8])

@@ -7,7 +7,8 @@ decoded experts) and the key-store actor handle. A request takes one pass, top t
     generate    every prepared request of the batch in one `model.generation.generate` call (one
                 batched forward, sampling and stopping per row), handed the engine's route step:
     _route      xq -> key-store search (one per batch) -> deferral and gates -> fetch through the
-                client -> the activations (q, ids, gates) sent to the key store without waiting
+                client -> the activations (q, ids, gates) sent to the key store without waiting;
+                generation's one call back into the engine, and the engine alone calls the store
 
 Requests and results are plain dicts so that they cross Serve handles cheaply:
 
@@ -166,7 +167,7 @@ class Engine:
         use=False get no expert. The activations go to the key store, stamped with its incarnation and
         slot epoch at search time, so it can drop those of a slot freed and reused since.
         """
-        from srmoa_dist.model.generation import fetch_experts, no_routing, select_experts
+        from srmoa_dist.model.generation import no_routing, routed_ids, select_experts, with_experts
 
         if self.keystore is None or not any(use):        # the base model alone: no search at all
             return no_routing(xq)
@@ -176,7 +177,9 @@ class Engine:
         D, I, stamp = found
         I = np.array(I, dtype=np.int64, copy=True)                                 # (B, k)
         I[~np.asarray(use, dtype=bool)] = -1
-        routing = fetch_experts(select_experts(xq, D, I, self.cfg.keystore.temperature), self.client.fetch)
+        routing = select_experts(xq, D, I, self.cfg.keystore.temperature)
+        wanted = routed_ids(routing)
+        routing = with_experts(routing, self.client.fetch(wanted) if wanted else {})
         self._record(routing, stamp)
         return routing
 
