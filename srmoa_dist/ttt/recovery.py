@@ -190,7 +190,10 @@ class Recovery:
         report = RecoveryReport(tuple(forward), tuple(undone), tuple(back), tuple(freed), tuple(unowned),
                                 time.perf_counter() - t0)
         if report.changed or unowned:
-            log.warning("edit recovery: %s", report.to_json())
+            log.warning("edit recovery in %.2f s: %d rolled forward, %d intents undone %s, %d rolled back "
+                        "%s, %d leaked slots freed %s, %d pinned keys without an edit left %s",
+                        report.seconds, len(forward), len(undone), undone[:8], len(back), back[:8],
+                        len(freed), freed[:8], len(unowned), unowned[:8])
         return report
 
     # an intent: forward when complete and unverified edits are kept, else undone -> "failed"
