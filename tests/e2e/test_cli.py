@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from srmoa_dist.cli import app
 
 COMMANDS = [[], ["init"], ["serve"], ["chat"], ["feedback"], ["stats"], ["demo"], ["bench"],
-            ["bench", "store"], ["bench", "serve"]]
+            ["bench", "store"], ["bench", "serve"], ["bench", "chaos"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "srmoa")
