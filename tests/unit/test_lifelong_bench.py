@@ -31,9 +31,18 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
     base_c = on_disk["baselines"]["base"][-1]
     assert base_c["locality"] == 1.0                              # the base model against itself
     assert base_c["n"] == {"trained": 4, "held_out": 8, "probe": 4, "unedited": 2}
+    kinds = {"reliability": "trained", "generalization": "held_out", "locality": "probe", "leak": "unedited"}
     for c in on_disk["checkpoints"] + [on_disk["after_consolidation"]["sr_ttt"]]:
-        for m in ("reliability", "generalization", "locality", "leak"):
-            assert 0.0 <= c[m] <= 1.0, (m, c)
+        for m, kind in kinds.items():                      # a share of that kind's prompts
+            assert c[m] in {i / c["n"][kind] for i in range(c["n"][kind] + 1)}, (m, c)
+    # the latest evaluation (after consolidation) recomputed from the outputs the document keeps
+    from srmoa_dist.bench.ttt_bench import contains_answer
+
+    last = on_disk["after_consolidation"]["sr_ttt"]
+    for m in ("reliability", "generalization", "leak"):
+        rows = [o for o in on_disk["outputs"] if o["kind"] == kinds[m]]
+        hits = [any(contains_answer(o["text"], a) for a in o["answers"]) for o in rows]
+        assert last[m] == sum(hits) / len(hits), m
     cons = on_disk["after_consolidation"]["consolidation"]
     assert cons["queries"] == 300 and cons["pool"] == 4 * 2 + 2 + 4
     assert on_disk["edit_seconds_p50"] > 0 and on_disk["edit_seconds_p90"] >= on_disk["edit_seconds_p50"]
