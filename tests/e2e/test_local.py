@@ -41,7 +41,8 @@ host, port = local.start_http("127.0.0.1", busy, True, said.append)
 assert port != busy, (port, busy)
 assert any(str(busy) in s for s in said), said
 r = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=10)    # Serve's proxy answers there
-assert r.status_code in (200, 503), (r.status_code, r.text)     # 503 until an app is deployed
+# no app deployed yet: Serve's proxy answers, with an empty route table
+assert r.status_code == 503 and "Route table is not populated yet" in r.text, (r.status_code, r.text)
 serve.shutdown()
 try:
     local.start_http("127.0.0.1", busy, False, said.append)
