@@ -71,6 +71,7 @@ def test_streaming_completion_over_sse(http, model_id):
 def test_feedback_edit_route_and_rollback(http, model_id):
     fb = {"prompt": "What is the capital of Zorbania?", "response": "I do not know",
           "correct_answer": "Paris"}
+    n_active = http.get("/v1/stats").json()["keystore"]["n_active"]
     r = http.post("/v1/feedback", json=fb)
     assert r.status_code == 202
     job = r.json()
@@ -88,6 +89,8 @@ def test_feedback_edit_route_and_rollback(http, model_id):
     chat = http.post("/v1/chat/completions", json=ask).json()
     assert eid in chat["routing"]["expert_ids"] and not chat["routing"]["deferred"]
     assert "Paris" in chat["choices"][0]["message"]["content"]
+    again = http.post("/v1/chat/completions", json=ask).json()        # the expert now from the cache
+    assert again["choices"][0]["message"]["content"] == chat["choices"][0]["message"]["content"]
     ex = http.get(f"/v1/experts/{eid}").json()
     assert ex["id"] == eid and ex["version"] == res["new_version"] and ex["key"]["pinned"] is True
     edits = http.get("/v1/edits").json()["data"]
@@ -100,8 +103,11 @@ def test_feedback_edit_route_and_rollback(http, model_id):
     assert eid not in chat["routing"]["expert_ids"]
     _error(http.delete(f"/v1/edits/{res['edit_id']}"), 409, "edit_not_active")
     st = http.get("/v1/stats").json()
-    assert st["keystore"]["n_active"] >= 0 and len(st["shards"]) == 2 and "usage_hist" in st["keystore"]
-    assert 0.0 <= st["cache_hit_rate"] <= 1.0 and st["trainer"]["jobs"]["done"] >= 1
+    assert st["keystore"]["n_active"] == n_active                   # the edit's slot is free again
+    assert len(st["shards"]) == 2 and "usage_hist" in st["keystore"]
+    cache = st["server"]["cache"]
+    assert cache["hits"] >= 1 and st["cache_hit_rate"] == cache["hits"] / (cache["hits"] + cache["misses"])
+    assert st["trainer"]["jobs"]["done"] >= 1
 
 
 def test_feedback_marked_correct_is_skipped(http):
