@@ -186,6 +186,8 @@ class ModelConfig:
     max_new_tokens: int = 64
     calibration_seed: int = 0         # seeds the fixed orthogonal projection of the query encoder
     false_route_rate: float = 0.01    # tau is calibrated so this share of negatives passes it
+    encoder_discriminant: float = 0.5 # share of the fact discriminant in routing scores; 0 = whitening only
+    encoder_corpus_entities: int = 20 # invented entities per kind in the discriminant's corpus
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -194,6 +196,12 @@ class ModelConfig:
         _choice("model.device", self.device, ("auto", "cpu", "cuda"))
         _non_negative("model.query_layer", self.query_layer)
         _positive("model.max_new_tokens", self.max_new_tokens)
+        if not 0.0 <= self.encoder_discriminant < 1.0:
+            raise ValueError(f"model.encoder_discriminant must be in [0, 1), "
+                             f"got {self.encoder_discriminant!r}")
+        if not isinstance(self.encoder_corpus_entities, int) or self.encoder_corpus_entities < 1:
+            raise ValueError(f"model.encoder_corpus_entities must be a positive integer, "
+                             f"got {self.encoder_corpus_entities!r}")
         _unit("model.false_route_rate", self.false_route_rate, closed=False)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,13 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def encoder(tiny_base):
     return QueryEncoder.calibrate(tiny_base, d_key=32, prompts=PROMPTS, seed=5, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def discriminant_encoder(tiny_base):
+    """With the discriminant, fitted on a small corpus (2 entities per kind)."""
+    return QueryEncoder.calibrate(tiny_base, d_key=32, prompts=PROMPTS, seed=5, batch_size=32,
+                                  discriminant_weight=0.5, corpus_entities=2)
 
 
 def test_calibration_set_is_generic_and_large():
@@ -118,12 +127,13 @@ def test_fit_whitens_projected_calibration_set():
     assert ledoit_wolf_shrinkage(rng.standard_normal((400, 24)) * np.linspace(0.1, 5, 24)) < 0.2
 
 
-def test_save_load_identical(tmp_path, tiny_base, encoder):
-    enc = encoder.with_tau(0.42)
+def test_save_load_identical(tmp_path, tiny_base, discriminant_encoder):
+    enc = discriminant_encoder.with_tau(0.42)
     p = tmp_path / "enc" / "query_encoder.npz"
     enc.save(p)
     back = QueryEncoder.load(p)
-    for f in ("mu", "W", "P"):
+    assert enc.L is not None and back.discriminant_weight == enc.discriminant_weight == 0.5
+    for f in ("mu", "W", "P", "L", "mu_d"):
         np.testing.assert_array_equal(getattr(back, f), getattr(enc, f))
     assert (back.query_layer, back.seed, back.tau, back.model_name, back.calibration_hash) == (
         1,
@@ -135,7 +145,69 @@ def test_save_load_identical(tmp_path, tiny_base, encoder):
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     np.testing.assert_array_equal(queries(tiny_base, back, chats), queries(tiny_base, enc, chats))
     back.check_model(tiny_base)
-    assert QueryEncoder.load(p).tau == 0.42 and encoder.tau is None
+    assert QueryEncoder.load(p).tau == 0.42 and discriminant_encoder.tau is None
+
+
+def facts_and_wordings(rng: np.random.Generator, n_entities: int, n_relations: int, per_fact: int):
+    """Pooled stand-ins (n, 48) of questions, label = the fact: a strong entity part (dims 0..15) that
+    rewording moves a lot, a weak relation part (dims 16..23) that it moves little, and wording noise
+    (dims 24..39) as large as the relation part. Only the ratio of the two tells facts apart."""
+    d = np.arange(48)
+    ent, rel, wrd = d < 16, (d >= 16) & (d < 24), (d >= 24) & (d < 40)
+    E = 3.0 * rng.standard_normal((n_entities, 48)) * ent
+    R = 0.7 * rng.standard_normal((n_relations, 48)) * rel
+    X, y = [], []
+    for e in range(n_entities):
+        for r in range(n_relations):
+            noise = rng.standard_normal((per_fact, 48)) * (1.2 * ent + 0.1 * rel + 0.7 * wrd + 0.01)
+            X.append(E[e] + R[r] + noise)
+            y += [e * n_relations + r] * per_fact
+    return np.concatenate(X), np.array(y)
+
+
+def test_discriminant_routes_a_rewording_to_its_own_fact():
+    """Same entity, another relation: the whitened block alone confuses them; with the discriminant
+    (fitted on other entities) a new wording's nearest key is its own fact's."""
+    rng = np.random.default_rng(0)
+    generic = rng.standard_normal((200, 48)) * 2.0
+    corpus = facts_and_wordings(rng, 60, 4, 4)
+    X, y = facts_and_wordings(rng, 10, 4, 6)                       # 40 facts, 6 wordings each
+    plain = QueryEncoder.fit(generic, d_key=16, seed=0)
+    mixed = QueryEncoder.fit(generic, d_key=16, seed=0, corpus=corpus, discriminant_weight=0.5)
+    assert (mixed.d_key, mixed.L.shape, mixed.W.shape) == (16, (8, 48), (8, 48))
+
+    def top1(enc):
+        q = enc.encode_pooled(X)
+        train, held = np.arange(len(y)) % 6 < 3, np.arange(len(y)) % 6 >= 3
+        K = np.stack([q[train & (y == c)].mean(0) for c in range(40)])
+        return float(((q[held] @ K.T).argmax(1) == y[held]).mean())
+
+    np.testing.assert_allclose(np.linalg.norm(mixed.encode_pooled(X), axis=1), 1.0, atol=1e-5)
+    assert top1(plain) < 0.45 and top1(mixed) > 0.7             # 0.36 and 0.74 with these seeds
+
+
+def test_discriminant_weight_validated():
+    rng = np.random.default_rng(1)
+    generic = rng.standard_normal((50, 48))
+    corpus = facts_and_wordings(rng, 20, 3, 3)
+    with pytest.raises(ValueError, match="discriminant_weight"):
+        QueryEncoder.fit(generic, d_key=8, corpus=corpus, discriminant_weight=1.0)
+    enc = QueryEncoder.fit(generic, d_key=8, corpus=corpus)
+    with pytest.raises(ValueError, match="discriminant_weight"):
+        replace(enc, discriminant_weight=0.0)
+
+
+def test_version_1_file_loads_as_whitening_only(tmp_path, encoder):
+    """An encoder saved before the discriminant existed still loads and encodes as it did."""
+    plain = QueryEncoder.fit(np.random.default_rng(2).standard_normal((40, encoder.d_model)), d_key=8)
+    p = tmp_path / "v1.npz"
+    np.savez(p, format_version=np.int64(1), mu=plain.mu, W=plain.W, P=plain.P, query_layer=np.int64(1),
+             seed=np.int64(0), shrinkage=np.float64(plain.shrinkage), model_name=np.str_("m"),
+             calibration_hash=np.str_(""), tau=np.float64(np.nan))
+    back = QueryEncoder.load(p)
+    assert back.L is None and back.discriminant_weight == 0.0 and back.d_key == 8
+    x = np.random.default_rng(3).standard_normal((4, encoder.d_model)).astype(np.float32)
+    np.testing.assert_array_equal(back.encode_pooled(x), plain.encode_pooled(x))
 
 
 def test_calibrate_tau_rate_and_margin():

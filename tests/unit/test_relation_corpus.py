@@ -1,0 +1,31 @@
+"""The discriminant's corpus: deterministic, labelled by fact, disjoint from every benchmark relation."""
+
+from __future__ import annotations
+
+import pytest
+
+from srmoa_dist.bench.entity_facts import ENTITY_RELATIONS
+from srmoa_dist.bench.facts import RELATIONS as FACT_RELATIONS
+from srmoa_dist.routing.relation_corpus import RELATIONS, make_relation_corpus
+
+
+def test_deterministic_and_labelled_by_fact():
+    texts, labels = make_relation_corpus(3, seed=4)
+    assert (texts, labels) == make_relation_corpus(3, seed=4)
+    assert texts != make_relation_corpus(3, seed=5)[0]
+    n_rel = sum(len(r) for r in RELATIONS.values())
+    assert len(set(labels)) == 3 * n_rel and len(texts) == 4 * 3 * n_rel
+    # the four wordings of a label share the entity; two labels of one entity share it too
+    assert len({t for t, c in zip(texts, labels) if c == 0}) == 4
+
+
+def test_disjoint_from_benchmark_wordings():
+    ours = {w for rels in RELATIONS.values() for r in rels for w in r}
+    for rel in (*FACT_RELATIONS, *ENTITY_RELATIONS):
+        for template in (*rel.train, *rel.held_out):
+            assert template not in ours, template
+
+
+def test_bad_size():
+    with pytest.raises(ValueError, match="entities_per_kind"):
+        make_relation_corpus(0)
