@@ -349,7 +349,7 @@ class QueryEncoder:
         """Write an .npz atomically (temp file + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         D = self.d_model
         with open(tmp, "wb") as f:
             np.savez(

@@ -77,6 +77,7 @@ def ensure_encoder(cfg: SrmoaConfig, base: Any, keystore: Any | None = None) -> 
     every node (replicas on GPU nodes, the trainer on the store node) uses the same encoder; without it,
     data_dir/query_encoder.npz is used directly. Checks that the encoder fits `base`.
     """
+    from srmoa_dist.routing.encoder_cache import calibrated
     from srmoa_dist.routing.query_encoder import QueryEncoder
 
     if keystore is not None:
@@ -87,7 +88,7 @@ def ensure_encoder(cfg: SrmoaConfig, base: Any, keystore: Any | None = None) -> 
             log.info("calibrating the query encoder on %s (d_key %d)", base.name, cfg.keystore.d_key)
             tmp = Path(cfg.model_cache_dir) / f".encoder-{os.getpid()}.npz"
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            QueryEncoder.calibrate(base, cfg.keystore.d_key).save(tmp)
+            calibrated(base, cfg.keystore.d_key, Path(cfg.model_cache_dir) / "encoders").save(tmp)
             mine = tmp.read_bytes()
             tmp.unlink()
             data = ray.get(keystore.put_file_if_absent.remote(ENCODER_FILE, mine),
@@ -100,7 +101,7 @@ def ensure_encoder(cfg: SrmoaConfig, base: Any, keystore: Any | None = None) -> 
             with data_dir_lock(cfg):
                 if not path.is_file():
                     log.info("calibrating the query encoder on %s (d_key %d)", base.name, cfg.keystore.d_key)
-                    QueryEncoder.calibrate(base, cfg.keystore.d_key).save(path)
+                    calibrated(base, cfg.keystore.d_key, Path(cfg.model_cache_dir) / "encoders").save(path)
         enc = QueryEncoder.load(path)
         where = str(path)
     try:
