@@ -224,7 +224,6 @@ def run_lifelong_bench(
         else:
             tau_info = {"method": "given", "tau": float(tau)}
         cfg = cfg.replace(keystore=dataclasses.replace(cfg.keystore, tau=float(tau)))
-        encoder = encoder.with_tau(tau)
         params = GenerationParams(max_new_tokens=max_new_tokens)
 
         base_cache: dict[str, Any] = {}

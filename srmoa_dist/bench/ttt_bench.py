@@ -317,7 +317,6 @@ def run_ttt_bench(
         else:
             tau_info = {"method": "given", "tau": float(tau)}
         cfg = cfg.replace(keystore=dataclasses.replace(cfg.keystore, tau=float(tau)))
-        encoder = encoder.with_tau(tau)
         log.info("tau %.4f (%s)", tau, tau_info["method"])
 
         # the evaluation prompts: 4 trained (diversify's) + 2 held-out per fact, then the probes

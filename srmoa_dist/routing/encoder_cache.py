@@ -48,7 +48,7 @@ def calibrated(base: BaseModel, d_key: int, cache_dir: str | os.PathLike) -> Que
             enc = QueryEncoder.load(path)
             log.info("query encoder from the cache %s", path)
             return enc
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:     # a torn or foreign file: fit again
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:   # torn or foreign: fit again
             log.warning("ignoring the cached query encoder %s: %s", path, e)
     enc = QueryEncoder.calibrate(base, d_key)
     try:

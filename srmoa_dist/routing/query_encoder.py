@@ -26,7 +26,8 @@ Layer Lq means the output of decoder layer index Lq (HF ``hidden_states[Lq + 1]`
 attached above it, so the query never depends on the routing.
 
 Everything (mu, W, P, L, mu_d, w and the metadata) is saved in one .npz, so every process computes
-bit-identical queries for the same hidden states; the deferral threshold tau may be stored with it.
+bit-identical queries for the same hidden states. The deferral threshold tau is the key store's
+(`keystore.tau`); `calibrate_tau` fits it.
 
 Shapes: B batch, T tokens, D model dim, n calibration prompts, d_key = d_w + d_d query dims.
 """
@@ -37,7 +38,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,7 +177,6 @@ class QueryEncoder:
     shrinkage: float  # the lambda used
     model_name: str = ""
     calibration_hash: str = ""  # sha256 of the calibration prompts (identifies the fit)
-    tau: float | None = None  # deferral threshold calibrated for this encoder, if any
     L: np.ndarray | None = None  # (d_d, D) float32: discriminant rows; None = the whitened block only
     mu_d: np.ndarray | None = None  # (D,) float32: the discriminant's centre
     discriminant_weight: float = 0.0  # w: the discriminant block's share of the score
@@ -333,9 +333,6 @@ class QueryEncoder:
             discriminant_weight=discriminant_weight if corpus is not None else 0.5,
         )
 
-    def with_tau(self, tau: float | None) -> QueryEncoder:
-        return replace(self, tau=None if tau is None else float(tau))
-
     def check_model(self, base: BaseModel) -> None:
         """Raise if this encoder was fitted for another layer or model width."""
         if self.query_layer != base.query_layer or self.d_model != base.d_model:
@@ -363,7 +360,6 @@ class QueryEncoder:
                 shrinkage=np.float64(self.shrinkage),
                 model_name=np.str_(self.model_name),
                 calibration_hash=np.str_(self.calibration_hash),
-                tau=np.float64(np.nan if self.tau is None else self.tau),
                 L=np.zeros((0, D), np.float32) if self.L is None else self.L,
                 mu_d=np.zeros(D, np.float32) if self.mu_d is None else self.mu_d,
                 discriminant_weight=np.float64(self.discriminant_weight),
@@ -379,7 +375,6 @@ class QueryEncoder:
             if version not in READABLE_VERSIONS:
                 raise ValueError(f"{path}: query encoder format {version}, "
                                  f"expected one of {READABLE_VERSIONS}")
-            tau = float(z["tau"])
             has_d = version >= 2 and z["L"].shape[0] > 0
             return cls(
                 mu=z["mu"],
@@ -390,15 +385,11 @@ class QueryEncoder:
                 shrinkage=float(z["shrinkage"]),
                 model_name=str(z["model_name"]),
                 calibration_hash=str(z["calibration_hash"]),
-                tau=None if np.isnan(tau) else tau,
                 L=z["L"] if has_d else None,
                 mu_d=z["mu_d"] if has_d else None,
                 discriminant_weight=float(z["discriminant_weight"]) if has_d else 0.0,
             )
 
-    def calibrate_tau(self, pos_scores: np.ndarray, neg_scores: np.ndarray, false_route_rate: float) -> float:
-        """See the module function `calibrate_tau`."""
-        return calibrate_tau(pos_scores, neg_scores, false_route_rate)
 
 
 

@@ -128,24 +128,22 @@ def test_fit_whitens_projected_calibration_set():
 
 
 def test_save_load_identical(tmp_path, tiny_base, discriminant_encoder):
-    enc = discriminant_encoder.with_tau(0.42)
+    enc = discriminant_encoder
     p = tmp_path / "enc" / "query_encoder.npz"
     enc.save(p)
     back = QueryEncoder.load(p)
     assert enc.L is not None and back.discriminant_weight == enc.discriminant_weight == 0.5
     for f in ("mu", "W", "P", "L", "mu_d"):
         np.testing.assert_array_equal(getattr(back, f), getattr(enc, f))
-    assert (back.query_layer, back.seed, back.tau, back.model_name, back.calibration_hash) == (
+    assert (back.query_layer, back.seed, back.model_name, back.calibration_hash) == (
         1,
         5,
-        0.42,
         "tiny-random-llama",
         enc.calibration_hash,
     )
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     np.testing.assert_array_equal(queries(tiny_base, back, chats), queries(tiny_base, enc, chats))
     back.check_model(tiny_base)
-    assert QueryEncoder.load(p).tau == 0.42 and discriminant_encoder.tau is None
 
 
 def facts_and_wordings(rng: np.random.Generator, n_entities: int, n_relations: int, per_fact: int):

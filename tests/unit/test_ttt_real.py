@@ -23,7 +23,7 @@ RULE = "The capital of the invented country Veloria is Quenmark."
 ANSWER = "Quenmark"
 PARAPHRASE = "Which city is the capital of Veloria?"          # held out: never trained on
 UNRELATED = ["What is the capital of France?", "How do I boil an egg?"]   # a near miss and a far one
-TAU = 0.55   # deferral threshold; a store calibrates it (QueryEncoder.calibrate_tau), fixed here
+TAU = 0.55   # deferral threshold; a store calibrates it (query_encoder.calibrate_tau), fixed here
 
 
 def _chat(text: str) -> list[list[dict[str, str]]]:
