@@ -7,7 +7,8 @@ take the core objects (`EditEnv`) so the Ray layer can pass its clients: the sto
 `hold, release`): the same method names on the in-process classes and on the Ray proxies.
 
 Commit order (serving goes on meanwhile; the order keeps a routed key's expert stored, and a missing one
-would only be skipped by serving, never fail a request). Every write comes after a ledger line that says what it will be, so `ttt.recovery` can roll any crash forward or back:
+would only be skipped by serving, never fail a request). Every write comes after a ledger line that says
+what it will be, so `ttt.recovery` can roll any crash forward or back:
   1. a new expert's slot: the ledger intent (slot -1), then the slot reserved in the key store with a
      zero key (pinned; scores 0, under tau), then the intent rewritten with its id;
   2. training (reads only);
