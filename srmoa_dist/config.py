@@ -186,7 +186,7 @@ class ModelConfig:
     max_new_tokens: int = 64
     calibration_seed: int = 0         # seeds the fixed orthogonal projection of the query encoder
     false_route_rate: float = 0.01    # tau is calibrated so this share of negatives passes it
-    encoder_discriminant: float = 0.5 # share of the fact discriminant in routing scores; 0 = whitening only
+    encoder_discriminant: float = 0.0 # share of the fact discriminant in routing scores (0 = off: see README)
     encoder_corpus_entities: int = 20 # invented entities per kind in the discriminant's corpus
 
     def __post_init__(self) -> None:

@@ -22,12 +22,6 @@ TINY_CORPUS = [
 ] * 4
 
 
-# A random model's states carry no facts for the query encoder's discriminant to find (it would amplify
-# noise, and costs a corpus pass): tiny models route on the whitened block alone. The discriminant is
-# tested on its own (test_discriminant, test_query_encoder) and on SmolLM2.
-TINY_DISCRIMINANT = 0.0
-
-
 def model_cache_dir() -> Path:
     """Where real-model tests keep the converted GGUF (persistent across runs: conversion is slow)."""
     return Path(os.environ.get("SRMOA_MODEL_CACHE", Path.home() / ".cache" / "srmoa-dist" / "model_cache"))
@@ -102,7 +96,6 @@ def tiny_base(tiny_tokenizer):
         query_layer=1,
         max_new_tokens=8,
         system_prompt="You are a helpful assistant.",
-        encoder_discriminant=TINY_DISCRIMINANT,
     )
     return from_model(model, tiny_tokenizer, cfg, name="tiny-random-llama")
 
@@ -135,8 +128,7 @@ def tiny_bench_base(make_tiny_model):
 
     model, tok = make_tiny_model(seed=0)
     mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                       system_prompt="You are a helpful assistant.",
-                       encoder_discriminant=TINY_DISCRIMINANT)
+                       system_prompt="You are a helpful assistant.")
     return from_model(model, tok, mcfg, name="tiny-random-llama"), mcfg
 
 
@@ -152,8 +144,7 @@ def make_tiny_world(make_tiny_model):
     def make(ecfg, d_key: int):
         model, tok = make_tiny_model(seed=0)
         mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                           system_prompt="You are a helpful assistant.",
-                           encoder_discriminant=TINY_DISCRIMINANT)
+                           system_prompt="You are a helpful assistant.")
         base = from_model(model, tok, mcfg)
         fusion = ExpertFusion(base.model, ecfg, query_layer=base.query_layer)
         enc = QueryEncoder.calibrate(base, d_key=d_key, prompts=CALIBRATION_PROMPTS[:32])
