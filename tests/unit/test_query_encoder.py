@@ -106,7 +106,12 @@ def test_queries_unit_norm_and_whitened(tiny_base, encoder):
     d = min(W.shape)
     np.testing.assert_allclose(W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W, np.eye(d), atol=1e-5)
     np.testing.assert_allclose(encoder.P, encoder.P.T, atol=1e-6)
-    assert 0.0 <= encoder.shrinkage <= 1.0
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    batch = encode_messages(tiny_base, chats)
+    X = QueryEncoder.pool(prefill_lower(tiny_base, batch.input_ids, batch.attention_mask).hidden,
+                          batch.user_mask).numpy().astype(np.float64)
+    Z = (X - X.mean(0)) @ encoder.W.astype(np.float64).T
+    assert encoder.shrinkage == pytest.approx(ledoit_wolf_shrinkage(Z), rel=1e-4)   # the fitted lambda
 
 
 def test_projection_seeded():
