@@ -190,11 +190,33 @@ class ExpertStoreClient:
         items = {int(i): bytes(b) for i, b in items.items()}
         if not items:
             return {}
+        from srmoa_dist.experts.shard import ShardFullError
+
         groups = self._group(list(items))
-        refs = [self.shards[s].put_raw.remote({i: items[i] for i in sub}) for s, sub in groups.items()]
+        # a batch over several shards is all or nothing: a shard that is full refuses its part, and the
+        # parts other shards wrote are put back from snapshots taken before
+        snaps: dict[int, Any] = {}
+        if len(groups) > 1:
+            snaps = dict(zip(groups, self._get([self.shards[s].snapshot.remote(sub)
+                                                for s, sub in groups.items()])))
+        refs = {s: self.shards[s].put_raw.remote({i: items[i] for i in sub}) for s, sub in groups.items()}
         versions: dict[int, int] = {}
-        for v in self._get_written(refs):
+        full: Exception | None = None
+        written: list[int] = []
+        for s, ref in refs.items():
+            try:
+                [v] = self._get_written([ref])
+            except ShardFullError as e:
+                full = e
+                continue
             versions.update(v)
+            written.append(s)
+        if full is not None:
+            if written and snaps:
+                self._get([self.shards[s].restore.remote(snaps[s]) for s in written])
+                log.warning("a full shard refused a batch: undid its writes to %d other shard(s)",
+                            len(written))
+            raise full
         self.publish(versions)
         return versions
 

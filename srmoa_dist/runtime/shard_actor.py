@@ -80,7 +80,16 @@ class ShardActor:
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "path": self.path, **self._shard.stats()}
 
+    def snapshot(self, ids: Sequence[int]) -> dict[int, tuple[bytes | None, bytes | None]]:
+        """id -> (current record, previous record): what `restore` puts back (a batch's undo)."""
+        return self._shard.snapshot([int(i) for i in ids])
+
     # -- writes (not retried) -------------------------------------------------------------------------
+
+    @ray.method(max_task_retries=0)
+    def restore(self, snap: Mapping[int, tuple[bytes | None, bytes | None]]) -> None:
+        """Put back the records of a `snapshot` exactly, in one transaction."""
+        self._shard.restore({int(k): v for k, v in snap.items()})
 
     @ray.method(max_task_retries=0)
     def put_raw(self, items: Mapping[int, bytes]) -> dict[int, int]:

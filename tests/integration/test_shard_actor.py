@@ -114,3 +114,39 @@ def test_a_full_shard_actor_says_so_and_keeps_serving(ray_cluster, tmp_path):
         assert [e.version for e in c.get_many(list(range(n)))] == [1] * n     # serving goes on
     finally:
         ray_cluster.kill(h, no_restart=True)
+
+
+def test_a_batch_over_shards_is_undone_when_one_is_full(ray_cluster, tmp_path):
+    """Shard 0 full, shard 1 not: a batch over both is refused whole; shard 1's part is put back
+    (a new id absent again, an existing one at its old version and weights)."""
+    from srmoa_dist.config import StoreConfig
+    from srmoa_dist.experts.shard import ShardFullError
+
+    tight = StoreConfig(n_shards=2, map_size_mb=1, max_map_size_mb=1)
+    roomy = StoreConfig(n_shards=2)
+    hs = [ShardActor.options(num_cpus=0.05, max_restarts=0).remote(str(tmp_path / f"shard-{i:03d}"), cfg, i)
+          for i, cfg in enumerate((tight, roomy))]
+    big = {"layers.1.mlp": (2048, 2048)}                     # 64 KiB per expert
+    c = ExpertStoreClient(hs, cache_size=0)
+    try:
+        ids = list(range(400))
+        on0 = [i for i in ids if c.shard_of([i])[0] == 0]
+        on1 = [i for i in ids if c.shard_of([i])[0] == 1]
+        kept = on1[0]
+        c.put_many({kept: LoRAExpert.random(big, rank=4, alpha=8.0, dtype="float32", seed=1)})
+        before = c.get_many([kept])[0]
+        with pytest.raises(ShardFullError):
+            for n, i in enumerate(on0):                      # fill shard 0 in batches with shard 1
+                c.put_many({i: LoRAExpert.random(big, rank=4, alpha=8.0, dtype="float32", seed=i),
+                            kept: LoRAExpert.random(big, rank=4, alpha=8.0, dtype="float32", seed=1000 + n),
+                            on1[n + 1]: LoRAExpert.random(big, rank=4, alpha=8.0, dtype="float32", seed=i)})
+        refused = n
+        assert 0 < refused < len(on0)
+        assert c.contains([on1[refused + 1]]) == [False]     # its new id is gone again
+        after = c.get_many([kept])[0]
+        assert after.version == before.version + refused      # the refused batch's version undone
+        last_ok = LoRAExpert.random(big, rank=4, alpha=8.0, dtype="float32", seed=1000 + refused - 1)
+        np.testing.assert_array_equal(after.targets["layers.1.mlp"][0], last_ok.targets["layers.1.mlp"][0])
+    finally:
+        for h in hs:
+            ray_cluster.kill(h, no_restart=True)
