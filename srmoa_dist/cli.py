@@ -429,6 +429,8 @@ def bench_lifelong(
     baselines: str = typer.Option("base,rule_in_context,shared_lora", help="Baselines measured beside."),
     serve_queries: int = typer.Option(20_000, min=0, help="Routed queries consolidated after the edits."),
     eval_facts: int = typer.Option(300, min=1, help="Facts evaluated at a checkpoint at most (even sample)."),
+    tau: float | None = typer.Option(None, min=-1.0, max=1.0,
+                                     help="Deferral threshold (default: calibrated on held-apart facts)."),
     config: Path | None = typer.Option(None, help="A YAML config to start from (default: the defaults)."),
     data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
     seed: int = typer.Option(0),
@@ -443,8 +445,8 @@ def bench_lifelong(
     run_lifelong_bench(edits, out, facts_per_entity=facts_per_entity, cfg=cfg,
                        checkpoints=_ints(checkpoints, "--checkpoints"),
                        baselines=[b.strip() for b in baselines.split(",") if b.strip()],
-                       serve_queries=serve_queries, eval_facts=eval_facts, data_dir=data_dir, seed=seed,
-                       say=_say)
+                       serve_queries=serve_queries, eval_facts=eval_facts, tau=tau, data_dir=data_dir,
+                       seed=seed, say=_say)
 
 
 @bench_app.command("feedback")
