@@ -124,6 +124,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"the request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
     cause = (first.get("ctx") or {}).get("error")      # a FieldError of a model validator names its field
     param = _loc_to_param(first.get("loc", ())) or getattr(cause, "param", None)
+    if param is None and tuple(first.get("loc", ())) == ("body",):     # the body itself (a list, a number)
+        return bad_request(f"the request body must be a JSON object: {first.get('msg', '')}",
+                           param="body", code="invalid_type")
     if kind == "missing":
         msg = f"missing required parameter '{param}'"
         code = "missing_required_parameter"

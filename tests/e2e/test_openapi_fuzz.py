@@ -81,6 +81,17 @@ def test_docs_page_works_offline(http, spec):
     assert "<script" not in page and "http://" not in page and "https://" not in page   # no CDN
 
 
+@pytest.mark.parametrize("body", [[], 3, "text", None])
+def test_a_body_that_is_not_an_object_names_the_body(http, body):
+    """The case schemathesis found: a JSON array (or number, string, null) as the whole body."""
+    for path in ("/v1/feedback", "/v1/chat/completions"):
+        r = http.post(path, json=body)
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()["error"]
+        assert err["param"] == "body" and err["code"] == "invalid_type", (path, err)
+        assert "must be a JSON object" in err["message"]
+
+
 def _check_error_body(response, case) -> None:
     """Every 4xx/5xx is {"error": {message, type, param, code}}; a 4xx about the request names the
     parameter (`param`), unless no single parameter is at fault (JSON syntax, auth, load)."""
