@@ -333,7 +333,7 @@ class QueryEncoder:
             model_name=base.name,
             calibration_hash=h.hexdigest(),
             corpus=corpus,
-            discriminant_weight=discriminant_weight if corpus is not None else 0.5,
+            discriminant_weight=discriminant_weight,     # used only with a corpus
         )
 
     def check_model(self, base: BaseModel) -> None:
