@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,9 @@ TINY_CORPUS = [
 
 def model_cache_dir() -> Path:
     """Where real-model tests keep the converted GGUF (persistent across runs: conversion is slow)."""
-    return Path(os.environ.get("SRMOA_MODEL_CACHE", Path.home() / ".cache" / "srmoa-dist" / "model_cache"))
+    from srmoa_dist.bench.model_cache import shared_model_cache
+
+    return shared_model_cache()
 
 
 def build_tiny_tokenizer():

@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from srmoa_dist.bench.entity_facts import make_entity_facts
+from srmoa_dist.bench.model_cache import link_shared_model_cache
 from srmoa_dist.bench.ttt_bench import bench_store_config
 from srmoa_dist.config import SrmoaConfig
 
@@ -427,7 +428,7 @@ def run_chaos_bench(out: Path, minutes: float, *, cfg: SrmoaConfig | None = None
     tmp, cfg = bench_store_config("chaos", out, data_dir, cfg)
     if model:
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, name_or_path=model))
-    _share_model_cache(cfg)
+    link_shared_model_cache(cfg.data_dir, cfg.model.name_or_path)
     try:
         doc = ChaosRun(cfg, minutes, kill_interval_s=kill_interval_s, chat_workers=chat_workers, seed=seed,
                        say=say).run()
@@ -441,15 +442,6 @@ def run_chaos_bench(out: Path, minutes: float, *, cfg: SrmoaConfig | None = None
                                         "corrupt_experts", "orphaned_slots", "in_flight", "meets_targets")},
                     indent=1))
     return doc
-
-
-def _share_model_cache(cfg: SrmoaConfig) -> None:
-    """SmolLM2 converted once: a fresh store links the user's shared model cache when there is one."""
-    shared = Path(os.environ.get("SRMOA_MODEL_CACHE", Path.home() / ".cache" / "srmoa-dist" / "model_cache"))
-    mine = Path(cfg.data_dir) / "model_cache"
-    if cfg.model.name_or_path == "smollm2" and shared.exists() and not mine.exists():
-        mine.parent.mkdir(parents=True, exist_ok=True)
-        mine.symlink_to(shared, target_is_directory=True)
 
 
 __all__ = ["ChaosRun", "Replies", "check_on_disk", "plot_timeline", "run_chaos_bench", "TARGETS", "KINDS"]

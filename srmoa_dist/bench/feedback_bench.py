@@ -33,6 +33,7 @@ import numpy as np
 
 from srmoa_dist.bench.entity_facts import Entity, make_entity_facts
 from srmoa_dist.bench.facts import make_probes
+from srmoa_dist.bench.model_cache import link_shared_model_cache
 from srmoa_dist.bench.ttt_bench import contains_answer
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,7 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     data_dir = Path(tmp or data_dir)
     cfg = load_config(data_dir)
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, name_or_path=model))
-    shared_cache = Path(os.environ.get("SRMOA_MODEL_CACHE",
-                                       Path.home() / ".cache" / "srmoa-dist" / "model_cache"))
-    if model == "smollm2" and not (data_dir / "model_cache").exists() and shared_cache.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "model_cache").symlink_to(shared_cache, target_is_directory=True)
+    link_shared_model_cache(data_dir, model)
     n_ent = -(-(edits + queued) // facts_per_entity)
     entities = make_entity_facts(n_ent, facts_per_entity, seed)
     facts = [(e, f) for e in entities for f in e.facts][: edits + queued]

@@ -44,11 +44,11 @@ from tqdm import tqdm
 
 from srmoa_dist.bench.entity_facts import Entity, make_entity_facts
 from srmoa_dist.bench.facts import make_facts, make_probes
+from srmoa_dist.bench.model_cache import shared_model_cache
 from srmoa_dist.bench.ttt_bench import (
     _generate_all,
     _json_default,
     _machine,
-    _shared_model_cache,
     bench_store_config,
     calibrate_deferral,
     contains_answer,
@@ -209,9 +209,9 @@ def run_lifelong_bench(
     fusion = store = keystore = None
     try:
         if base is None:
-            base = load_base_model(cfg.model, _shared_model_cache())
+            base = load_base_model(cfg.model, shared_model_cache())
         fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
-        encoder = calibrated(base, cfg.keystore.d_key, _shared_model_cache() / "encoders")
+        encoder = calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders")
         n_entities = -(-n_edits // facts_per_entity)
         entities = make_entity_facts(n_entities, facts_per_entity, seed)
         facts = [(e, f) for e in entities for f in e.facts][:n_edits]

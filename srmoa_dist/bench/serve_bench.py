@@ -39,6 +39,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from srmoa_dist.bench.model_cache import link_shared_model_cache
+
 log = logging.getLogger(__name__)
 
 PROMPT = "Write a long story about a dragon who learns to cook soup."
@@ -185,12 +187,7 @@ def run_serve_bench(out: Path, *, model: str = "smollm2", concurrency: Sequence[
     overrides = dict(overrides or {})
     overrides["model"] = {**overrides.get("model", {}), "name_or_path": model}
     cfg = resolve(data_dir, overrides=overrides)
-    if model == "smollm2" and not (Path(data_dir) / "model_cache").exists():
-        default = Path.home() / ".cache" / "srmoa-dist" / "model_cache"
-        shared = Path(os.environ.get("SRMOA_MODEL_CACHE", default))
-        if shared.exists():
-            Path(data_dir).mkdir(parents=True, exist_ok=True)
-            (Path(data_dir) / "model_cache").symlink_to(shared, target_is_directory=True)
+    link_shared_model_cache(data_dir, model)
     app = local.start(cfg, host="127.0.0.1", port=0, say=say)
     doc: dict[str, Any] = {
         "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

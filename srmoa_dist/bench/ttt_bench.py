@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from srmoa_dist.bench.facts import Fact, ProbeSets, make_facts, make_probes
+from srmoa_dist.bench.model_cache import shared_model_cache
 from srmoa_dist.config import SrmoaConfig
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,6 @@ def _load1() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-def _shared_model_cache() -> Path:
-    return Path(os.environ.get("SRMOA_MODEL_CACHE", Path.home() / ".cache" / "srmoa-dist" / "model_cache"))
 
 
 def bench_store_config(name: str, out: Path, data_dir: Path | None,
@@ -300,10 +297,10 @@ def run_ttt_bench(
         if base is None:
             cache = Path(data_dir) / "model_cache" if data_dir is not None else None
             if cache is None or not cache.exists():
-                cache = _shared_model_cache()
+                cache = shared_model_cache()
             base = load_base_model(cfg.model, cache)
         fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
-        encoder = calibrated(base, cfg.keystore.d_key, _shared_model_cache() / "encoders")
+        encoder = calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders")
         setup_s = time.perf_counter() - t0
 
         # 2. data and tau ----------------------------------------------------------------------------
