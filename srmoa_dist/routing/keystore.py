@@ -13,6 +13,7 @@ on open. Records (numpy arrays inside):
     usage   ids, usage, step           absolute usage (utick = step)
     decay   ids, factors, step         key *= factor (dtick = step): lazy decay materialised
     free    ids                        slot freed (key zeroed, removed from the index), version + 1
+    ns      ids, ns                    the slots' namespace (add records carry "ns" too; absent: "default")
     pin     ids, pinned, step          flag (dtick = step)
     step    step, cursor               consolidation batch counter and sweep cursor
 
@@ -45,6 +46,7 @@ from srmoa_dist.config import GravityConfig, KeyStoreConfig
 from srmoa_dist.routing import gravity as gv
 from srmoa_dist.routing.gravity import Activations, GravityState
 from srmoa_dist.routing.index import KeyIndex, _direction_change, rescore, select_device
+from srmoa_dist.routing.namespaces import DEFAULT, NamespaceSets, NamespaceTable, check_name, filtered_search
 from srmoa_dist.routing.snapshot import Snapshot, read_snapshot, write_snapshot
 from srmoa_dist.routing.wal import WriteAheadLog, replay
 
@@ -123,6 +125,7 @@ class KeyStore:
         self._pending_lists: np.ndarray | None = None      # IVF lists from a snapshot, during load only
         self._rebuild: _Rebuild | None = None              # background index build in flight
         self._holds: dict[int, float] = {}                 # slot -> monotonic deadline (edits in flight)
+        self.namespaces = NamespaceTable()                 # namespace names <-> the codes in _ns
         if self.path is not None:
             self._load()
         else:
@@ -145,6 +148,7 @@ class KeyStore:
             "_pinned": np.zeros(capacity, dtype=bool),
             "_free": np.ones(capacity, dtype=bool),        # slots >= N count as free
             "_versions": np.zeros(capacity, dtype=np.int64),
+            "_ns": np.zeros(capacity, dtype=np.int32),    # namespace code (0 = "default")
         }
         for name, new in arrays.items():
             if old is not None:
@@ -219,9 +223,12 @@ class KeyStore:
         ids = self.active_ids()
         return ids, self._keys[ids]
 
-    def add(self, keys: np.ndarray, *, pinned: bool | np.ndarray = False) -> np.ndarray:
-        """Add keys (n, d_key) (norms clamped to <= 1); returns their slot ids, freed slots first."""
+    def add(self, keys: np.ndarray, *, pinned: bool | np.ndarray = False,
+            namespace: str = DEFAULT) -> np.ndarray:
+        """Add keys (n, d_key) (norms clamped to <= 1) to `namespace`; returns their slot ids, freed
+        slots first."""
         x = self._check_keys(keys)
+        check_name(namespace)
         n = x.shape[0]
         pin = np.broadcast_to(np.asarray(pinned, dtype=bool), (n,)).copy()
         reuse = np.flatnonzero(self._free[: self._n])[:n]
@@ -230,7 +237,8 @@ class KeyStore:
             if not self.cfg.rebuild_in_background and self._reindex_reason(len(self) + n) is not None:
                 self._index = None                  # rebuilt right after: skip adding to the old one
             try:
-                self._commit([{"op": "add", "ids": ids, "keys": x, "pinned": pin, "step": self._step}])
+                self._commit([{"op": "add", "ids": ids, "keys": x, "pinned": pin, "step": self._step,
+                               "ns": namespace}])
             finally:
                 self._maybe_reindex()
         return ids
@@ -251,6 +259,22 @@ class KeyStore:
         if ids.size:
             self._commit([{"op": "free", "ids": ids}])
             self._maybe_reindex()
+
+    def set_namespace(self, ids: Any, namespace: str) -> None:
+        """Move active keys to `namespace`."""
+        ids = self._check_active(ids)
+        check_name(namespace)
+        if ids.size:
+            self._commit([{"op": "ns", "ids": ids, "ns": namespace}])
+
+    def namespace_of(self, ids: Any) -> list[str]:
+        """The namespace of each active slot."""
+        return [self.namespaces.name(c) for c in self._ns[self._check_active(ids, unique=False)]]
+
+    def namespace_counts(self) -> dict[str, int]:
+        """Active keys per namespace (namespaces without keys left out)."""
+        codes = self._ns[self.active_ids()]
+        return {self.namespaces.name(c): int(n) for c, n in zip(*np.unique(codes, return_counts=True))}
 
     def pin(self, ids: Any, pinned: bool = True) -> None:
         """Pin (exempt from decay and freeing) or unpin active keys; pending decay is applied first."""
@@ -309,11 +333,13 @@ class KeyStore:
         return gv.effective_usage(self._state(), ids, self._step, self.gcfg).astype(np.float32)
 
     def search(self, xq: np.ndarray, k: int | None = None, *, tau: float | None = None,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               nprobe: int | None = None, namespaces: NamespaceSets = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k keys per query by inner product: D (nq, k) float32, I (nq, k) int64.
 
         Queries are used as given (they come normalised). I is -1 where D < tau (deferral; tau
         defaults to cfg.tau, pass -inf for raw results) and where fewer than k keys exist (D = -inf).
+        namespaces: None searches every key; else one collection of namespace names per query row,
+        and row r sees only the keys of namespaces[r] (`namespaces.filtered_search`).
         """
         xq = np.asarray(xq)
         if xq.ndim != 2 or xq.shape[1] != self.d:
@@ -330,9 +356,10 @@ class KeyStore:
         nq = xq.shape[0]
         if nq == 0 or self._index is None or self._index.ntotal == 0:
             return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
-        D, I, stale = self._index.search(xq, int(k), nprobe)
-        if stale:
-            D, I = rescore(xq, I, self._keys[: self._n], ~self._free[: self._n])
+        if namespaces is not None:
+            D, I = self._search_namespaces(xq, int(k), nprobe, namespaces)
+        else:
+            D, I = self._index_search(xq, int(k), nprobe)
         D = np.array(D, dtype=np.float32)
         I = np.array(I, dtype=np.int64)
         missing = I < 0
@@ -344,6 +371,31 @@ class KeyStore:
             bad[hit] = self._free[I[hit]]
             I[bad], D[bad] = -1, -np.inf
         I[D < tau] = -1
+        return D, I
+
+    def _index_search(self, xq: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        D, I, stale = self._index.search(xq, k, nprobe)
+        if stale:
+            D, I = rescore(xq, I, self._keys[: self._n], ~self._free[: self._n])
+        return D, I
+
+    def _search_namespaces(self, xq: np.ndarray, k: int, nprobe: int | None,
+                           namespaces: NamespaceSets) -> tuple[np.ndarray, np.ndarray]:
+        """One filtered search per distinct namespace set of the batch's rows."""
+        rows = list(namespaces)
+        if len(rows) != xq.shape[0]:
+            raise ValueError(f"namespaces: got {len(rows)} namespace sets for {xq.shape[0]} queries")
+        n = self._n
+        D = np.full((xq.shape[0], k), -np.inf, dtype=np.float32)
+        I = np.full((xq.shape[0], k), -1, dtype=np.int64)
+        groups: dict[frozenset[str], list[int]] = {}
+        for r, names in enumerate(rows):
+            groups.setdefault(frozenset(names), []).append(r)
+        for names, rs in groups.items():
+            allowed = np.isin(self._ns[:n], self.namespaces.codes(names)) & ~self._free[:n]
+            D[rs], I[rs] = filtered_search(xq[rs], k, allowed, self._keys[:n],
+                                           lambda q, kk: self._index_search(q, kk, nprobe),
+                                           self._index.ntotal)
         return D, I
 
     def consolidate(self, act: Activations) -> ConsolidationStats:
@@ -419,6 +471,7 @@ class KeyStore:
             "wal_seq": self._wal.last_seq if self._wal is not None else None,
             "logged_since_snapshot": self._logged,
             "rebuilding": self._rebuild is not None,
+            "namespaces": self.namespace_counts(),
         }
 
     # ------------------------------------------------------------------ records
@@ -445,6 +498,7 @@ class KeyStore:
             self._pinned[ids] = np.asarray(rec["pinned"], dtype=bool)
             self._free[ids] = False
             self._versions[ids] += 1
+            self._ns[ids] = self.namespaces.code(rec.get("ns", DEFAULT))
             if idx is not None:
                 idx.add(ids, x)
             elif self._pending_lists is not None:
@@ -472,6 +526,7 @@ class KeyStore:
         elif op == "free":
             self._free[ids] = True
             self._pinned[ids] = False
+            self._ns[ids] = 0
             self._keys[ids] = 0.0
             self._versions[ids] += 1
             if idx is not None:
@@ -481,12 +536,14 @@ class KeyStore:
         elif op == "pin":
             self._pinned[ids] = bool(rec["pinned"])
             self._dtick[ids] = rec["step"]
+        elif op == "ns":
+            self._ns[ids] = self.namespaces.code(rec["ns"])
         elif op == "step":
             self._step = int(rec["step"])
             self._cursor = int(rec["cursor"])
         else:
             raise ValueError(f"unknown key-store record op {op!r}")
-        if ids is not None and op not in ("usage", "pin"):                   # key updates
+        if ids is not None and op not in ("usage", "pin", "ns"):                   # key updates
             self._logged += int(ids.size)
             if self._rebuild is not None:
                 self._rebuild.touched.append(ids.copy())
@@ -621,11 +678,13 @@ class KeyStore:
             lists[:m] = idx.assign[:m]
         meta = {"wal_seq": self._wal.last_seq, "step": self._step, "cursor": self._cursor,
                 "drift_sum": self._drift_sum, "n_trained": self._n_trained,
-                "index_kind": idx.kind if idx is not None else "exact"}
+                "index_kind": idx.kind if idx is not None else "exact",
+                "namespaces": list(self.namespaces.names)}
         write_snapshot(self.path, Snapshot(
             keys=self._keys[:n], usage=self._usage[:n], utick=self._utick[:n], dtick=self._dtick[:n],
             pinned=self._pinned[:n], free=self._free[:n], versions=self._versions[:n], lists=lists,
-            meta=meta, centroids=idx.centroids if idx is not None and idx.kind == "ivf" else None))
+            namespaces=self._ns[:n], meta=meta,
+            centroids=idx.centroids if idx is not None and idx.kind == "ivf" else None))
         self._wal.rotate()
         self._logged = 0
         log.info("key-store snapshot at seq %d: %d slots in %.2f s", meta["wal_seq"], n,
@@ -647,6 +706,9 @@ class KeyStore:
             self._utick[:n], self._dtick[:n] = snap.utick, snap.dtick
             self._pinned[:n], self._free[:n], self._versions[:n] = snap.pinned, snap.free, snap.versions
             meta = snap.meta
+            self.namespaces = NamespaceTable(meta.get("namespaces") or [DEFAULT])
+            if snap.namespaces is not None:                 # older snapshots: every key in "default"
+                self._ns[:n] = snap.namespaces
             snap_seq = int(meta["wal_seq"])
             self._step, self._cursor = int(meta["step"]), int(meta["cursor"])
             self._drift_sum, self._n_trained = float(meta["drift_sum"]), int(meta["n_trained"])

@@ -10,6 +10,8 @@
     free     bool
     version  int64
     ivf_list int32     IVF list of the slot in the index at snapshot time (-1 = none / exact index)
+    namespace int32    namespace code of the slot (names in the metadata's ``namespaces`` list;
+                       absent in older snapshots: every slot in "default")
 
 and JSON metadata under the schema key ``srmoa``: format, d_key, wal_seq (the last WAL record the
 snapshot includes), step, cursor, drift_sum, index_kind, n_trained, centroids_crc. IVF centroids go to
@@ -52,6 +54,7 @@ class Snapshot:
     lists: np.ndarray          # (n,) int64, -1 = none
     meta: dict[str, Any] = field(default_factory=dict)
     centroids: np.ndarray | None = None   # (nlist, d) float32
+    namespaces: np.ndarray | None = None  # (n,) int32 namespace codes (None: all "default")
 
     @property
     def n(self) -> int:
@@ -108,6 +111,8 @@ def write_snapshot(directory: str | os.PathLike, snap: Snapshot) -> Path:
         "free": pa.array(np.asarray(snap.free, dtype=bool)),
         "version": pa.array(np.asarray(snap.versions, dtype=np.int64)),
         "ivf_list": pa.array(np.asarray(snap.lists, dtype=np.int32)),
+        **({"namespace": pa.array(np.asarray(snap.namespaces, dtype=np.int32))}
+           if snap.namespaces is not None else {}),
     }).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path = directory / SNAPSHOT_NAME
     _write_table_atomic(path, table)
@@ -156,4 +161,5 @@ def read_snapshot(directory: str | os.PathLike) -> Snapshot | None:
         usage=col("usage", np.float32), utick=col("utick", np.int64), dtick=col("dtick", np.int64),
         pinned=col("pinned", bool), free=col("free", bool), versions=col("version", np.int64),
         lists=col("ivf_list", np.int64), meta=meta, centroids=centroids,
+        namespaces=col("namespace", np.int32) if "namespace" in table.column_names else None,
     )
