@@ -119,5 +119,35 @@ def filtered_search(
     return D, I
 
 
-__all__ = ["DEFAULT", "NamespaceTable", "NamespaceSets", "check_name", "exact_top_k", "filtered_search",
+
+
+class NamespaceView:
+    """A KeyStore-like object (in-process `KeyStore` or `KeyStoreProxy`) seen from one namespace:
+    `search` reaches only the keys of `reach` (the own namespace and the shared one), `add` puts new
+    keys in `own`; every other method is the wrapped store's. SR-TTT edits of a tenant run on one."""
+
+    def __init__(self, keystore: object, own: str, reach: Collection[str]) -> None:
+        self._ks = keystore
+        self.own = check_name(own)
+        self.reach = frozenset(reach) | {self.own}
+
+    def search(self, xq: np.ndarray, k: int | None = None, *, tau: float | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+        n = np.asarray(xq).reshape(-1, np.asarray(xq).shape[-1]).shape[0]
+        return self._ks.search(xq, k, tau=tau, namespaces=[self.reach] * n)   # type: ignore[attr-defined]
+
+    def add(self, keys: np.ndarray, *, pinned: bool = False) -> np.ndarray:
+        return self._ks.add(keys, pinned=pinned, namespace=self.own)          # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self._ks)                                                   # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._ks, name)
+
+
+__all__ = ["DEFAULT", "NamespaceTable", "NamespaceSets", "NamespaceView", "check_name",
+           "exact_top_k", "filtered_search",
            "EXACT_SCAN_MAX"]

@@ -94,15 +94,17 @@ class KeyStoreActor:
     # -- routing --------------------------------------------------------------------------------------
 
     def search(self, xq: np.ndarray, k: int | None = None, tau: float | None = None,
-               incarnation: str | None = None, since: int = 0
+               incarnation: str | None = None, since: int = 0,
+               namespaces: Sequence[Sequence[str]] | None = None,
                ) -> tuple[np.ndarray, np.ndarray, str, list[tuple[int, int, int]], int]:
         """D, I = top-k per query (ids under tau are -1), this incarnation, the invalidations after
-        `since`, and the slot epoch (pass the incarnation and epoch back to `record`)."""
+        `since`, and the slot epoch (pass the incarnation and epoch back to `record`). namespaces:
+        per query row the namespaces it may reach (None: every key)."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         if xq.ndim == 1:
             xq = xq[None, :]
         with self._lock:
-            D, I = self._ks.search(xq, k, tau=tau)
+            D, I = self._ks.search(xq, k, tau=tau, namespaces=namespaces)
             self._searches += 1
             self._queries += xq.shape[0]
             epoch = self._epoch
@@ -209,9 +211,10 @@ class KeyStoreActor:
     # -- committed writes (logged before returning) ---------------------------------------------------
 
     @ray.method(max_task_retries=0)
-    def add(self, keys: np.ndarray, pinned: bool = False, request_id: str | None = None) -> np.ndarray:
-        """Add keys (n, d_key); returns their slot ids. Not retried by Ray; a repeat of `request_id`
-        (a caller's own resubmission) returns the first call's ids without adding again."""
+    def add(self, keys: np.ndarray, pinned: bool = False, request_id: str | None = None,
+            namespace: str = "default") -> np.ndarray:
+        """Add keys (n, d_key) to `namespace`; returns their slot ids. Not retried by Ray; a repeat of
+        `request_id` (a caller's own resubmission) returns the first call's ids without adding again."""
         keys = np.asarray(keys, dtype=np.float32)
         with self._lock:
             if request_id is not None:
@@ -226,7 +229,7 @@ class KeyStoreActor:
                              seen[:8].tolist())
                     return seen.copy()
             self._dirty = True
-            ids = self._ks.add(keys, pinned=pinned)
+            ids = self._ks.add(keys, pinned=pinned, namespace=namespace)
             self._mark_lifecycle(ids)
             if request_id is not None:
                 self._add_requests[request_id] = np.asarray(ids, dtype=np.int64).copy()
@@ -273,7 +276,7 @@ class KeyStoreActor:
         if method in ("add", "free"):           # the actor's own: they mark slot lifecycles
             return getattr(self, method)(*args, **kwargs)
         with self._lock:
-            if method in ("add", "update", "free", "pin", "consolidate", "snapshot"):
+            if method in ("add", "update", "free", "pin", "consolidate", "snapshot", "set_namespace"):
                 self._dirty = True
             return getattr(self._ks, method)(*args, **kwargs)
 
@@ -316,6 +319,7 @@ class KeyStoreActor:
                 key = self._ks.get([i])[0]
                 out.append({"norm": float(np.linalg.norm(key)), "usage": float(self._ks.usage([i])[0]),
                             "pinned": bool(self._ks.is_pinned([i])[0]),
+                            "namespace": self._ks.namespace_of([i])[0],
                             "key_version": int(self._ks.versions([i])[0])})
         return out
 

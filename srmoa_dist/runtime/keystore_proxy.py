@@ -24,16 +24,17 @@ class KeyStoreProxy:
     def _get(self, ref: Any) -> Any:
         return ray.get(ref, timeout=self.timeout_s)
 
-    def search(self, xq: np.ndarray, k: int | None = None, *, tau: float | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        D, I, *_ = self._get(self.h.search.remote(np.asarray(xq, np.float32), k, tau))
+    def search(self, xq: np.ndarray, k: int | None = None, *, tau: float | None = None,
+               namespaces: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        ns = None if namespaces is None else [sorted(n) for n in namespaces]
+        D, I, *_ = self._get(self.h.search.remote(np.asarray(xq, np.float32), k, tau, None, 0, ns))
         return D, I
 
     def get(self, ids: Any) -> np.ndarray:
         return self._get(self.h.get.remote(np.asarray(ids, np.int64).reshape(-1).tolist()))
 
-    def add(self, keys: np.ndarray, *, pinned: bool = False) -> np.ndarray:
-        return self._get(self.h.add.remote(np.asarray(keys, np.float32), pinned))
+    def add(self, keys: np.ndarray, *, pinned: bool = False, namespace: str = "default") -> np.ndarray:
+        return self._get(self.h.add.remote(np.asarray(keys, np.float32), pinned, None, namespace))
 
     def update(self, ids: Any, keys: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64).reshape(-1).tolist()
