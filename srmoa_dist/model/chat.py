@@ -98,6 +98,18 @@ def encode_one(
     return ids, user, answer
 
 
+def encode_prompt(tokenizer: Any, prompt: str) -> Encoded:
+    """(ids, user_mask, answer_mask) of a raw completion prompt: no chat template, no system prompt
+    (as vLLM's /v1/completions). The tokenizer's own special tokens (a BOS) are added; every prompt
+    token is the user's (the routing query pools over all of them); nothing is an answer."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"a prompt must be a non-empty string, got {prompt!r:.60}")
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise ValueError(f"the prompt {prompt[:60]!r} has no tokens")
+    return ids, [True] * len(ids), [False] * len(ids)
+
+
 def encode_chat(
     tokenizer: Any,
     batch_messages: Sequence[Sequence[Message]],

@@ -440,9 +440,12 @@ class Ingress:
         return res
 
     @staticmethod
-    def _gen_request(r: Any, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-        return {"messages": messages, "max_tokens": max_tokens, "temperature": r.temperature,
-                "top_p": r.top_p, "seed": r.seed, "stop": r.stop, "use_experts": r.use_experts}
+    def _gen_request(r: Any, text: dict[str, Any], default_max_tokens: int | None = None) -> dict[str, Any]:
+        """The engine request (see serve/engine.py): `text` is {"messages": ...} or {"prompt": ...};
+        sampling values the client omitted stay None (the engine fills the model's defaults)."""
+        return {**text, "max_tokens": r.max_tokens, "default_max_tokens": default_max_tokens,
+                "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed, "stop": r.stop,
+                "use_experts": r.use_experts}
 
     async def _actor(self, ref: Any, what: str) -> Any:
         try:
@@ -506,8 +509,8 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         self._check_model(body.model)
         messages = body.message_dicts()
-        max_tokens = self._check_limits(body.max_tokens, [m["content"] for m in messages])
-        req = self._gen_request(body, messages, max_tokens)
+        self._check_limits(body.max_tokens, [m["content"] for m in messages])
+        req = self._gen_request(body, {"messages": messages})
         if body.stream:
             return await self._stream_chat(body, req)
         slots = self._admit()
@@ -597,11 +600,12 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:
-        """Each prompt is answered as one user message under the chat template (a chat model)."""
+        """Each prompt is completed as raw text, no chat template (as vLLM); max_tokens defaults to
+        the model's generation_config, else 16 (OpenAI's default for completions)."""
         self._check_model(body.model)
         prompts = body.prompts()
-        max_tokens = self._check_limits(body.max_tokens or 16, prompts)
-        reqs = [self._gen_request(body, [{"role": "user", "content": p}], max_tokens) for p in prompts]
+        self._check_limits(body.max_tokens, prompts)
+        reqs = [self._gen_request(body, {"prompt": p}, default_max_tokens=16) for p in prompts]
         if body.stream:
             if len(prompts) != 1:
                 raise bad_request("stream: true takes a single prompt", param="prompt", code="invalid_value")

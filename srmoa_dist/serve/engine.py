@@ -12,8 +12,11 @@ decoded experts) and the key-store actor handle. A request takes one pass, top t
 
 Requests and results are plain dicts so that they cross Serve handles cheaply:
 
-    request  {"messages": [...], "max_tokens": int, "temperature": float, "top_p": float,
-              "seed": int | None, "stop": [str] | None, "use_experts": bool}
+    request  {"messages": [...] | "prompt": str, "max_tokens": int | None, "temperature": float | None,
+              "top_p": float | None, "seed": int | None, "stop": [str] | None, "use_experts": bool,
+              "default_max_tokens": int | None}
+             ("prompt": raw text, no chat template; an omitted sampling value is the model's
+             generation_config's, else greedy / top_p 1 / default_max_tokens / model.max_new_tokens)
     result   {"text", "finish_reason", "prompt_tokens", "completion_tokens",
               "routing": {"expert_ids", "scores", "gates", "deferred", "use_experts",
                           "skipped", "degraded", "degraded_reason"}}
@@ -58,6 +61,7 @@ class Engine:
     def __init__(self, cfg: SrmoaConfig, runtime: Any | None, *, base: Any | None = None) -> None:
         from srmoa_dist.model.fusion import ExpertFusion
         from srmoa_dist.model.loading import load_base_model
+        from srmoa_dist.model.sampling_defaults import sampling_defaults
         from srmoa_dist.runtime.store_init import ensure_encoder
 
         t0 = time.perf_counter()
@@ -66,6 +70,7 @@ class Engine:
         self.base = base if base is not None else load_base_model(cfg.model, cfg.model_cache_dir)
         self.encoder = ensure_encoder(cfg, self.base, runtime.keystore if runtime is not None else None)
         self.fusion = ExpertFusion(self.base.model, cfg.expert, cfg.model.query_layer)
+        self.sampling = sampling_defaults(getattr(self.base.model, "generation_config", None))
         self.client = runtime.client() if runtime is not None else None
         self.keystore = runtime.keystore if runtime is not None else None
         self.tau = cfg.keystore.tau
@@ -82,17 +87,22 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------------
 
     def prepare(self, req: dict[str, Any]) -> _Prepared:
-        """The request tokenized (once), its length checked and its params built; RequestError if bad."""
-        from srmoa_dist.model.chat import encode_one, with_system
+        """The request tokenized (once), its length checked and its params built; RequestError if bad.
+        A "prompt" request is completed as raw text (no chat template); a "messages" one is a chat."""
+        from srmoa_dist.model.chat import encode_one, encode_prompt, with_system
 
+        param = "prompt" if "prompt" in req else "messages"
         try:
-            row = encode_one(self.base.tokenizer, with_system(req["messages"], self.base.system_prompt))
+            if param == "prompt":
+                row = encode_prompt(self.base.tokenizer, req["prompt"])
+            else:
+                row = encode_one(self.base.tokenizer, with_system(req["messages"], self.base.system_prompt))
         except ValueError as e:
-            raise RequestError(f"invalid messages: {e}", param="messages", code="invalid_value") from None
+            raise RequestError(f"invalid {param}: {e}", param=param, code="invalid_value") from None
         n, limit = len(row[0]), self.cfg.serve.max_prompt_tokens
         if n > limit:
             raise RequestError(f"the prompt is {n} tokens long; this server accepts at most {limit}",
-                               param="messages", code="context_length_exceeded")
+                               param=param, code="context_length_exceeded")
         try:
             params = self._params(req)
         except ValueError as e:
@@ -102,10 +112,14 @@ class Engine:
     def _params(self, req: dict[str, Any]) -> Any:
         from srmoa_dist.model.generation import GenerationParams
 
+        d = self.sampling
+        max_tokens = (req.get("max_tokens") or d.max_tokens or req.get("default_max_tokens")
+                      or self.cfg.model.max_new_tokens)
+        temperature, top_p = req.get("temperature"), req.get("top_p")
         return GenerationParams(
-            max_new_tokens=int(req.get("max_tokens") or self.cfg.model.max_new_tokens),
-            temperature=float(req.get("temperature") or 0.0),
-            top_p=float(req.get("top_p") or 1.0),
+            max_new_tokens=int(min(max_tokens, self.cfg.serve.max_tokens_limit)),
+            temperature=float(temperature if temperature is not None else d.temperature or 0.0),
+            top_p=float(top_p if top_p is not None else d.top_p or 1.0),
             seed=req.get("seed"),
             stop=tuple(req.get("stop") or ()),
         )

@@ -289,6 +289,22 @@ def _base_query(cfg, rt, messages):
     return queries(base, ensure_encoder(cfg, base, rt.keystore), [messages])
 
 
+def _raw_query(cfg, rt, prompt):
+    """The routing query (1, d_key) the app computes for a raw completion prompt."""
+    import torch
+
+    from srmoa_dist.model.chat import encode_prompt, pad
+    from srmoa_dist.model.generation import prefill_lower
+    from srmoa_dist.model.loading import load_base_model
+    from srmoa_dist.runtime.store_init import ensure_encoder
+
+    base = load_base_model(cfg.model, cfg.model_cache_dir)
+    batch = pad(base.tokenizer, [encode_prompt(base.tokenizer, prompt)], base.device)
+    with torch.no_grad():
+        lower = prefill_lower(base, batch.input_ids, batch.attention_mask)
+        return ensure_encoder(cfg, base, rt.keystore).encode_hidden(lower.hidden, batch.user_mask)
+
+
 def test_routed_expert_missing_from_the_store_is_skipped(ray_cluster, app, http, model_id):
     """A key whose expert record is gone (a rollback window): the request is answered by the base
     model, 200, and its routing names the skipped expert (no 503, no Retry-After)."""
@@ -306,8 +322,12 @@ def test_routed_expert_missing_from_the_store_is_skipped(ray_cluster, app, http,
         base = http.post("/v1/chat/completions", json={**ask, "use_experts": False}).json()
         assert r.json()["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
         assert not base["routing"]["degraded"] and base["routing"]["skipped"] == []
-        st = http.post("/v1/completions", json={"model": model_id, "prompt": msgs[0]["content"],
-                                                "max_tokens": 3})
+    finally:
+        ray_cluster.get(rt.keystore.free.remote([sid]))
+    raw = msgs[0]["content"]                  # a completion routes on the raw prompt (no chat template)
+    [sid] = ray_cluster.get(rt.keystore.add.remote(_raw_query(cfg, rt, raw), True)).tolist()
+    try:
+        st = http.post("/v1/completions", json={"model": model_id, "prompt": raw, "max_tokens": 3})
         assert st.status_code == 200 and st.json()["routing"]["skipped"] == [sid]
     finally:
         ray_cluster.get(rt.keystore.free.remote([sid]))

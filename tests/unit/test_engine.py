@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from srmoa_dist.config import KeyStoreConfig, ServeConfig, SrmoaConfig
+from srmoa_dist.model.sampling_defaults import SamplingDefaults, sampling_defaults
 from srmoa_dist.serve.engine import Engine
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -86,3 +88,58 @@ def test_the_length_check_counts_the_ids_generation_reports(engine):
         assert engine.generate([{"messages": CHAT}])[0]["error"]["code"] == "context_length_exceeded"
     finally:
         engine.cfg = engine.cfg.replace(serve=dataclasses.replace(limit, max_prompt_tokens=64))
+
+
+# -- /v1/completions parity: a raw prompt (no chat template), the model's sampling defaults --------
+
+PROMPT = "The quick brown fox"
+
+
+def test_a_raw_prompt_is_tokenized_as_is_and_continued_as_hf_greedy_does(engine):
+    tok = engine.base.tokenizer
+    p = engine.prepare({"prompt": PROMPT, "max_tokens": 6})
+    ids = tok(PROMPT, add_special_tokens=True)["input_ids"]
+    assert p.row[0] == ids                                   # no template, no system prompt
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in p.row[0]
+    assert all(p.row[1]) and not any(p.row[2])               # the whole prompt is the user's
+    [res] = engine.generate([{"prompt": PROMPT, "max_tokens": 6}])
+    assert "error" not in res, res
+    with torch.no_grad():
+        ref = engine.base.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                                         max_new_tokens=6, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+    new = ref[0, len(ids):].tolist()
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id)]
+    assert res["text"] == tok.decode(new, skip_special_tokens=True)
+    assert res["prompt_tokens"] == len(ids)
+    chat = engine.generate([{"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6}])[0]
+    assert chat["prompt_tokens"] > len(ids)                  # the chat route still templates
+
+
+def test_a_bad_raw_prompt_names_the_prompt(engine):
+    [res] = engine.generate([{"prompt": ""}])
+    assert res["error"]["param"] == "prompt" and res["error"]["status"] == 400
+    [res] = engine.generate([{"prompt": "word " * 200}])
+    assert res["error"]["code"] == "context_length_exceeded" and res["error"]["param"] == "prompt"
+
+
+def test_generation_config_defaults_fill_what_the_request_omits(engine):
+    saved = engine.sampling
+    try:
+        engine.sampling = SamplingDefaults(temperature=0.7, top_p=0.9, max_tokens=5)
+        p = engine.prepare({"prompt": PROMPT}).params
+        assert (p.temperature, p.top_p, p.max_new_tokens) == (0.7, 0.9, 5)
+        p = engine.prepare({"prompt": PROMPT, "temperature": 0, "top_p": 0.5, "max_tokens": 3}).params
+        assert (p.temperature, p.top_p, p.max_new_tokens) == (0.0, 0.5, 3)     # the request wins
+        engine.sampling = SamplingDefaults()
+        p = engine.prepare({"prompt": PROMPT, "default_max_tokens": 16}).params
+        assert (p.temperature, p.top_p, p.max_new_tokens) == (0.0, 1.0, 16)    # greedy, the route's 16
+        p = engine.prepare({"messages": [{"role": "user", "content": "hi"}]}).params
+        assert p.max_new_tokens == engine.cfg.model.max_new_tokens
+    finally:
+        engine.sampling = saved
+
+
+def test_the_engine_reads_the_models_generation_config(engine):
+    assert engine.sampling == sampling_defaults(engine.base.model.generation_config)
