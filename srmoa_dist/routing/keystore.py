@@ -339,7 +339,7 @@ class KeyStore:
         Queries are used as given (they come normalised). I is -1 where D < tau (deferral; tau
         defaults to cfg.tau, pass -inf for raw results) and where fewer than k keys exist (D = -inf).
         namespaces: None searches every key; else one collection of namespace names per query row,
-        and row r sees only the keys of namespaces[r] (`namespaces.filtered_search`).
+        and row r sees only the keys of namespaces[r] (`namespaces.filtered_search`; None: all).
         """
         xq = np.asarray(xq)
         if xq.ndim != 2 or xq.shape[1] != self.d:
@@ -388,10 +388,13 @@ class KeyStore:
         n = self._n
         D = np.full((xq.shape[0], k), -np.inf, dtype=np.float32)
         I = np.full((xq.shape[0], k), -1, dtype=np.int64)
-        groups: dict[frozenset[str], list[int]] = {}
-        for r, names in enumerate(rows):
-            groups.setdefault(frozenset(names), []).append(r)
+        groups: dict[frozenset[str] | None, list[int]] = {}
+        for r, names in enumerate(rows):                 # a row's None: every namespace
+            groups.setdefault(None if names is None else frozenset(names), []).append(r)
         for names, rs in groups.items():
+            if names is None:
+                D[rs], I[rs] = self._index_search(xq[rs], k, nprobe)
+                continue
             allowed = np.isin(self._ns[:n], self.namespaces.codes(names)) & ~self._free[:n]
             D[rs], I[rs] = filtered_search(xq[rs], k, allowed, self._keys[:n],
                                            lambda q, kk: self._index_search(q, kk, nprobe),

@@ -29,7 +29,7 @@ EXACT_SCAN_MAX = 50_000      # allowed keys up to which a filtered search scans 
 MAX_OVERSAMPLE = 64          # a filtered index search asks for at most this many times k
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-NamespaceSets = Sequence[Collection[str]] | None    # per query row, the namespaces it may reach
+NamespaceSets = Sequence[Collection[str] | None] | None   # per query row, the namespaces it may reach
 
 
 def check_name(name: str, field: str = "namespace") -> str:

@@ -103,3 +103,13 @@ def test_snapshot_without_namespace_column_loads_as_default(tmp_path):
         assert ks.namespace_counts() == {"default": 4}
         _, I = ks.search(_unit(rng, 1, 8), 2, namespaces=[{"a"}])
         assert (I == -1).all()
+
+
+def test_row_without_namespaces_sees_every_key():
+    cfg = KeyStoreConfig(d_key=8, k=2, tau=-1.0)
+    rng = np.random.default_rng(4)
+    ks = KeyStore(cfg)
+    ka = ks.add(_unit(rng, 3, 8), namespace="a")
+    q = ks.get(ka[:1])
+    _, I = ks.search(np.concatenate([q, q]), 2, namespaces=[None, {"b"}])
+    assert I[0, 0] == ka[0] and (I[1] == -1).all()
