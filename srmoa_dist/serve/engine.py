@@ -22,6 +22,10 @@ Requests and results are plain dicts so that they cross Serve handles cheaply:
                           "skipped", "degraded", "degraded_reason"}}
           or {"error": {"status", "message", "param", "code"}}
 
+Routing per request (serve/route_plan.py): a request may also carry "k", "tau", "expert_id" (a
+forced expert: gate 1, no search), "namespace" (its tenant, for the stats) and "namespaces" (the key
+namespaces it may reach; None: every key); the routing says "forced".
+
 Degrade, don't fail: a key-store search that does not answer within `runtime.search_timeout_s` (or a
 key store that is down or restarting) answers with the base model, and a routed expert the store no
 longer holds is skipped; the routing says so (`degraded`, `degraded_reason`, `skipped`).
@@ -80,6 +84,7 @@ class Engine:
         self.deferred = 0
         self.degraded = 0                      # batches answered by the base model: no key-store answer
         self.skipped = 0                       # requests answered without a routed expert (not in the store)
+        self.by_namespace: dict[str, dict[str, int]] = {}   # namespace -> requests / routed / deferred
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: model %s, d_key %d", self.load_seconds, self.base.name,
                  self.encoder.d_key)
@@ -107,7 +112,15 @@ class Engine:
             params = self._params(req)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        return _Prepared(row, params, bool(req.get("use_experts", True)))
+        from srmoa_dist.serve.route_plan import RoutePlan
+
+        try:
+            plan = RoutePlan.of(req, self.cfg.keystore.k)
+        except ValueError as e:
+            field = str(e).split(" ", 1)[0]
+            raise RequestError(str(e), param=field if field in ("k", "tau", "expert_id") else "use_experts",
+                               code="invalid_value") from None
+        return _Prepared(row, params, plan.use, plan, req.get("namespace"))
 
     def _params(self, req: dict[str, Any]) -> Any:
         from srmoa_dist.model.generation import GenerationParams
@@ -138,12 +151,12 @@ class Engine:
             except RequestError as e:
                 out[j] = e.as_dict()
         if todo:
-            use = [p.use for _, p in todo]
+            plans = [p.plan for _, p in todo]
             batch = pad(self.base.tokenizer, [p.row for _, p in todo], self.base.device)
             gens = generate(self.base, self.fusion, self.encoder, batch, params=[p.params for _, p in todo],
-                            route_step=functools.partial(self._route, use=use))
-            for (j, _), u, g in zip(todo, use, gens):
-                out[j] = self._count(_result(g, u))
+                            route_step=functools.partial(self._route, plans=plans))
+            for (j, p), g in zip(todo, gens):
+                out[j] = self._count(_result(g, p.use, p.plan.expert_id is not None), p.namespace)
             self.batches += 1
         self.requests += len(reqs)
         return out
@@ -156,48 +169,62 @@ class Engine:
         p = self.prepare(req)
         batch = pad(self.base.tokenizer, [p.row], self.base.device)
         for item in generate_stream(self.base, self.fusion, self.encoder, batch, params=p.params,
-                                    route_step=functools.partial(self._route, use=[p.use])):
+                                    route_step=functools.partial(self._route, plans=[p.plan])):
             if isinstance(item, Generation):
                 self.requests += 1
-                yield self._count(_result(item, p.use))
+                yield self._count(_result(item, p.use, p.plan.expert_id is not None), p.namespace)
             elif item:
                 yield {"delta": item}
 
-    def _count(self, res: dict[str, Any]) -> dict[str, Any]:
+    def _count(self, res: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
         r = res["routing"]
         self.skipped += bool(r["skipped"])
         if r["deferred"]:
             self.deferred += 1
         else:
             self.routed += 1
+        ns = self.by_namespace.setdefault(namespace or "default", {"requests": 0, "routed": 0, "deferred": 0})
+        ns["requests"] += 1
+        ns["deferred" if r["deferred"] else "routed"] += 1
         return res
 
     # -- the route step ---------------------------------------------------------------------------------
 
-    def _route(self, xq: np.ndarray, use: Sequence[bool]) -> Any:
+    def _route(self, xq: np.ndarray, plans: Sequence[Any]) -> Any:
         """The route step handed to generation: xq (B, d_key) -> BatchRouting with the experts fetched.
 
-        One key-store search for the batch (applying its pending cache invalidations); rows with
-        use=False get no expert. The activations go to the key store, stamped with its incarnation and
-        slot epoch at search time, so it can drop those of a slot freed and reused since.
+        One key-store search for the batch (applying its pending cache invalidations), at the largest
+        k and smallest tau of its rows, each row reaching its own namespaces; then each row is cut to
+        its own plan (`route_plan.apply`: use_experts false gets no expert, a forced row its expert at
+        gate 1). The activations of searched rows go to the key store, stamped with its incarnation
+        and slot epoch at search time, so it can drop those of a slot freed and reused since.
         """
         from srmoa_dist.model.generation import no_routing, routed_ids, select_experts, with_experts
+        from srmoa_dist.serve.route_plan import apply, search_args
 
-        if self.keystore is None or not any(use):        # the base model alone: no search at all
+        ks = self.cfg.keystore
+        if self.keystore is None or not any(p.use for p in plans):   # the base model alone: no search
             return no_routing(xq)
-        found = self._search(xq)
-        if isinstance(found, str):
-            return no_routing(xq, degraded=found)
-        D, I, stamp = found
-        I = np.array(I, dtype=np.int64, copy=True)                                 # (B, k)
-        I[~np.asarray(use, dtype=bool)] = -1
-        routing = select_experts(xq, D, I, self.cfg.keystore.temperature)
+        args = search_args(plans, ks.k, self.tau)
+        D = I = stamp = None
+        if args is not None:
+            found = self._search(xq, *args)
+            if isinstance(found, str):
+                if not any(p.expert_id is not None for p in plans):
+                    return no_routing(xq, degraded=found)
+            else:
+                D, I, stamp = found
+        D, I = apply(plans, None if D is None else np.asarray(D), None if I is None else np.asarray(I),
+                     ks.k, self.tau)
+        routing = select_experts(xq, D, I, ks.temperature)
         wanted = routed_ids(routing)
         routing = with_experts(routing, self.client.fetch(wanted) if wanted else {})
-        self._record(routing, stamp)
+        if stamp is not None:
+            self._record(routing, stamp, [p.searches for p in plans])
         return routing
 
-    def _search(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, int]] | str:
+    def _search(self, xq: np.ndarray, k: int | None = None, tau: float | None = None,
+                namespaces: list[Any] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, int]] | str:
         """D, I (B, k) and the (incarnation, epoch) stamp of one search; or why there is none (degraded)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
@@ -205,7 +232,8 @@ class Engine:
         c, timeout = self.client, self.cfg.runtime.search_timeout_s
         try:
             D, I, inc, entries, epoch = ray.get(
-                self.keystore.search.remote(xq, self.cfg.keystore.k, self.tau, c.incarnation, c.seen_seq),
+                self.keystore.search.remote(xq, k or self.cfg.keystore.k, self.tau if tau is None else tau,
+                                            c.incarnation, c.seen_seq, namespaces),
                 timeout=timeout)
         except GetTimeoutError:
             why = f"the key store did not answer in {timeout:g} s: base model only"
@@ -218,9 +246,10 @@ class Engine:
         log.warning("routing degraded for a batch of %d: %s", xq.shape[0], why)
         return why
 
-    def _record(self, routing: Any, stamp: tuple[str, int]) -> None:
-        """Send the activations of the routed sequences to the key store (fire-and-forget)."""
-        rows = [b for b, ids in enumerate(routing.expert_ids) if ids]
+    def _record(self, routing: Any, stamp: tuple[str, int], searched: Sequence[bool]) -> None:
+        """Send the activations of the routed, searched sequences to the key store (fire-and-forget;
+        a forced expert was not found by its query, so it must not pull its key)."""
+        rows = [b for b, ids in enumerate(routing.expert_ids) if ids and searched[b]]
         if not rows:
             return
         k = max(len(routing.expert_ids[b]) for b in rows)
@@ -235,12 +264,25 @@ class Engine:
         except Exception:      # the key store restarting must not fail a request
             log.warning("could not send activations to the key store", exc_info=True)
 
+    # -- experts in and out (the ingress's import route) ------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        """Routing queries (n, d_key) of prompts, each asked as one user message (as serving does)."""
+        from srmoa_dist.model.generation import queries
+
+        return queries(self.base, self.encoder, [[{"role": "user", "content": p}] for p in prompts])
+
+    def target_shapes(self) -> dict[str, tuple[int, int]]:
+        """The installed adapter targets: name -> (d_in, d_out) (what an imported expert must fit)."""
+        return self.fusion.target_shapes()
+
     # -- stats ----------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "batches": self.batches, "routed": self.routed,
                 "deferred": self.deferred, "degraded_batches": self.degraded,
                 "skipped_requests": self.skipped, "model": self.base.name, "load_seconds": self.load_seconds,
+                "namespaces": {k: dict(v) for k, v in self.by_namespace.items()},
                 "cache": self.client.cache_stats() if self.client is not None else None}
 
 
@@ -251,9 +293,11 @@ class _Prepared:
     row: tuple[list[int], list[bool], list[bool]]
     params: Any
     use: bool
+    plan: Any = None                 # route_plan.RoutePlan
+    namespace: str | None = None
 
 
-def _result(g: Any, use: bool) -> dict[str, Any]:
+def _result(g: Any, use: bool, forced: bool = False) -> dict[str, Any]:
     """A Generation as a result dict (routing.degraded: why routing was skipped for the batch, if so)."""
     degraded = g.degraded if use else None
     skipped = [int(i) for i in g.skipped]
@@ -266,7 +310,8 @@ def _result(g: Any, use: bool) -> dict[str, Any]:
         "completion_tokens": int(g.completion_tokens),
         "routing": {"expert_ids": [int(i) for i in g.expert_ids], "scores": [float(s) for s in g.scores],
                     "gates": [float(x) for x in g.gates], "deferred": not g.expert_ids, "use_experts": use,
-                    "skipped": skipped, "degraded": degraded is not None, "degraded_reason": degraded},
+                    "skipped": skipped, "degraded": degraded is not None, "degraded_reason": degraded,
+                    "forced": forced},
     }
 
 

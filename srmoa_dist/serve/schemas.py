@@ -6,6 +6,8 @@ Extensions beyond OpenAI:
 
 - request ``use_experts`` (default true): false answers with the frozen base model alone (the
   benchmark's baseline);
+- request ``k`` / ``tau``: this request's number of experts and deferral threshold;
+- request ``model`` ``"<base model id>:<adapter name>"``: that named expert, forced (gate 1, no search);
 - response ``routing``: the experts the request reached, their scores and gates.
 """
 
@@ -68,6 +70,8 @@ class _Sampling(_Req):
     seed: int | None = None
     user: str | None = None
     use_experts: bool = True
+    k: int | None = Field(default=None, ge=1)                    # at most this many experts (<= keystore.k)
+    tau: float | None = Field(default=None, ge=-1.0, le=1.0)     # this request's deferral threshold
 
     @field_validator("stop")
     @classmethod
@@ -133,6 +137,7 @@ class Routing(BaseModel):
     skipped: list[int] = Field(default_factory=list)   # routed experts no longer in the store, left out
     degraded: bool = False         # routing fell short (key store slow or down, experts missing)
     degraded_reason: str | None = None
+    forced: bool = False           # the request named its expert (model "<base>:<adapter>"): gate 1
 
 
 class Usage(BaseModel):

@@ -53,7 +53,7 @@ def test_mixed_sampling_runs_as_one_batch_and_matches_each_alone(engine):
     assert again[1]["text"] == solo[0]["text"]
     assert got[0]["routing"] == {"expert_ids": [], "scores": [], "gates": [], "deferred": True,
                                  "use_experts": True, "skipped": [], "degraded": False,
-                                 "degraded_reason": None}
+                                 "degraded_reason": None, "forced": False}
 
 
 def test_bad_requests_answer_alone(engine):
