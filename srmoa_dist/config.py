@@ -229,6 +229,9 @@ class TTTConfig:
     neighbour_margin: float = 0.1     # neighbours: live edits scoring >= tau - margin on the edit's queries
     contrast_prompts: int = 1         # generic questions about the subject kept at the base answer
     contrast_weight: float = 0.0      # their router loss, label deferral (0.5 halved held-out routing)
+    entity_experts: bool = False      # a question about the subject of live edits refines their expert
+    entity_replay_prompts: int = 2    # stored prompts of each earlier edit of that subject trained again
+    relation_contrast: int = 0        # other relations' questions about the subject kept at the base answer
     reflect: str = "auto"             # auto: ask the model for a rule only when no correct answer is given
     batch_edits: int = 8              # queued feedback jobs trained together in one batch at most
 
@@ -245,10 +248,11 @@ class TTTConfig:
             raise ValueError(f"ttt.refine_radius must be in [-1, 1], got {self.refine_radius!r}")
         _positive("ttt.max_rule_chars", self.max_rule_chars)
         _non_negative("ttt.locality_probes", self.locality_probes)
-        for name in ("train_in_mixture",):
+        for name in ("train_in_mixture", "entity_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ttt.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("guard_prompts", "max_guard_prompts", "contrast_prompts"):
+        for name in ("guard_prompts", "max_guard_prompts", "contrast_prompts", "entity_replay_prompts",
+                     "relation_contrast"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"ttt.{name} must be a non-negative integer, got {v!r}")
@@ -282,6 +286,9 @@ class RuntimeConfig:
     actor_cpus: float = 0.1           # logical CPUs of each shard actor and of the key-store actor
     trainer_cpus: float = 0.5         # logical CPUs of the SR-TTT trainer actor
     replica_cpus: float = 0.5         # logical CPUs of each ModelServer replica
+    replica_resource: str | None = None   # a custom resource each ModelServer replica asks one unit of
+    #                                   (a node advertising srmoa_replica: 1 runs one replica; None: anywhere)
+    ingress_resource: str | None = None   # the same for the HTTP Ingress (e.g. srmoa_ingress on the head)
     torch_threads: int = 0            # torch threads in the model server and trainer; 0 = all cores
     call_timeout_s: float = 30.0      # timeout of one call to a store actor
     search_timeout_s: float = 5.0     # a key-store search slower than this: the request gets the base model
@@ -307,6 +314,10 @@ class RuntimeConfig:
         _positive("runtime.job_history", self.job_history)
         _choice("runtime.store_placement", self.store_placement, ("auto", "pinned"))
         _positive("runtime.store_wait_s", self.store_wait_s)
+        for name in ("replica_resource", "ingress_resource"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"runtime.{name} must be a resource name or null, got {v!r}")
         if self.object_store_memory_mb < 78:
             raise ValueError(
                 "runtime.object_store_memory_mb must be >= 78 (Ray's minimum), "

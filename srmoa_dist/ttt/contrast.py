@@ -13,6 +13,11 @@ sentence to them (the expert learns to leave other questions about the subject t
 `ttt.contrast_prompts`), and optionally in the router loss with the deferral column as the label
 (`ttt.contrast_weight`; measured to cut leaks but also the held-out paraphrases' routing, so off by default).
 
+`relation_questions` draws other contrast prompts from `routing.relation_corpus`: questions of other
+relations about the same subject ("What is the national dish of X?"), which look like the unedited
+questions a user asks about an edited subject far more than the generic ones do. The relation corpus is
+disjoint from the benchmarks' relations, so a benchmark still measures transfer to unseen relations.
+
 The subject is found without a model: the longest run of capitalised words (an inner run, not the
 question word that starts the sentence), with a trailing "'s" dropped. No subject -> no contrast prompts.
 """
@@ -20,6 +25,9 @@ question word that starts the sentence), with a trailing "'s" dropped. No subjec
 from __future__ import annotations
 
 import re
+import zlib
+
+from srmoa_dist.routing.relation_corpus import RELATIONS
 
 CONTRAST_TEMPLATES: tuple[str, ...] = (
     "Tell me something interesting about {s}.",
@@ -64,6 +72,21 @@ def contrast_questions(question: str, n: int) -> list[str]:
     return [t.format(s=s) for t in CONTRAST_TEMPLATES[:n]]
 
 
+def relation_questions(question: str, n: int) -> list[str]:
+    """Up to n questions of other relations about the question's subject, drawn from the relation corpus
+    (the first wording of each relation, a fixed choice per subject); none without a subject."""
+    s = subject_of(question)
+    if s is None or n <= 0:
+        return []
+    pool = [r[0] for kind in sorted(RELATIONS) for r in RELATIONS[kind]]
+    start = zlib.crc32(s.lower().encode()) % len(pool)
+    step = 7                                    # coprime with the pool size: n distinct relations
+    while len(pool) % step == 0:
+        step += 1
+    picks = [pool[(start + j * step) % len(pool)] for j in range(min(n, len(pool)))]
+    return [t.format(e=s) for t in picks]
+
+
 def first_sentence(text: str, max_chars: int = 200) -> str:
     """The first sentence of a reply (a whole sentence makes a clean training target), else its start."""
     t = " ".join(text.split())
@@ -71,4 +94,4 @@ def first_sentence(text: str, max_chars: int = 200) -> str:
     return (t[: m.end()].strip() if m else t)[:max_chars].strip()
 
 
-__all__ = ["CONTRAST_TEMPLATES", "contrast_questions", "first_sentence", "subject_of"]
+__all__ = ["CONTRAST_TEMPLATES", "contrast_questions", "first_sentence", "relation_questions", "subject_of"]

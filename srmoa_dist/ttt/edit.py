@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 
 from srmoa_dist.config import SrmoaConfig
-from srmoa_dist.ttt.contrast import contrast_questions, first_sentence
+from srmoa_dist.ttt.contrast import contrast_questions, first_sentence, relation_questions, subject_of
 from srmoa_dist.ttt.detect import Failure, Messages, answer_matches, as_messages
 from srmoa_dist.ttt.diversify import CONTRAST, TrainingPrompt, diversify
 from srmoa_dist.ttt.ledger import LIVE, EditLedger, EditRecord
 from srmoa_dist.ttt.recovery import Writes, expected_version, undo, version_of
 from srmoa_dist.ttt.reflect import Ask, reflect
-from srmoa_dist.ttt.trainer import Guard, TrainingJob, TrainResult, train_jobs
+from srmoa_dist.ttt.trainer import Guard, Target, TrainingJob, TrainResult, train_jobs
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ class Edit:
         self.rule = ""
         self.prompts: list[TrainingPrompt] = []
         self.neighbours: list[EditRecord] = []
+        self.same_subject: list[EditRecord] = []     # ttt.entity_experts: earlier live edits of the subject
         self.job: TrainingJob | None = None
         self.res: TrainResult | None = None
         self.rec: EditRecord | None = None
@@ -254,12 +255,46 @@ class Edit:
             contrast = self._contrast_rows()
             guards += contrast
             cq = np.stack([g.query for g in contrast]) if contrast and ttt.contrast_weight > 0 else None
-            self.job = TrainingJob(env.base, env.fusion, self.prompts, qs, env.keystore, env.store, ttt,
+            self.same_subject = self._subject_edits()
+            target, rows, rq = self._subject_target(qs)
+            self.job = TrainingJob(env.base, env.fusion, rows, rq, env.keystore, env.store, ttt,
                                    ks_cfg, env.cfg.expert, new_slot=self._reserve, may_refine=self.may_refine,
-                                   tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq)
+                                   target=target, tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq)
         except Exception as e:
             raise self.fail(e, "training failed") from e
         self.timings["prepare_s"] = time.perf_counter() - t
+
+    def _subject_edits(self) -> list[EditRecord]:
+        """With ttt.entity_experts: the live edits about this question's subject, all on the expert of
+        the latest of them (latest first); else none."""
+        if not self.env.cfg.ttt.entity_experts:
+            return []
+        s = subject_of(self.failure.question)
+        if s is None:
+            return []
+        same = [r for r in self.env.ledger.list(LIVE) if (subject_of(r.question) or "").lower() == s.lower()]
+        if not same:
+            return []
+        same.sort(key=lambda r: r.created_at, reverse=True)
+        return [r for r in same if r.expert_id == same[0].expert_id]
+
+    def _subject_target(self, qs: np.ndarray) -> tuple[Target | None, list[TrainingPrompt], np.ndarray]:
+        """The target and the rows trained toward it: the subject's expert (refined) with this edit's
+        prompts and the replayed prompts of its earlier edits (so the key and the expert hold every fact
+        of the subject), or no fixed target (the trainer chooses) and this edit's prompts alone."""
+        if not self.same_subject:
+            return None, list(self.prompts), qs
+        env, per_edit = self.env, self.env.cfg.ttt.entity_replay_prompts
+        eid = self.same_subject[0].expert_id
+        replay = [TrainingPrompt.from_dict(d) for r in self.same_subject for d in r.prompts[:per_edit]]
+        rows = list(self.prompts) + replay
+        rq = np.concatenate([qs, env.queries([p.messages for p in replay])]) if replay else qs   # (R, d_key)
+        key = np.asarray(env.keystore.get(np.array([eid], np.int64)), np.float32).reshape(-1)      # (d_key,)
+        m = qs.mean(0)
+        score = float(m @ key / (np.linalg.norm(m) * np.linalg.norm(key) + 1e-12))
+        log.info("edit %s refines expert %d, the expert of %d earlier edit(s) about its subject",
+                 self.edit_id, eid, len(self.same_subject))
+        return Target(eid, False, score), rows, rq
 
     def _contrast_rows(self) -> list[Guard]:
         """Contrast prompts about the failing question's subject, each with the base model's own first
@@ -268,7 +303,8 @@ class Edit:
 
         env, n = self.env, self.env.cfg.ttt.contrast_prompts
         held = [" ".join(x.lower().split()) for x in self.exclude]
-        texts = [t for t in contrast_questions(self.failure.question, n)
+        q = self.failure.question
+        texts = [t for t in contrast_questions(q, n) + relation_questions(q, env.cfg.ttt.relation_contrast)
                  if not any(h in t.lower() for h in held)]
         if not texts:
             return []
@@ -355,7 +391,8 @@ class Edit:
     @property
     def checked(self) -> list[EditRecord]:
         eid = self.res.expert_id if self.res is not None else None
-        return [r for r in self.neighbours if r.expert_id != eid]
+        others = [r for r in self.neighbours if r.expert_id != eid]
+        return others + [r for r in self.same_subject if r.expert_id == eid]   # the subject's earlier facts
 
     def verify_chats(self) -> list[Messages]:
         return [self.failure.messages] + [_question_chat(r) for r in self.checked]

@@ -34,12 +34,14 @@ def world(make_tiny_world):
 class Env:
     """Fresh key store (6 random keys), LMDB store (their experts) and ledger for one test."""
 
-    def __init__(self, tmp_path, fusion, *, tau=0.5, steps=40, lr=0.05, keys=None, contrast_prompts=0):
+    def __init__(self, tmp_path, fusion, *, tau=0.5, steps=40, lr=0.05, keys=None, contrast_prompts=0,
+                 **ttt):
         # contrast rows off by default: the tiny model cannot learn them beside the fact in few steps
         self.cfg = SrmoaConfig(
             data_dir=str(tmp_path), expert=ExpertConfig(rank=4, alpha=8.0),
             keystore=KeyStoreConfig(d_key=D_KEY, tau=tau, k=4, device="cpu"),
-            ttt=TTTConfig(steps=steps, lr=lr, verify_max_new_tokens=12, contrast_prompts=contrast_prompts))
+            ttt=TTTConfig(steps=steps, lr=lr, verify_max_new_tokens=12, contrast_prompts=contrast_prompts,
+                          **ttt))
         if keys is None:
             keys = np.random.default_rng(0).standard_normal((6, D_KEY)).astype(np.float32)
             keys /= np.linalg.norm(keys, axis=1, keepdims=True)
@@ -218,3 +220,25 @@ def test_contrast_rows_keep_the_base_answer_about_the_subject(world, tmp_path):
     assert all(g.query.shape == (D_KEY,) for g in rows)
     r = apply_edit(FAILURE, verify=False, **env.kw(world))           # they train beside the edit's rows
     assert r.status == "committed"
+
+
+def test_entity_experts_refine_the_subject_expert_and_verify_its_facts(world, tmp_path):
+    env = Env(tmp_path, world[1], entity_experts=True, entity_replay_prompts=2)
+    r1 = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
+    assert r1.status == "verified", r1.reason
+    second = explicit_failure("Which currency does France use?", "Dollar", correct_answer="Franc")
+    r2 = apply_edit(second, locality_prompts=PROBES, **env.kw(world))
+    # the same expert, refined (not a new one), and the first fact re-checked after the commit
+    assert not r2.created and r2.expert_id == r1.expert_id and r2.prev_version == r1.new_version
+    assert r1.edit_id in r2.neighbours
+    assert len(env.ks) == 7                                   # no second key for the subject
+    if r2.status == "verified":
+        assert r1.edit_id not in r2.neighbours_broken and "Franc" in r2.answer
+        assert env.store.versions([r1.expert_id]) == [r1.new_version + 1]
+    else:                                                     # rolled back: the first fact's version back
+        assert env.store.versions([r1.expert_id]) == [r1.new_version]
+    # a question about another subject makes its own expert
+    other = explicit_failure("What is the capital of Peru?", "Quito", correct_answer="Lima")
+    r3 = apply_edit(other, locality_prompts=PROBES, **env.kw(world))
+    assert r3.expert_id != r1.expert_id
+    env.store.close()
