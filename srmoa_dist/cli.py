@@ -403,6 +403,26 @@ def bench_serve(
     typer.echo(json.dumps(res["summary"], indent=2))
 
 
+@bench_app.command("routing")
+def bench_routing(
+    sizes: str = typer.Option("1000,10000,100000,1000000", help="Key counts, comma-separated."),
+    facts: int = typer.Option(25_000, min=4, help="Generated facts (2 distinct questions each)."),
+    out: Path = typer.Option(Path("results/bench_routing.json"), help="JSON file (and a PNG beside)."),
+    model: str = typer.Option("smollm2", help="Base model (smollm2, an HF id, a local dir or a .gguf)."),
+    d_key: int = typer.Option(128, min=1, help="Routing-key dimension of the query encoder."),
+    cache_dir: Path | None = typer.Option(None, help="Pooled-state cache (default: the shared model cache)."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Held-out paraphrases routed to their own expert and unrelated prompts false-routed, per key count."""
+    from srmoa_dist.bench.routing_quality import run_routing_bench
+
+    _logging(verbose)
+    doc = run_routing_bench(out, sizes=_sizes(sizes), n_facts=facts, model=model, d_key=d_key,
+                            cache_dir=cache_dir, seed=seed, say=_say)
+    typer.echo(json.dumps({"tau": doc["tau"], "sizes": doc["sizes"]}, indent=2))
+
+
 @bench_app.command("ttt")
 def bench_ttt(
     edits: int = typer.Option(50, min=1, help="Sequential edits of generated fictional facts."),
@@ -495,6 +515,16 @@ def bench_chaos(
                           say=_say)
     if not doc["meets_targets"]:
         _say("the run missed a target (see the JSON)")
+
+
+def _register_cluster() -> None:
+    from srmoa_dist.cli_cluster import cluster_app, register_benches
+
+    app.add_typer(cluster_app, name="cluster")
+    register_benches(bench_app)
+
+
+_register_cluster()
 
 
 def main() -> None:
