@@ -517,16 +517,6 @@ def bench_chaos(
         _say("the run missed a target (see the JSON)")
 
 
-def _register_cluster() -> None:
-    from srmoa_dist.cli_cluster import cluster_app, register_benches
-
-    app.add_typer(cluster_app, name="cluster")
-    register_benches(bench_app)
-
-
-_register_cluster()
-
-
 def main() -> None:
     try:
         app()
