@@ -339,6 +339,8 @@ class ServeConfig:
     api_key: str | None = None        # None: $SRMOA_API_KEY or the file $SRMOA_API_KEY_FILE, else no auth
     admin_key: str | None = None      # None: $SRMOA_ADMIN_KEY / $SRMOA_ADMIN_KEY_FILE; when set, learning and
     #                                   writing routes (feedback, rollback) need it. Keys are never saved.
+    api_keys_file: str | None = None  # tenant keys, `<key> <namespace>` lines (None: $SRMOA_API_KEYS_FILE)
+    shared_namespace: str = "shared"  # every namespace's queries also reach this namespace's experts
     max_prompt_tokens: int = 2048
     max_tokens_limit: int = 512
     max_ongoing_requests: int = 32
@@ -351,6 +353,12 @@ class ServeConfig:
             raise ValueError(f"serve.port must be in 1..65535, got {self.port!r}")
         if self.admin_key is not None and self.admin_key == self.api_key:
             raise ValueError("serve.admin_key must differ from serve.api_key (the values are not shown)")
+        import re
+
+        if not isinstance(self.shared_namespace, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                                                      self.shared_namespace):
+            raise ValueError(f"serve.shared_namespace must be 1-64 letters, digits, '_', '.' or '-', "
+                             f"got {self.shared_namespace!r}")
         for name in ("max_prompt_tokens", "max_tokens_limit", "max_ongoing_requests",
                      "max_queued_requests", "max_batch_size"):
             _positive(f"serve.{name}", getattr(self, name))

@@ -20,11 +20,18 @@ Entry point for `serve run` / `serve deploy`: `srmoa_dist.serve.app:build_app` w
     overrides    nested mapping merged into the config ({"keystore": {"tau": 0.5}, ...})
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/feedback,
-GET /v1/feedback/{job_id}, GET /v1/experts/{id}, GET /v1/edits, DELETE /v1/edits/{edit_id},
-GET /v1/stats; and, without auth, GET /openapi.json (the OpenAPI document of every route, see
+GET /v1/feedback/{job_id}, GET /v1/experts, POST /v1/experts (import a PEFT adapter),
+GET /v1/experts/{id}, GET /v1/experts/{id}/adapter (export), DELETE /v1/experts/{id}, GET /v1/edits,
+DELETE /v1/edits/{edit_id}, GET /v1/stats (the expert routes: serve/experts_api.py); and, without
+auth, GET /openapi.json (the OpenAPI document of every route, see
 serve/openapi.py), GET /docs (an offline HTML page listing them), GET /healthz (liveness: the Ingress
 answers; it touches nothing else) and GET /readyz (readiness: a model server answers, so the model is
 loaded, and the key store answers a ping within runtime.search_timeout_s; 503 otherwise).
+
+Tenants (serve/tenants.py): each key of the keys file (serve.api_keys_file or $SRMOA_API_KEYS_FILE,
+`<key> <namespace>` lines) opens the user routes for its namespace; a request's routing reaches its
+namespace's keys and serve.shared_namespace's, its feedback trains in its namespace. `model` may be
+"<model_id>:<adapter name>" to force a named expert (gate 1); GET /v1/models lists the adapters.
 
 Errors: bad input is a 4xx, never with Retry-After; an application error in a replica or actor is a
 500 (retrying the same request meets it again); only transient conditions (queue full, an actor
@@ -62,6 +69,8 @@ from srmoa_dist.serve.errors import (
     overloaded,
     unauthorized,
 )
+from srmoa_dist.serve.expert_schemas import ExpertImport
+from srmoa_dist.serve.experts_api import ExpertsService, split_model
 from srmoa_dist.serve.openapi import DOCS_PATH, OPENAPI_PATH, PUBLIC_PATHS, docs_html, install_openapi
 from srmoa_dist.serve.schemas import (
     AssistantMessage,
@@ -80,6 +89,7 @@ from srmoa_dist.serve.schemas import (
     Routing,
     Usage,
 )
+from srmoa_dist.serve.tenants import Tenants, caller, resolve_tenants, set_caller
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +162,8 @@ def _key_from_env(var: str) -> str | None:
 
 
 # Learning and writing routes: with an admin key configured they need it (the user key gets a 403).
-_ADMIN_ROUTES = (("POST", "/v1/feedback"), ("DELETE", "/v1/edits/"))
+_ADMIN_ROUTES = (("POST", "/v1/feedback"), ("DELETE", "/v1/edits/"), ("POST", "/v1/experts"),
+                 ("DELETE", "/v1/experts/"))
 
 
 def _is_admin_route(method: str, path: str) -> bool:
@@ -253,6 +264,7 @@ install_error_handlers(api)
 install_openapi(api, __version__)
 api.state.api_key = None
 api.state.admin_key = None
+api.state.tenants = Tenants()
 
 
 def _same(token: str, key: str | None) -> bool:
@@ -266,15 +278,20 @@ async def _auth(request: Request, call_next: Any) -> Any:
     description (/openapi.json, /docs) need no key."""
     user = getattr(request.app.state, "api_key", None)
     admin = getattr(request.app.state, "admin_key", None)
+    tenants: Tenants = getattr(request.app.state, "tenants", None) or Tenants()
     path = request.url.path
     if path.endswith(PUBLIC_PATHS):
         return await call_next(request)
     needs_admin = admin is not None and _is_admin_route(request.method, path)
-    if not needs_admin and user is None:
-        return await call_next(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
+    tenant = tenants.namespace_of(token)
+    # the request's namespace: its tenant key's, else "default"; no key at all configured: the operator
+    set_caller(tenants.caller(tenant or "default", admin=_same(token, admin) or (
+        user is None and admin is None and not tenants.keys)))
+    if not needs_admin and user is None and not tenants.keys:
+        return await call_next(request)
     if needs_admin:
         if _same(token, admin):
             return await call_next(request)
@@ -282,12 +299,12 @@ async def _auth(request: Request, call_next: Any) -> Any:
             return unauthorized("missing admin key: this route changes what the model learned; send "
                                 "'Authorization: Bearer <admin key>' (the server's SRMOA_ADMIN_KEY)",
                                 code="admin_key_required").response()
-        if _same(token, user):
+        if _same(token, user) or tenant is not None:
             return forbidden("the API key may chat but not teach or roll back: send the admin key "
                              "(the server's SRMOA_ADMIN_KEY) as 'Authorization: Bearer <admin key>'"
                              ).response()
         return unauthorized("invalid admin key", code="invalid_api_key").response()
-    if _same(token, user) or _same(token, admin):
+    if _same(token, user) or _same(token, admin) or tenant is not None:
         return await call_next(request)
     if not header:
         return unauthorized("missing API key: send 'Authorization: Bearer <key>'").response()
@@ -388,6 +405,8 @@ class Ingress:
                                         timeout_s=cfg.runtime.call_timeout_s)
         api.state.api_key = resolve_api_key(cfg)
         api.state.admin_key = resolve_admin_key(cfg)
+        api.state.tenants = resolve_tenants(cfg.serve.api_keys_file, cfg.serve.shared_namespace)
+        self.experts = ExpertsService(cfg, self.runtime, self.client, server, cfg.runtime.call_timeout_s)
         self.limit = cfg.serve.max_ongoing_requests + cfg.serve.max_queued_requests
         self.inflight = 0
         self.rejected = 0
@@ -397,10 +416,11 @@ class Ingress:
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    def _check_model(self, model: str) -> None:
-        if model != self.cfg.serve.model_id:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves "
-                                f"'{self.cfg.serve.model_id}'", param="model", code="model_not_found")
+    def _check_model(self, model: str) -> int | None:
+        """The forced expert of `model` ("<model_id>:<adapter name>"), None for the bare model id; 404
+        for another model or an adapter name the caller's namespaces do not have."""
+        name = split_model(model, self.cfg.serve.model_id)
+        return None if name is None else self.experts.resolve(caller(), name)
 
     def _check_limits(self, max_tokens: int | None, texts: list[str]) -> int:
         s = self.cfg.serve
@@ -439,13 +459,16 @@ class Ingress:
             raise _from_error(err)
         return res
 
-    @staticmethod
-    def _gen_request(r: Any, text: dict[str, Any], default_max_tokens: int | None = None) -> dict[str, Any]:
+    def _gen_request(self, r: Any, text: dict[str, Any], default_max_tokens: int | None = None
+                     ) -> dict[str, Any]:
         """The engine request (see serve/engine.py): `text` is {"messages": ...} or {"prompt": ...};
-        sampling values the client omitted stay None (the engine fills the model's defaults)."""
+        sampling values the client omitted stay None (the engine fills the model's defaults). Routing:
+        the request's k / tau, its forced expert (model "<id>:<adapter>"), the caller's namespaces."""
+        c = caller()
         return {**text, "max_tokens": r.max_tokens, "default_max_tokens": default_max_tokens,
                 "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed, "stop": r.stop,
-                "use_experts": r.use_experts}
+                "use_experts": r.use_experts, "k": r.k, "tau": r.tau, "expert_id": self._check_model(r.model),
+                "namespace": c.namespace, "namespaces": list(c.reach)}
 
     async def _actor(self, ref: Any, what: str) -> Any:
         try:
@@ -503,7 +526,11 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.cfg.serve.model_id, created=0)])
+        """The base model, and each named adapter of the caller's namespaces as "<model_id>:<name>"."""
+        mid = self.cfg.serve.model_id
+        adapters = [ModelCard(id=f"{mid}:{e.name}", created=int(e.created), owned_by=e.namespace)
+                    for e in self.experts.adapter_names(caller())]
+        return ModelList(data=[ModelCard(id=mid, created=0), *adapters])
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
@@ -659,7 +686,9 @@ class Ingress:
     async def feedback(self, body: FeedbackRequest) -> Any:
         messages = body.message_dicts()
         self._check_limits(None, [m["content"] for m in messages] + [body.response])
-        job = await self._actor(self._trainer().submit.remote(body.model_dump(exclude_none=True)), "trainer")
+        c = caller()                     # the edit trains in the caller's namespace (reach: own + shared)
+        request = {**body.model_dump(exclude_none=True), "namespace": c.namespace, "reach": list(c.reach)}
+        job = await self._actor(self._trainer().submit.remote(request), "trainer")
         return JSONResponse(job, status_code=202)
 
     @api.get("/v1/feedback/{job_id}")
@@ -684,12 +713,38 @@ class Ingress:
 
     # -- experts and stats ----------------------------------------------------------------------------
 
+    @api.get("/v1/experts")
+    async def list_experts(self, limit: int = 100, after: int | None = None, namespace: str | None = None,
+                           origin: str | None = None) -> Any:
+        """Catalog entries of the caller's namespaces (the admin's: all), by id, `limit` after `after`."""
+        return self.experts.list(caller(), limit=limit, after=after, namespace=namespace, origin=origin)
+
+    @api.post("/v1/experts", status_code=201)
+    async def import_expert(self, body: ExpertImport) -> Any:
+        """Import a PEFT LoRA adapter with a name and example prompts (its routing key)."""
+        return JSONResponse(await self.experts.import_adapter(caller(), body), status_code=201)
+
+    @api.get("/v1/experts/{expert_id}/adapter")
+    async def export_expert(self, expert_id: int) -> Any:
+        """The expert as PEFT adapter files (adapter_config.json, base64 adapter_model.safetensors)."""
+        return await self.experts.export_adapter(caller(), self._expert_id(expert_id))
+
+    @api.delete("/v1/experts/{expert_id}")
+    async def delete_expert(self, expert_id: int) -> Any:
+        """Free the expert's slot, delete its record, invalidate the caches, drop its catalog entry."""
+        return await self.experts.delete(caller(), self._expert_id(expert_id))
+
+    @staticmethod
+    def _expert_id(expert_id: int) -> int:
+        if expert_id < 0:
+            raise bad_request("expert ids are non-negative", param="expert_id", code="invalid_value")
+        return expert_id
+
     @api.get("/v1/experts/{expert_id}")
     async def expert(self, expert_id: int) -> Any:
         from srmoa_dist.experts.codec import decode_expert
 
-        if expert_id < 0:
-            raise bad_request("expert ids are non-negative", param="expert_id", code="invalid_value")
+        entry = self.experts.entry(caller(), self._expert_id(expert_id))
         loop = asyncio.get_running_loop()
         raws = await loop.run_in_executor(None, self.client.fetch_raw, [expert_id])
         raw = raws.get(expert_id)
@@ -700,7 +755,7 @@ class Ingress:
         return {"id": expert_id, "object": "expert", "shard": int(self.client.shard_of([expert_id])[0]),
                 "version": e.version, "rank": e.rank, "alpha": e.alpha, "dtype": e.dtype, "nbytes": e.nbytes,
                 "targets": {n: [int(a.shape[1]), int(b.shape[0])] for n, (a, b) in e.targets.items()},
-                "key": key[0] if key else None}
+                "key": key[0] if key else None, "catalog": entry}
 
     @api.get("/v1/stats")
     async def stats(self) -> Any:
@@ -724,6 +779,9 @@ class Ingress:
             except Exception as e:
                 out["trainer"] = {"error": brief(e)}
         out["ingress"] = {"inflight": self.inflight, "rejected": self.rejected, "limit": self.limit}
+        out["namespaces"] = {"keys": out["keystore"].get("namespaces", {}),
+                             "experts": self.experts.catalog.counts(),
+                             "requests": (out["server"] or {}).get("namespaces", {})}
         return out
 
 
