@@ -252,6 +252,15 @@ class ModelServer:
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    async def target_shapes(self) -> dict[str, tuple[int, int]]:
+        """The installed adapter targets (an imported expert must fit them)."""
+        return self.engine.target_shapes()
+
+    async def encode_prompts(self, prompts: list[str]) -> Any:
+        """Routing queries (n, d_key) of prompts (an imported expert's key comes from its examples')."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.engine.encode_prompts, prompts)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Ingress
