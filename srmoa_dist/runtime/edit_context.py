@@ -5,6 +5,11 @@ an `ExpertStoreClient` over the shard actors (its writes publish cache invalidat
 replicas drop old copies before the edited key is routed to), the key store a `KeyStoreProxy` over the
 key-store actor, the ledger a local `EditLedger` under data_dir/ledger. The base model, query encoder
 and fusion are loaded on first use (`load_model`).
+
+Namespaces: a feedback request carrying "namespace" (its tenant's, set by the ingress) and "reach"
+(that namespace and the shared one) is edited on a `routing.namespaces.NamespaceView` of the key store:
+its neighbours, its router loss and its verification see only the keys it reaches, and a new expert's
+key goes into its namespace. Every committed edit is registered in the expert catalog (origin "edit").
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ class EditContext:
         self.encoder: Any = None
         self.fusion: Any = None
         self._editor: Any = None
+        self._ns_editors: dict[tuple[str, tuple[str, ...]], Any] = {}
+        from srmoa_dist.experts.catalog import ExpertCatalog
+
+        self.catalog = ExpertCatalog.of(cfg.data_dir)
 
     def load_model(self) -> None:
         if self.base is not None:
@@ -90,11 +99,56 @@ class EditContext:
         goes on meanwhile: the trainer holds only the candidates' keys still (`KeyStore.hold`)."""
         return self.editor().run(request, job_id=job_id).to_json()
 
+    def ns_editor(self, namespace: str | None, reach: Any = None) -> Any:
+        """The editor of a namespace (None: the whole key store), on a `NamespaceView` of the key store."""
+        if namespace is None:
+            return self.editor()
+        from srmoa_dist.routing.namespaces import NamespaceView
+        from srmoa_dist.ttt.editor import Editor
+
+        key = (namespace, tuple(sorted(set(reach or ()) | {namespace})))
+        if key not in self._ns_editors:
+            base = self.editor()
+            self._ns_editors[key] = Editor(
+                self.cfg, base=self.base, fusion=self.fusion, encoder=self.encoder, store=self.client,
+                keystore=NamespaceView(self.keystore, namespace, key[1]), ledger=self.ledger,
+                locality_prompts=base.locality_prompts, invalidate=self.invalidate)
+        return self._ns_editors[key]
+
     def run_feedback_many(self, requests: list[dict[str, Any]], *, job_ids: list[str]) -> list[Any]:
-        """Queued feedback requests trained together (`Editor.run_many`): per request its result as
-        JSON, or the exception its edit raised."""
-        out = self.editor().run_many(requests, job_ids=job_ids)
-        return [r if isinstance(r, BaseException) else r.to_json() for r in out]
+        """Queued feedback requests trained together (`Editor.run_many`), one run per namespace: per
+        request its result as JSON, or the exception its edit raised."""
+        groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.get("namespace"), tuple(r.get("reach") or ())), []).append(i)
+        out: list[Any] = [None] * len(requests)
+        for (ns, reach), idx in groups.items():
+            res = self.ns_editor(ns, reach).run_many([requests[i] for i in idx],
+                                                     job_ids=[job_ids[i] for i in idx])
+            for i, r in zip(idx, res):
+                out[i] = r if isinstance(r, BaseException) else self._catalogued(r.to_json(), ns, requests[i])
+        return out
+
+    def _catalogued(self, res: dict[str, Any], namespace: str | None, request: dict[str, Any]
+                    ) -> dict[str, Any]:
+        """Register a committed edit's expert in the catalog (origin "edit"); an imported expert it
+        refined keeps its entry."""
+        from srmoa_dist.experts.catalog import CatalogEntry
+
+        eid = int(res.get("expert_id", -1))
+        if res.get("status") not in ("verified", "committed") or eid < 0:
+            return res
+        try:
+            old = self.catalog.get(eid)
+            if old is None or old.origin == "edit":
+                msgs = request.get("messages") or [{"content": request.get("prompt") or ""}]
+                question = str(msgs[-1].get("content") or "")
+                self.catalog.put(CatalogEntry(id=eid, namespace=namespace or "default", origin="edit",
+                                              examples=(question,) if question else (),
+                                              edit_id=res.get("edit_id")))
+        except Exception:            # the catalog describes; the edit stands without its entry
+            log.exception("could not register edit %s's expert %d in the catalog", res.get("edit_id"), eid)
+        return res
 
     def rollback(self, edit_id: str) -> dict[str, Any]:
         from srmoa_dist.ttt.edit import rollback
@@ -104,6 +158,10 @@ class EditContext:
         else:
             rec = rollback(edit_id, store=self.client, keystore=self.keystore, ledger=self.ledger,
                            invalidate=self.invalidate, note="rolled back on request")
+        if rec.created:
+            entry = self.catalog.get(rec.expert_id)
+            if entry is not None and entry.edit_id == edit_id:
+                self.catalog.remove(rec.expert_id)
         return {"expert_id": rec.expert_id, "created": rec.created}
 
 
