@@ -517,6 +517,15 @@ def bench_chaos(
         _say("the run missed a target (see the JSON)")
 
 
+def _register_experts() -> None:
+    from srmoa_dist.cli_experts import register
+
+    register(app)
+
+
+_register_experts()
+
+
 def main() -> None:
     try:
         app()

@@ -700,6 +700,13 @@ class Ingress:
         job = await self._actor(self._trainer().submit.remote(request), "trainer")
         return JSONResponse(job, status_code=202)
 
+    @api.get("/v1/feedback")
+    async def feedback_jobs(self, limit: int = 100) -> Any:
+        """The latest `limit` feedback jobs (1..1000)."""
+        if not 1 <= limit <= 1000:
+            raise bad_request(f"limit must be in 1..1000, got {limit}", param="limit", code="invalid_value")
+        return {"object": "list", "data": await self._actor(self._trainer().jobs.remote(limit), "trainer")}
+
     @api.get("/v1/feedback/{job_id}")
     async def feedback_status(self, job_id: str) -> Any:
         job = await self._actor(self._trainer().job.remote(job_id), "trainer")
