@@ -89,14 +89,18 @@ def init(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     model: str | None = typer.Option(None, help=MODEL_HELP),
     experts: int = typer.Option(16, min=0, help="Seed experts to create when the key store is empty."),
+    seed_kind: str = typer.Option("blank", help="blank: B = 0 under random keys; real: non-zero B under keys "
+                                  "near real queries (generated questions), written in bulk (millions)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Create a store: config.yaml, shards, key store, query encoder and N seed experts (no Ray)."""
-    from srmoa_dist.runtime.store_init import init_store
+    from srmoa_dist.runtime.store_init import SEED_KINDS, init_store
 
     _logging(verbose)
+    if seed_kind not in SEED_KINDS:
+        raise typer.BadParameter(f"--seed-kind must be one of {SEED_KINDS}, got {seed_kind!r}")
     cfg = _config(data_dir, config, model)
-    summary = init_store(cfg, n_experts=experts, progress=_say)
+    summary = init_store(cfg, n_experts=experts, progress=_say, seed_kind=seed_kind)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -390,12 +394,36 @@ def bench_serve(
         "wait makes a burst of requests form the same batches in both modes."),
     mixed: bool = typer.Option(False, help="Also run routed requests whose sampling parameters differ "
                                "request to request (greedy, seeded sampling, stop strings)."),
+    store_experts: str | None = typer.Option(
+        None, help="Store sizes, comma-separated (e.g. 1000,100000,1000000): the scale run instead, one "
+        "store of real seed experts per size (bench/scale_serve.py)."),
+    work_dir: Path | None = typer.Option(None, help="With --store-experts: where the stores are built "
+                                         "(store-N, reused when present)."),
+    config: Path | None = typer.Option(None, help="With --store-experts: a YAML config whose sections "
+                                       "override the defaults (e.g. the expert geometry)."),
+    keep_stores: bool = typer.Option(False, help="With --store-experts: keep the stores afterwards."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Requests/s and p50/p99 latency, routed vs base model, at each concurrency; p99 during an edit."""
     from srmoa_dist.bench.serve_bench import run_serve_bench
 
     _logging(verbose)
+    if store_experts is not None:
+        import tempfile
+
+        import yaml
+
+        from srmoa_dist.bench.scale_serve import run_scale_serve_bench
+
+        ov = yaml.safe_load(config.read_text()) if config is not None else {}
+        if batch_wait_ms is not None:
+            ov.setdefault("serve", {})["batch_wait_timeout_s"] = batch_wait_ms / 1e3
+        res = run_scale_serve_bench(out, _sizes(store_experts), overrides=ov, model=model,
+                                    work_dir=work_dir or Path(tempfile.mkdtemp(prefix="srmoa-scale-")),
+                                    requests=requests or 24, max_tokens=max_tokens, keep_stores=keep_stores,
+                                    say=_say)
+        typer.echo(json.dumps(res["targets"], indent=2))
+        return
     overrides = None if batch_wait_ms is None else {"serve": {"batch_wait_timeout_s": batch_wait_ms / 1e3}}
     res = run_serve_bench(out, model=model, concurrency=_ints(concurrency, "--concurrency"),
                           requests=requests or None, max_tokens=max_tokens, data_dir=data_dir, train=train,

@@ -30,7 +30,13 @@ from srmoa_dist.config import CONFIG_FILE, SrmoaConfig, resolve
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "query_encoder.npz"
+SEED_QUESTIONS_FILE = "seed_questions.json"   # the questions whose queries the "real" seed keys jitter
 SEED_KEY_NORM = 1.0
+SEED_KINDS = ("blank", "real")
+REAL_SEED_QUESTIONS = 2048     # distinct generated questions behind the keys of "real" seeds
+REAL_SEED_NOISE = 0.3          # noise norm on a question's unit query (cos to it ~0.96)
+REAL_SEED_B_STD = 1e-3         # B of a "real" seed: non-zero, small (outputs stay near the base model's)
+SEED_BATCH = 2048              # experts per LMDB transaction / key-store add when seeding in bulk
 
 
 def encoder_path(cfg: SrmoaConfig) -> Path:
@@ -137,11 +143,90 @@ def seed_experts(n: int, shapes: dict[str, tuple[int, int]], cfg: SrmoaConfig, s
     return keys, experts
 
 
+def real_seed_keys(base: Any, enc: Any, n: int, seed: int = 0, *, n_questions: int = REAL_SEED_QUESTIONS,
+                   noise: float = REAL_SEED_NOISE) -> tuple[np.ndarray, list[str]]:
+    """n unit keys (n, d_key) in the real query distribution, and the questions behind them: key i is
+    the routing query of question i % n_questions (generated facts, `bench.question_bank`) plus noise
+    of norm ~`noise`, renormalised; asking one of those questions retrieves its seeds."""
+    from srmoa_dist.bench.question_bank import make_question_bank
+    from srmoa_dist.routing.prompt_pool import pooled_prompts
+
+    m = max(1, min(n, n_questions))
+    questions = [f.key for f in make_question_bank(m, seed)]
+    q = enc.encode_pooled(pooled_prompts(base, questions, progress=True, desc="seed questions"))
+    rng = np.random.default_rng(seed)
+    d = q.shape[1]
+    keys = np.empty((n, d), np.float32)
+    for s in range(0, n, 65536):
+        k = q[np.arange(s, min(n, s + 65536)) % m]
+        k = k + rng.standard_normal(k.shape, dtype=np.float32) * np.float32(noise / np.sqrt(d))
+        keys[s : s + k.shape[0]] = k / np.linalg.norm(k, axis=1, keepdims=True)
+    return keys, questions
+
+
+def real_seed_batch(ids: np.ndarray, shapes: dict[str, tuple[int, int]], cfg: SrmoaConfig, seed: int = 0,
+                    b_std: float = REAL_SEED_B_STD) -> dict[int, Any]:
+    """Experts of `ids` (A ~ N(0, 1/d_in), B ~ N(0, b_std^2), the config's rank, alpha and dtype), drawn
+    for the whole batch at once (one RNG call) and deterministic in (seed, first id)."""
+    from srmoa_dist.experts.expert import LoRAExpert, to_storage
+
+    e = cfg.expert
+    r = e.rank
+    names = list(shapes)
+    sizes = [(r * shapes[n][0], shapes[n][1] * r) for n in names]
+    width = sum(a + b for a, b in sizes)
+    rng = np.random.default_rng([seed, int(ids[0]) if len(ids) else 0])
+    flat = rng.standard_normal((len(ids), width), dtype=np.float32)            # (n, params)
+    pos, scale = 0, np.empty(width, np.float32)
+    for n, (na, nb) in zip(names, sizes, strict=True):
+        scale[pos : pos + na] = 1.0 / np.sqrt(shapes[n][0])
+        scale[pos + na : pos + na + nb] = b_std
+        pos += na + nb
+    flat = to_storage(flat * scale, e.dtype)
+    out = {}
+    for row, i in zip(flat, ids.tolist(), strict=True):
+        targets, pos = {}, 0
+        for n, (na, nb) in zip(names, sizes, strict=True):
+            d_in, d_out = shapes[n]
+            a, b = row[pos : pos + na], row[pos + na : pos + na + nb]
+            targets[n] = (a.reshape(r, d_in), b.reshape(d_out, r))
+            pos += na + nb
+        out[int(i)] = LoRAExpert(targets, e.alpha)
+    return out
+
+
+def _seed_real(cfg: SrmoaConfig, base: Any, enc: Any, shapes: dict[str, tuple[int, int]], n: int, seed: int,
+               add_keys: Callable[[np.ndarray], np.ndarray], put: Callable[[dict[int, Any]], Any]) -> None:
+    """Keys first (one bulk add: one index build), then the experts in batches, with progress bars."""
+    import json
+
+    from tqdm import tqdm
+
+    keys, questions = real_seed_keys(base, enc, n, seed)
+    (Path(cfg.data_dir) / SEED_QUESTIONS_FILE).write_text(json.dumps(questions))
+    ids = np.asarray(add_keys(keys), dtype=np.int64)
+    del keys
+    with tqdm(total=n, desc="seed experts", unit="expert", unit_scale=True) as bar:
+        for s in range(0, n, SEED_BATCH):
+            chunk = ids[s : s + SEED_BATCH]
+            put(real_seed_batch(chunk, shapes, cfg, seed))
+            bar.update(len(chunk))
+
+
 def init_store(cfg: SrmoaConfig, *, n_experts: int = 0, base: Any | None = None, runtime: Any | None = None,
-               seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+               seed: int = 0, progress: Callable[[str], None] | None = None,
+               seed_kind: str = "blank") -> dict[str, Any]:
     """Create (or complete) the store under cfg.data_dir: config.yaml, the query encoder and, when the
     key store is empty, `n_experts` seed experts. Through the actors of `runtime` when given (a
-    running store), else in this process (no Ray). Returns a summary."""
+    running store), else in this process (no Ray). Returns a summary.
+
+    seed_kind "blank": B = 0 (no-op until refined) under random unit keys. "real": non-zero B under
+    keys in the real query distribution (`real_seed_keys`), written in bulk (SEED_BATCH experts per
+    transaction, the keys in one add), for stores of up to millions of experts."""
+    if seed_kind not in SEED_KINDS:
+        raise ValueError(f"seed_kind must be one of {SEED_KINDS}, got {seed_kind!r}")
+    import time
+
     from srmoa_dist.model.fusion import ExpertFusion
     from srmoa_dist.model.loading import load_base_model
 
@@ -158,12 +243,19 @@ def init_store(cfg: SrmoaConfig, *, n_experts: int = 0, base: Any | None = None,
     shapes = fusion.target_shapes()
     fusion.remove()
     added = 0
+    t0 = time.perf_counter()
     with data_dir_lock(cfg, "seed"):
         if runtime is not None:
             import ray
 
             n_keys = int(ray.get(runtime.keystore.size.remote()))
-            if n_keys == 0 and n_experts > 0:
+            if n_keys == 0 and n_experts > 0 and seed_kind == "real":
+                say(f"creating {n_experts} real seed experts ...")
+                _seed_real(cfg, base, enc, shapes, n_experts, seed,
+                           lambda k: ray.get(runtime.keystore.add.remote(k)), runtime.client().put_many)
+                ray.get(runtime.keystore.snapshot.remote())
+                added = n_experts
+            elif n_keys == 0 and n_experts > 0:
                 say(f"creating {n_experts} seed experts ...")
                 keys, experts = seed_experts(n_experts, shapes, cfg, seed)
                 ids = np.asarray(ray.get(runtime.keystore.add.remote(keys)), dtype=np.int64)
@@ -177,7 +269,17 @@ def init_store(cfg: SrmoaConfig, *, n_experts: int = 0, base: Any | None = None,
 
             ks = KeyStore.open(cfg.keystore_dir, cfg.keystore, cfg.gravity)
             try:
-                if len(ks) == 0 and n_experts > 0:
+                if len(ks) == 0 and n_experts > 0 and seed_kind == "real":
+                    say(f"creating {n_experts} real seed experts ...")
+                    store = ShardedExpertStore(cfg.shards_dir, cfg.store)
+                    try:
+                        _seed_real(cfg, base, enc, shapes, n_experts, seed, ks.add, store.put_many)
+                        store.sync()
+                    finally:
+                        store.close()
+                    ks.snapshot()
+                    added = n_experts
+                elif len(ks) == 0 and n_experts > 0:
                     say(f"creating {n_experts} seed experts ...")
                     keys, experts = seed_experts(n_experts, shapes, cfg, seed)
                     ids = np.asarray(ks.add(keys), dtype=np.int64)
@@ -192,8 +294,10 @@ def init_store(cfg: SrmoaConfig, *, n_experts: int = 0, base: Any | None = None,
             finally:
                 ks.close()
     return {"data_dir": str(cfg.data_dir), "keys": n_keys, "seed_experts_added": added,
+            "seed_kind": seed_kind, "seed_s": round(time.perf_counter() - t0, 2),
             "encoder": str(encoder_path(cfg)), "d_key": enc.d_key, "model": base.name}
 
 
 __all__ = ["init_store", "ensure_encoder", "load_config", "save_config", "encoder_path", "jobs_dir",
-           "data_dir_lock", "seed_experts", "CONFIG_FILE", "ENCODER_FILE"]
+           "data_dir_lock", "seed_experts", "real_seed_keys", "real_seed_batch", "CONFIG_FILE",
+           "ENCODER_FILE", "SEED_QUESTIONS_FILE", "SEED_KINDS"]
