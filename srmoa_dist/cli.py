@@ -451,6 +451,24 @@ def bench_routing(
     typer.echo(json.dumps({"tau": doc["tau"], "sizes": doc["sizes"]}, indent=2))
 
 
+@bench_app.command("partitions")
+def bench_partitions(
+    keys: int = typer.Option(1_000_000, min=16, help="Keys in the simulated store."),
+    partitions: str = typer.Option("1,2,4,8", help="Partition counts K, comma-separated."),
+    queries: int = typer.Option(2000, min=1, help="Queries fanned out per K."),
+    nprobe: int = typer.Option(16, min=1, help="IVF lists probed per partition."),
+    out: Path = typer.Option(Path("results/bench_partitions.json"), help="JSON file for the figures."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Simulate the key store split into K partitions: fan-out search, merged top-k, build and recall."""
+    from srmoa_dist.bench.partition_sim import run_partition_sim
+
+    logging.basicConfig(level=logging.WARNING)
+    doc = run_partition_sim(out, n=keys, ks=_ints(partitions, "--partitions"), n_queries=queries,
+                            nprobe=nprobe, seed=seed, say=_say)
+    typer.echo(json.dumps(doc["rows"], indent=2))
+
+
 @bench_app.command("ttt")
 def bench_ttt(
     edits: int = typer.Option(50, min=1, help="Sequential edits of generated fictional facts."),
