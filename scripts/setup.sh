@@ -21,4 +21,11 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet -e ".[gpu]" || echo "faiss-gpu-cu12 not installed; CPU FAISS is used" >&2
 fi
+# Debian's chromium for the /ui page test (tests/e2e/test_ui_page.py drives it with Playwright);
+# only as root with apt; elsewhere that test says how to install it and skips.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+   || (apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1)) \
+   || echo "chromium not installed (apt failed): the /ui page test will skip" >&2
+fi
 echo "setup done: $(cd .venv && pwd)"

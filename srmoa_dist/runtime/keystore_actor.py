@@ -52,6 +52,7 @@ class KeyStoreActor:
     def __init__(self, path: str, cfg: KeyStoreConfig, gravity: GravityConfig,
                  runtime: RuntimeConfig) -> None:
         from srmoa_dist.routing.keystore import KeyStore
+        from srmoa_dist.runtime.keystore_metrics import KeyStoreMetrics
 
         t0 = time.perf_counter()
         self.path = str(path)
@@ -78,6 +79,7 @@ class KeyStoreActor:
         self._add_requests: OrderedDict[str, np.ndarray] = OrderedDict()   # request id -> slot ids
         self._searches = 0
         self._queries = 0
+        self._metrics = KeyStoreMetrics()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keystore-consolidate", daemon=True)
         self._thread.start()
@@ -104,7 +106,9 @@ class KeyStoreActor:
         if xq.ndim == 1:
             xq = xq[None, :]
         with self._lock:
+            t0 = time.perf_counter()
             D, I = self._ks.search(xq, k, tau=tau, namespaces=namespaces)
+            self._metrics.search(time.perf_counter() - t0)
             self._searches += 1
             self._queries += xq.shape[0]
             epoch = self._epoch
@@ -173,6 +177,7 @@ class KeyStoreActor:
             out["rows"] = int(q.shape[0])
             out["seconds"] = time.perf_counter() - t0
             self._last_consolidation = out
+            self._metrics.consolidation(out)
             return out
 
     def _drop_reused(self, ids: np.ndarray, epoch: int | None) -> np.ndarray:
@@ -203,6 +208,9 @@ class KeyStoreActor:
         while not self._stop.wait(interval):
             try:
                 self._consolidate()
+                if self._metrics.due():
+                    with self._lock:
+                        self._metrics.gauges(self._ks)
                 if self._dirty and time.monotonic() - self._last_snapshot >= self.runtime.snapshot_interval_s:
                     self.snapshot()
             except Exception:
@@ -322,6 +330,13 @@ class KeyStoreActor:
                             "namespace": self._ks.namespace_of([i])[0],
                             "key_version": int(self._ks.versions([i])[0])})
         return out
+
+    def keyspace(self) -> dict[str, Any]:
+        """Every active key at once, under the lock (the /ui map; see `projection.key_dump`)."""
+        from srmoa_dist.routing.projection import key_dump
+
+        with self._lock:
+            return key_dump(self._ks)
 
     # -- small shared files of the store (query encoder) ----------------------------------------------
 

@@ -35,6 +35,7 @@ import ray
 
 from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.runtime.errors import brief
+from srmoa_dist.runtime.trainer_metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,9 @@ class TrainerActor:
             self._prune()
         if job["status"] == "pending":
             self._queue.put(job["job_id"])
+        else:
+            TrainerMetrics.job(job["status"])
+        TrainerMetrics.queue(self._queue.qsize())
         return _public(job)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -204,6 +208,7 @@ class TrainerActor:
             except Exception as e:
                 log.exception("rollback of %s failed", edit_id)
                 return _err(409, f"edit '{edit_id}' cannot be rolled back: {e}", "rollback_failed")
+        TrainerMetrics.rollback(rec.extra.get("namespace"))
         return {"object": "edit.rollback", "edit_id": edit_id, "status": "rolled_back", **(out or {})}
 
     # -- worker ---------------------------------------------------------------------------------------
@@ -249,9 +254,21 @@ class TrainerActor:
                     self._set(job_id, status="done", finished=time.time(), result=r)
                     log.info("job %s done: edit %s %s (expert %s)", job_id, r.get("edit_id"), r.get("status"),
                              r.get("expert_id"))
+                self._record_metrics(job_id, r)
             with self._lock:
                 self._current = None
                 self._prune()
+
+    def _record_metrics(self, job_id: str, r: Any) -> None:
+        """A job of the batch is settled: its final status, its edit's outcome and phase timings."""
+        with self._lock:
+            job = self._jobs.get(job_id) or {}
+        ns = (job.get("request") or {}).get("namespace")
+        TrainerMetrics.job(str(job.get("status", "failed")))
+        if isinstance(r, BaseException):
+            TrainerMetrics.edit_failed(ns)
+        else:
+            TrainerMetrics.edit(r, ns)
 
     def _settle_failed(self, failed: dict[str, BaseException]) -> None:
         """Jobs whose edit raised: recovery settles what their edits left (an undo that failed, an edit
@@ -291,6 +308,7 @@ class TrainerActor:
             self._current = batch[0] if batch else None
         for job_id in batch:
             self._set(job_id, status="running", started=time.time())
+        TrainerMetrics.queue(self._queue.qsize())
         return batch
 
 

@@ -27,7 +27,8 @@ from srmoa_dist.serve.schemas import (
 
 OPENAPI_PATH = "/openapi.json"
 DOCS_PATH = "/docs"
-PUBLIC_PATHS = ("/healthz", "/readyz", OPENAPI_PATH, DOCS_PATH)   # no key needed
+UI_PAGE = "/ui"                  # the key-space page (static; the data it polls needs the key)
+PUBLIC_PATHS = ("/healthz", "/readyz", OPENAPI_PATH, DOCS_PATH, UI_PAGE)   # no key needed
 
 
 class ErrorDetail(BaseModel):

@@ -19,8 +19,11 @@ def start_session_ray():
 
     if ray.is_initialized():
         return ray, False
+    from srmoa_dist.serve.local import free_port
+
+    # a metrics export port: tests/e2e/test_metrics.py scrapes the app's Prometheus metrics from it
     ray.init(num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False, namespace="srmoa-tests",
-             log_to_driver=bool(os.environ.get("SRMOA_TEST_RAY_LOGS")))
+             log_to_driver=bool(os.environ.get("SRMOA_TEST_RAY_LOGS")), _metrics_export_port=free_port())
     return ray, True
 
 
