@@ -71,6 +71,8 @@ from srmoa_dist.serve.errors import (
 )
 from srmoa_dist.serve.expert_schemas import ExpertImport
 from srmoa_dist.serve.experts_api import ExpertsService, split_model
+from srmoa_dist.serve.http_metrics import install_http_metrics
+from srmoa_dist.serve.keyspace import DEFAULT_LIMIT, MAX_LIMIT, KeySpace, build_keyspace
 from srmoa_dist.serve.openapi import DOCS_PATH, OPENAPI_PATH, PUBLIC_PATHS, docs_html, install_openapi
 from srmoa_dist.serve.schemas import (
     AssistantMessage,
@@ -89,6 +91,7 @@ from srmoa_dist.serve.schemas import (
     Routing,
     Usage,
 )
+from srmoa_dist.serve.ui import UI_PATH, ui_html
 from srmoa_dist.serve.tenants import Tenants, caller, resolve_tenants, set_caller
 
 log = logging.getLogger(__name__)
@@ -320,6 +323,9 @@ async def _auth(request: Request, call_next: Any) -> Any:
     return unauthorized("invalid API key").response()
 
 
+install_http_metrics(api)          # after _auth: the outermost middleware, so a 401 is counted too
+
+
 async def _await(ref: Any, timeout: float) -> Any:
     return await asyncio.wait_for(_as_future(ref), timeout)
 
@@ -502,6 +508,26 @@ class Ingress:
     async def docs(self) -> HTMLResponse:
         """Every route of the OpenAPI document as one self-contained HTML page (no CDN)."""
         return HTMLResponse(docs_html(api.openapi()))
+
+    # -- the key-space page (serve/ui.py, serve/keyspace.py) ------------------------------------------
+
+    @api.get(UI_PATH, include_in_schema=False)
+    async def ui(self) -> HTMLResponse:
+        """The key-space page: a live 2-D map of the routing keys and the latest edits (offline HTML)."""
+        return HTMLResponse(ui_html())
+
+    @api.get("/v1/keyspace")
+    async def keyspace(self, limit: int = DEFAULT_LIMIT) -> KeySpace:
+        """The routing keys projected on their two principal axes, with namespace, pin, usage and
+        the live edit of each; the latest edits. At most `limit` points (pinned, then most used)."""
+        if not 1 <= limit <= MAX_LIMIT:
+            raise bad_request(f"limit must be in 1..{MAX_LIMIT}, got {limit}", param="limit",
+                              code="invalid_value")
+        raw = await self._actor(self.runtime.keystore.keyspace.remote(), "key store")
+        edits: list[dict[str, Any]] = []
+        if self.runtime.trainer is not None:
+            edits = await self._actor(self.runtime.trainer.list_edits.remote(), "trainer")
+        return build_keyspace(raw, edits, limit=limit)
 
     # -- OpenAI-compatible ----------------------------------------------------------------------------
 
