@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TARGET_LATENCY_RATIO = 1.10
 TARGET_RESTART_S = 30.0
-PROMPTS = 32                       # distinct seed questions the requests cycle through
+PROMPTS = 12                       # distinct seed questions the requests cycle through (twice at 24)
 
 
 def rss_mb(pid: int) -> float | None:
