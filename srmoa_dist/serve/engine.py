@@ -67,6 +67,7 @@ class Engine:
         from srmoa_dist.model.loading import load_base_model
         from srmoa_dist.model.sampling_defaults import sampling_defaults
         from srmoa_dist.runtime.store_init import ensure_encoder
+        from srmoa_dist.serve.engine_metrics import EngineMetrics
 
         t0 = time.perf_counter()
         self.cfg = cfg
@@ -75,6 +76,7 @@ class Engine:
         self.encoder = ensure_encoder(cfg, self.base, runtime.keystore if runtime is not None else None)
         self.fusion = ExpertFusion(self.base.model, cfg.expert, cfg.model.query_layer)
         self.sampling = sampling_defaults(getattr(self.base.model, "generation_config", None))
+        self.metrics = EngineMetrics()
         self.client = runtime.client() if runtime is not None else None
         self.keystore = runtime.keystore if runtime is not None else None
         self.tau = cfg.keystore.tau
@@ -178,6 +180,7 @@ class Engine:
 
     def _count(self, res: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
         r = res["routing"]
+        self.metrics.generation(r, namespace)
         self.skipped += bool(r["skipped"])
         if r["deferred"]:
             self.deferred += 1
@@ -218,7 +221,11 @@ class Engine:
                      ks.k, self.tau)
         routing = select_experts(xq, D, I, ks.temperature)
         wanted = routed_ids(routing)
-        routing = with_experts(routing, self.client.fetch(wanted) if wanted else {})
+        t_fetch = time.perf_counter()
+        got = self.client.fetch(wanted) if wanted else {}
+        if wanted:
+            self.metrics.fetch(time.perf_counter() - t_fetch, self.client)
+        routing = with_experts(routing, got)
         if stamp is not None:
             self._record(routing, stamp, [p.searches for p in plans])
         return routing
@@ -230,6 +237,7 @@ class Engine:
         from ray.exceptions import GetTimeoutError, RayActorError
 
         c, timeout = self.client, self.cfg.runtime.search_timeout_s
+        t0 = time.perf_counter()
         try:
             D, I, inc, entries, epoch = ray.get(
                 self.keystore.search.remote(xq, k or self.cfg.keystore.k, self.tau if tau is None else tau,
@@ -240,9 +248,11 @@ class Engine:
         except RayActorError as err:       # dead or restarting (ActorUnavailableError is one too)
             why = f"the key store is unavailable ({type(err).__name__}): base model only"
         else:
+            self.metrics.search(time.perf_counter() - t0)
             c.apply_invalidations(inc, entries)
             return D, I, (inc, int(epoch))
         self.degraded += 1
+        self.metrics.degraded()
         log.warning("routing degraded for a batch of %d: %s", xq.shape[0], why)
         return why
 
