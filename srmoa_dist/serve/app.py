@@ -169,9 +169,13 @@ _ADMIN_ROUTES = (("POST", "/v1/feedback"), ("DELETE", "/v1/edits/"), ("POST", "/
                  ("DELETE", "/v1/experts/"))
 
 
-def _is_admin_route(method: str, path: str) -> bool:
+# ... of which a tenant key (serve/tenants.py) may use these, in its own namespace: it teaches itself.
+_TENANT_WRITES = (("POST", "/v1/feedback"),)
+
+
+def _is_admin_route(method: str, path: str, routes: tuple[tuple[str, str], ...] = _ADMIN_ROUTES) -> bool:
     return any(method == m and (path.endswith(p) if not p.endswith("/") else p in path)
-               for m, p in _ADMIN_ROUTES)
+               for m, p in routes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,6 +303,8 @@ async def _auth(request: Request, call_next: Any) -> Any:
     scheme, _, token = header.partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     tenant = tenants.namespace_of(token)
+    if tenant is not None and _is_admin_route(request.method, path, _TENANT_WRITES):
+        needs_admin = False
     # the request's namespace: its tenant key's, else "default"; no key at all configured: the operator
     set_caller(tenants.caller(tenant or "default", admin=_same(token, admin) or (
         user is None and admin is None and not tenants.keys)))
