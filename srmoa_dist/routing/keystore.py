@@ -126,6 +126,8 @@ class KeyStore:
         self._rebuild: _Rebuild | None = None              # background index build in flight
         self._holds: dict[int, float] = {}                 # slot -> monotonic deadline (edits in flight)
         self.namespaces = NamespaceTable()                 # namespace names <-> the codes in _ns
+        self._ns_epoch = 0                                 # bumped by add / free / ns records
+        self._ns_present: tuple[int, frozenset[str]] = (-1, frozenset())   # (epoch, namespaces with keys)
         if self.path is not None:
             self._load()
         else:
@@ -391,8 +393,9 @@ class KeyStore:
         groups: dict[frozenset[str] | None, list[int]] = {}
         for r, names in enumerate(rows):                 # a row's None: every namespace
             groups.setdefault(None if names is None else frozenset(names), []).append(r)
+        present = self._present_namespaces()
         for names, rs in groups.items():
-            if names is None:
+            if names is None or present <= names:        # every key is in reach: no filter needed
                 D[rs], I[rs] = self._index_search(xq[rs], k, nprobe)
                 continue
             allowed = np.isin(self._ns[:n], self.namespaces.codes(names)) & ~self._free[:n]
@@ -400,6 +403,15 @@ class KeyStore:
                                            lambda q, kk: self._index_search(q, kk, nprobe),
                                            self._index.ntotal)
         return D, I
+
+    def _present_namespaces(self) -> frozenset[str]:
+        """The namespaces that hold active keys (cached until the next add, free or move)."""
+        epoch, names = self._ns_present
+        if epoch != self._ns_epoch:
+            codes = np.unique(self._ns[self.active_ids()])
+            names = frozenset(self.namespaces.name(c) for c in codes)
+            self._ns_present = (self._ns_epoch, names)
+        return names
 
     def consolidate(self, act: Activations) -> ConsolidationStats:
         """One gravity batch: pulls, usage, lazy decay of a sweep window, frees; one WAL batch."""
@@ -546,6 +558,8 @@ class KeyStore:
             self._cursor = int(rec["cursor"])
         else:
             raise ValueError(f"unknown key-store record op {op!r}")
+        if op in ("add", "free", "ns"):
+            self._ns_epoch += 1
         if ids is not None and op not in ("usage", "pin", "ns"):                   # key updates
             self._logged += int(ids.size)
             if self._rebuild is not None:

@@ -113,3 +113,24 @@ def test_row_without_namespaces_sees_every_key():
     q = ks.get(ka[:1])
     _, I = ks.search(np.concatenate([q, q]), 2, namespaces=[None, {"b"}])
     assert I[0, 0] == ka[0] and (I[1] == -1).all()
+
+
+def test_a_reach_covering_every_namespace_searches_unfiltered(monkeypatch):
+    """A store whose keys are all in reach (every store without tenants) takes the plain index search;
+    the filtered path (spied on, still run) starts once a key of another namespace exists."""
+    import srmoa_dist.routing.keystore as ksmod
+
+    cfg = KeyStoreConfig(d_key=8, k=2, tau=-1.0)
+    rng = np.random.default_rng(5)
+    ks = KeyStore(cfg)
+    ks.add(_unit(rng, 3, 8))
+    calls = []
+    real = ksmod.filtered_search
+    monkeypatch.setattr(ksmod, "filtered_search", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = _unit(rng, 2, 8)
+    D0, I0 = ks.search(q, 2)
+    D, I = ks.search(q, 2, namespaces=[{"default", "shared"}] * 2)
+    assert calls == [] and (I == I0).all()
+    a = ks.add(_unit(rng, 1, 8), namespace="a")
+    _, I = ks.search(ks.get(a), 2, namespaces=[{"default", "shared"}])
+    assert calls == [1] and a[0] not in I
