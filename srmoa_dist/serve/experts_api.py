@@ -173,8 +173,8 @@ class ExpertsService:
             except FileNotFoundError as e:
                 raise bad_request(str(e), param="path" if body.path else "files",
                                   code="adapter_not_found") from None
-            except ValueError as e:
-                raise bad_request(f"not an adapter this server can load: {e}",
+            except Exception as e:      # bad JSON, a config that is no mapping, unreadable safetensors
+                raise bad_request(f"not an adapter this server can load: {type(e).__name__}: {e}"[:800],
                                   param="path" if body.path else "files", code="invalid_adapter") from None
         installed = {n: tuple(s) for n, s in (await self._ray(self.server.target_shapes.remote())).items()}
         check_geometry({n: (int(a.shape[1]), int(b.shape[0])) for n, (a, b) in expert.targets.items()},
