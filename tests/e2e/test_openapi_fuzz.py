@@ -32,6 +32,8 @@ ROUTES = [
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/feedback"),
     ("GET", "/v1/feedback/{job_id}"), ("GET", "/v1/edits"), ("DELETE", "/v1/edits/{edit_id}"),
     ("GET", "/v1/experts/{expert_id}"), ("GET", "/v1/stats"),
+    ("GET", "/v1/feedback"), ("GET", "/v1/experts"), ("POST", "/v1/experts"),
+    ("GET", "/v1/experts/{expert_id}/adapter"), ("DELETE", "/v1/experts/{expert_id}"),
 ]
 EXAMPLES = 30          # per operation and generation mode: about a minute of requests on 2 cores
 NO_PARAM_CODES = {"invalid_json", "invalid_api_key", "admin_key_required", "overloaded", "unavailable",
