@@ -800,6 +800,9 @@ class Ingress:
             raise not_found(f"no expert {expert_id}", param="expert_id", code="expert_not_found")
         e = decode_expert(raw, expert_id=expert_id)
         key = await self._actor(self.runtime.keystore.key_info.remote([expert_id]), "key store")
+        c = caller()
+        if not c.admin and key and key[0] is not None and key[0].get("namespace") not in c.reach:
+            raise not_found(f"no expert {expert_id}", param="expert_id", code="expert_not_found")
         return {"id": expert_id, "object": "expert", "shard": int(self.client.shard_of([expert_id])[0]),
                 "version": e.version, "rank": e.rank, "alpha": e.alpha, "dtype": e.dtype, "nbytes": e.nbytes,
                 "targets": {n: [int(a.shape[1]), int(b.shape[0])] for n, (a, b) in e.targets.items()},
