@@ -563,6 +563,16 @@ def bench_chaos(
         _say("the run missed a target (see the JSON)")
 
 
+def _register_cluster() -> None:
+    from srmoa_dist.cli_cluster import cluster_app, register_benches
+
+    app.add_typer(cluster_app, name="cluster")
+    register_benches(bench_app)
+
+
+_register_cluster()
+
+
 def _register_experts() -> None:
     from srmoa_dist.cli_experts import register
 

@@ -12,6 +12,10 @@ copy. A key-store restart changes its incarnation id and clears the cache. The l
 `runtime.invalidation_log` entries: a client that fell further behind gets entries whose first seq is
 not the next one it expects (a gap), and clears its whole cache. A fetch that raced with an
 invalidation does not put its (possibly old) result in the cache.
+
+Serving reads through `fetch_available`: a shard that does not answer in time (dead, restarting, on a
+lost node) leaves its experts out instead of failing the request, which is then answered without them
+and marked degraded (serve/engine.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 
 class ExpertStoreClient:
     """Batch access to the shard actors of one store, with an LRU cache of decoded experts."""
+
+    DOWN_RETRY_S = 2.0      # fetch_available: how long a shard that failed is left alone
 
     def __init__(self, shards: Sequence[Any], *, keystore: Any | None = None, cache_size: int = 4096,
                  timeout_s: float = 30.0) -> None:
@@ -48,6 +54,7 @@ class ExpertStoreClient:
         self.hits = 0
         self.misses = 0
         self.gaps = 0                        # whole-cache clears after a gap in the invalidation log
+        self._down_until: dict[int, float] = {}   # shard -> monotonic time before which it is not asked
 
     @property
     def n_shards(self) -> int:
@@ -110,6 +117,16 @@ class ExpertStoreClient:
 
     def fetch(self, ids: Sequence[int]) -> dict[int, Any]:
         """id -> decoded LoRAExpert for the ids the store holds (missing ids are left out, logged)."""
+        return self._fetch(ids, None)[0]
+
+    def fetch_available(self, ids: Sequence[int], timeout_s: float) -> tuple[dict[int, Any], list[int]]:
+        """`fetch` that does not fail when a shard is unreachable: (experts, ids whose shard did not
+        answer within `timeout_s`: dead, restarting, or on a lost node). A shard that failed is not
+        asked again for `DOWN_RETRY_S` (its ids come back unavailable at once), so that serving
+        degrades at once instead of waiting on every request."""
+        return self._fetch(ids, float(timeout_s))
+
+    def _fetch(self, ids: Sequence[int], tolerant_s: float | None) -> tuple[dict[int, Any], list[int]]:
         from srmoa_dist.experts.codec import decode_expert
 
         ids = [int(i) for i in ids if int(i) >= 0]
@@ -126,20 +143,57 @@ class ExpertStoreClient:
             self.hits += len(ids) - len(misses)
             self.misses += len(misses)
             start = self._tick
+        unavailable: list[int] = []
         if misses:
-            raws = self._fetch_raw(misses)
+            if tolerant_s is None:
+                raws = self._fetch_raw(misses)
+            else:
+                raws, unavailable = self._fetch_raw_available(misses, tolerant_s)
             decoded = {}
             for i in misses:
                 buf = raws.get(i)
                 if buf is None:
                     continue
                 decoded[i] = decode_expert(buf, expert_id=i, where=f"shard {int(self.shard_of([i])[0])}")
-            absent = [i for i in misses if i not in decoded]
+            gone = set(unavailable)
+            absent = [i for i in misses if i not in decoded and i not in gone]
             if absent:
                 log.warning("experts %s are routed to but not in the store", absent[:8])
             out.update(decoded)
             self._cache_put(decoded, start)
-        return out
+        return out, unavailable
+
+    def _fetch_raw_available(self, ids: list[int],
+                             timeout_s: float) -> tuple[dict[int, bytes | None], list[int]]:
+        """`_fetch_raw` over the shards that answer in time; (records, ids of the shards that did not)."""
+        import time
+
+        import ray
+        from ray.exceptions import RayActorError
+
+        now = time.monotonic()
+        groups = self._group(ids)
+        down = {s for s in groups if self._down_until.get(s, 0.0) > now}
+        asked = {s: self.shards[s].get_raw.remote(sub) for s, sub in groups.items() if s not in down}
+        ready: list[Any] = []
+        if asked:
+            ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=timeout_s)
+        ready_set = set(ready)
+        out: dict[int, bytes | None] = {}
+        for s, ref in asked.items():
+            if ref in ready_set:
+                try:
+                    out.update(zip(groups[s], ray.get(ref)))
+                    self._down_until.pop(s, None)
+                    continue
+                except RayActorError as e:   # dead, restarting, or its node lost
+                    why = type(e).__name__
+            else:
+                why = f"no answer in {timeout_s:g} s"
+            down.add(s)
+            self._down_until[s] = time.monotonic() + self.DOWN_RETRY_S
+            log.warning("shard %d is unavailable (%s): serving without its experts", s, why)
+        return out, [i for s in sorted(down) for i in groups[s]]
 
     def get_many(self, ids: Sequence[int]) -> list[Any]:
         """Decoded experts in the order of `ids`; raises MissingExpertError naming missing ids."""

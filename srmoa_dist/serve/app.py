@@ -848,14 +848,19 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = cfg.replace(serve=dataclasses.replace(cfg.serve, **keys))
     server = ModelServer.options(
         num_replicas=int(args.get("num_replicas") or 1),
-        ray_actor_options={"num_cpus": rt.replica_cpus},
+        ray_actor_options={"num_cpus": rt.replica_cpus, **_resource(rt.replica_resource)},
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
     ).bind(cfg)
     return Ingress.options(
-        ray_actor_options={"num_cpus": rt.actor_cpus},
+        ray_actor_options={"num_cpus": rt.actor_cpus, **_resource(rt.ingress_resource)},
         max_ongoing_requests=s.max_ongoing_requests + s.max_queued_requests + 64,
     ).bind(cfg, server)
+
+
+def _resource(name: str | None) -> dict[str, Any]:
+    """Ray actor options asking one unit of a custom resource (runtime.replica_resource, ...)."""
+    return {"resources": {name: 1}} if name else {}
 
 
 __all__ = ["build_app", "config_from_args", "ModelServer", "Ingress", "api"]

@@ -222,10 +222,10 @@ class Engine:
         routing = select_experts(xq, D, I, ks.temperature)
         wanted = routed_ids(routing)
         t_fetch = time.perf_counter()
-        got = self.client.fetch(wanted) if wanted else {}
+        got = self.client.fetch_available(wanted, self.cfg.runtime.search_timeout_s)[0] if wanted else {}
         if wanted:
             self.metrics.fetch(time.perf_counter() - t_fetch, self.client)
-        routing = with_experts(routing, got)
+        routing = with_experts(routing, got)         # an unreachable shard's experts: skipped, degraded
         if stamp is not None:
             self._record(routing, stamp, [p.searches for p in plans])
         return routing
@@ -312,7 +312,8 @@ def _result(g: Any, use: bool, forced: bool = False) -> dict[str, Any]:
     degraded = g.degraded if use else None
     skipped = [int(i) for i in g.skipped]
     if degraded is None and skipped:
-        degraded = f"expert(s) {skipped} are no longer in the store: answered without them"
+        degraded = (f"expert(s) {skipped} are not available (no longer in the store, or their shard is "
+                    "unreachable): answered without them")
     return {
         "text": g.text,
         "finish_reason": g.finish_reason if g.finish_reason in ("stop", "length") else "stop",

@@ -142,7 +142,8 @@ def start_http(host: str, port: int, auto_port: bool, say: Callable[[str], None]
 
     for _ in range(BIND_TRIES):
         try:
-            serve.start(http_options={"host": host, "port": port})
+            # one HTTP proxy, on the head: several nodes of one machine would all bind host:port
+            serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
             return _actual_http(host, port, say)
         except RayTaskError as e:
             if "Failed to bind" not in str(e):
