@@ -24,7 +24,8 @@ cfg = SrmoaConfig.load_yaml(sys.argv[1])
 d = cfg.to_dict()
 overrides = {k: d[k] for k in ("model", "ttt", "serve", "expert", "keystore", "runtime")}
 run_scale_serve_bench(Path(sys.argv[2]), (200, 50), work_dir=Path(sys.argv[3]), overrides=overrides,
-                      model=cfg.model.name_or_path, requests=3, burst=2, max_tokens=2, say=print)
+                      model=cfg.model.name_or_path, requests=3, burst=2, max_tokens=2, shared_ray=True,
+                      say=print)
 """
 
 
