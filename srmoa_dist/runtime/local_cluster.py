@@ -84,7 +84,8 @@ class ClusterSpec:
 
     def resources(self, node: int) -> dict[str, float]:
         if node == 0:
-            return {"srmoa_node_0": 1, "srmoa_keystore": 1, "srmoa_store": 1, "srmoa_ingress": 1}
+            # srmoa_store: the trainer takes 1, store-side tasks (the layout check) 1 each, as in k8s
+            return {"srmoa_node_0": 1, "srmoa_keystore": 1, "srmoa_store": 100, "srmoa_ingress": 1}
         mine = self.shards_of(node)
         return {f"srmoa_node_{node}": 1, "srmoa_replica": 1, "srmoa_shards": len(mine),
                 **{f"srmoa_shard_{i}": 1 for i in mine}}
