@@ -51,7 +51,12 @@ from srmoa_dist.runtime.local_cluster import ClusterSpec, LocalCluster, session_
 
 log = logging.getLogger(__name__)
 
-PROMPT = "Tell me one short fact about the island of Varno number {i}."
+TOPICS = ("volcanoes", "penguins", "the violin", "tea", "glaciers", "chess", "honey bees", "the moon",
+          "bicycles", "saffron", "lighthouses", "octopuses", "paper", "thunder", "coral reefs", "the abacus",
+          "camels", "jazz", "silk", "comets", "maple syrup", "origami", "owls", "the printing press",
+          "deserts", "kites", "salt", "whales", "clocks", "bamboo", "fireflies", "the compass")
+PROMPT = "Tell me one short fact about {topic}."
+PLANT_ROUNDS = 8
 RECOVERY_TIMEOUT_S = 240.0
 ACTOR_TITLES = {"shard": "ray::ShardActor", "keystore": "ray::KeyStoreActor", "trainer": "ray::TrainerActor",
                 "replica": "ServeReplica:srmoa:ModelServer", "ingress": "ServeReplica:srmoa:Ingress"}
@@ -83,6 +88,8 @@ class ClusterRun:
         self.app: Any = None
         self.planted: dict[int, dict[str, Any]] = {}      # expert id -> prompt, shard, sha256
         self.t: dict[str, float] = {}
+        self.before_kill: dict[str, Any] = {}
+        self.placement_end: dict[str, Any] = {}
 
     def run(self) -> dict[str, Any]:
         try:
@@ -134,27 +141,30 @@ class ClusterRun:
         from srmoa_dist.runtime.store_init import ensure_encoder
 
         cfg, rt = self.cfg, self.app.runtime
-        self.say(f"planting {self.n_experts} experts, one per prompt ...")
+        self.say(f"planting {self.n_experts} experts, one per prompt (more until every shard has one) ...")
         base = load_base_model(cfg.model, cfg.model_cache_dir)
         enc = ensure_encoder(cfg, base, rt.keystore)
         shapes = ExpertFusion(base.model, cfg.expert, cfg.model.query_layer).target_shapes()
-        prompts = [PROMPT.format(i=i) for i in range(self.n_experts)]
-        q = queries(base, enc, [[{"role": "user", "content": p}] for p in prompts])      # (M, d_key)
+        e, client = cfg.expert, rt.client()
+        missing: list[int] = list(range(self.spec.shards))
+        for r in range(PLANT_ROUNDS):
+            start = len(self.planted)
+            prompts = [_prompt(start + j) for j in range(self.n_experts if r == 0 else len(missing))]
+            q = queries(base, enc, [[{"role": "user", "content": p}] for p in prompts])   # (M, d_key)
+            ids = [int(i) for i in ray.get(rt.keystore.add.remote(q, True)).tolist()]
+            client.put_many({eid: LoRAExpert.random(shapes, e.rank, e.alpha, e.dtype, seed=eid, b_std=1e-3)
+                             for eid in ids})
+            raws = client.get_raw_many(ids)
+            for eid, p, raw, s in zip(ids, prompts, raws, client.shard_of(ids).tolist()):
+                self.planted[eid] = {"prompt": p, "shard": int(s), "node": self.spec.node_of_shard(int(s)),
+                                     "sha256": hashlib.sha256(raw).hexdigest(), "nbytes": len(raw)}
+            by_shard = Counter(v["shard"] for v in self.planted.values())
+            missing = [s for s in range(self.spec.shards) if not by_shard[s]]
+            if not missing:
+                break
         del base
-        ids = [int(i) for i in ray.get(rt.keystore.add.remote(q, True)).tolist()]
-        e = cfg.expert
-        client = rt.client()
-        client.put_many({eid: LoRAExpert.random(shapes, e.rank, e.alpha, e.dtype, seed=eid, b_std=1e-3)
-                         for eid in ids})
-        raws = client.get_raw_many(ids)
-        shards = client.shard_of(ids).tolist()
-        for eid, p, raw, s in zip(ids, prompts, raws, shards):
-            self.planted[eid] = {"prompt": p, "shard": int(s), "node": self.spec.node_of_shard(int(s)),
-                                 "sha256": hashlib.sha256(raw).hexdigest(), "nbytes": len(raw)}
-        by_shard = Counter(v["shard"] for v in self.planted.values())
-        missing = [s for s in range(self.spec.shards) if not by_shard[s]]
         if missing:
-            raise RuntimeError(f"no planted expert on shard(s) {missing}: plant more experts")
+            raise RuntimeError(f"no planted expert on shard(s) {missing} after {PLANT_ROUNDS} rounds")
 
     # -- 3. load ----------------------------------------------------------------------------------------
 
@@ -175,11 +185,17 @@ class ClusterRun:
                 t0 = time.monotonic()
                 r, attempts = request(c, self.replies, "POST", "/v1/chat/completions",
                                       json=self._body(p["prompt"]))
-                rec = {"t": t0, "t_end": time.monotonic(), "expert": eid, "node": p["node"],
-                       "attempts": attempts, "outcome": _classify(r), "routed": _routed(r)}
+                used = _routed(r, "expert_ids") + _routed(r, "skipped")
+                rec = {"t": t0, "t_end": time.monotonic(), "expert": eid, "attempts": attempts,
+                       "outcome": _classify(r), "routed": used,
+                       "needs_lost": any(self._node_of(i) == self.victim for i in used)}
                 with self._lock:
                     self.records.append(rec)
                 i += self.chat_workers
+
+    def _node_of(self, eid: int) -> int | None:
+        p = self.planted.get(int(eid))
+        return None if p is None else p["node"]
 
     def _body(self, prompt: str) -> dict[str, Any]:
         return {"model": self.model_id, "max_tokens": self.max_tokens, "temperature": 0,
@@ -238,7 +254,7 @@ class ClusterRun:
     def _routed_ok(self, c: httpx.Client, eid: int) -> bool:
         body = self._body(self.planted[eid]["prompt"])
         r, _ = request(c, self.replies, "POST", "/v1/chat/completions", json=body)
-        return _classify(r) == "answered" and eid in _routed(r)
+        return _classify(r) == "answered" and eid in _routed(r, "expert_ids")
 
     def _replicas_running(self) -> int:
         from ray import serve
@@ -285,12 +301,14 @@ class ClusterRun:
 
         from srmoa_dist.serve import local
 
-        self.placement_end = self._placement()
-        if self.app is not None:
-            local.stop(self.app)
-        if ray.is_initialized():
-            ray.shutdown()
-        self.cluster.down()
+        try:
+            self.placement_end = self._placement()
+            if self.app is not None:
+                local.stop(self.app)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            self.cluster.down()
 
     # -- report -----------------------------------------------------------------------------------------
 
@@ -301,7 +319,7 @@ class ClusterRun:
         lost_ids = sorted(eid for eid, p in self.planted.items()
                           if live.get(eid) != p["sha256"] or disk.get(eid) != p["sha256"])
         counts = Counter(r["outcome"] for r in during)
-        lost_node = [r for r in during if r["node"] == self.victim]
+        lost_node = [r for r in during if r["needs_lost"]]
         doc: dict[str, Any] = {
             "benchmark": "cluster", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -319,7 +337,7 @@ class ClusterRun:
             "answered": counts.get("answered", 0), "degraded": counts.get("degraded", 0),
             "failed": counts.get("failed", 0),
             "outage_needing_lost_node": dict(Counter(r["outcome"] for r in lost_node)),
-            "outage_other": dict(Counter(r["outcome"] for r in during if r["node"] != self.victim)),
+            "outage_other": dict(Counter(r["outcome"] for r in during if not r["needs_lost"])),
             "outage_retried": sum(r["attempts"] > 1 for r in during),
             "totals": dict(Counter(r["outcome"] for r in self.records)),
             "lost_experts": len(lost_ids), "lost_ids": lost_ids,
@@ -327,7 +345,7 @@ class ClusterRun:
             "recovery_s": (self.t["recovered"] - kill) if "recovered" in self.t else None,
             "recovery_after_restart_s": (self.t["recovered"] - self.t["restart"]) if "recovered" in self.t
             else None,
-            "timeline": [(r["t"] - t0, r["t_end"] - t0, r["outcome"], r["node"]) for r in self.records],
+            "timeline": [(r["t"] - t0, r["t_end"] - t0, r["outcome"], r["needs_lost"]) for r in self.records],
             "events": {k: v - t0 for k, v in self.t.items()},
         }
         doc["recovered"] = doc["recovery_s"] is not None
@@ -344,11 +362,17 @@ def _classify(r: httpx.Response | None) -> str:
     return "degraded" if routing.get("degraded") else "answered"
 
 
-def _routed(r: httpx.Response | None) -> list[int]:
+def _prompt(i: int) -> str:
+    topic = TOPICS[i % len(TOPICS)] + ("" if i < len(TOPICS) else f" (part {i // len(TOPICS) + 1})")
+    return PROMPT.format(topic=topic)
+
+
+def _routed(r: httpx.Response | None, field: str) -> list[int]:
+    """The reply's routing.<field> ids (expert_ids: used; skipped: routed but unavailable)."""
     if r is None:
         return []
     try:
-        return [int(i) for i in (r.json().get("routing") or {}).get("expert_ids", [])]
+        return [int(i) for i in (r.json().get("routing") or {}).get(field, [])]
     except (ValueError, AttributeError):
         return []
 

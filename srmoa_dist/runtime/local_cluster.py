@@ -251,7 +251,7 @@ class LocalCluster:
         out: dict[int, str] = {}
         for i in range(self.spec.shards):
             target = self.spec.data_dir(self.spec.node_of_shard(i)) / "shards" / f"shard-{i:03d}"
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target.mkdir(parents=True, exist_ok=True)        # a dangling link would fail the shard's mkdir
             link = shards / f"shard-{i:03d}"
             if link.is_symlink():
                 if Path(os.readlink(link)) != target:
