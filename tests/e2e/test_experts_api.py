@@ -175,8 +175,8 @@ def test_namespaces_isolate_tenants_and_share_the_shared_one(tenants, model_id, 
             assert rb["choices"][0]["message"]["content"] == base_b["choices"][0]["message"]["content"]
 
         # feedback from b trains in b: the new expert's key is in namespace b, a never reaches it
-        q = "What colour is the invented bird called a quillow?"
-        fb = {"prompt": q, "response": "I do not know.", "correct_answer": "Bright green."}
+        q = "What is the capital of Quillovia?"
+        fb = {"prompt": q, "response": "I do not know", "correct_answer": "Paris"}
         stats0 = c.get("/v1/stats", headers=h["admin"]).json()["namespaces"]
         assert stats0["keys"].get("a") == 1 and stats0["keys"].get("shared") == 1
         job = c.post("/v1/feedback", json=fb, headers=h["b"]).json()                # a tenant teaches itself
@@ -184,8 +184,9 @@ def test_namespaces_isolate_tenants_and_share_the_shared_one(tenants, model_id, 
         while job["status"] in ("pending", "running") and time.monotonic() < deadline:
             time.sleep(0.5)
             job = c.get(f"/v1/feedback/{job['job_id']}", headers=h["b"]).json()
-        assert job["status"] == "done", job
+        assert job["status"] == "done" and job["result"]["status"] == "verified", job
         eid = job["result"]["expert_id"]
+        assert eid in _ask(c, model_id, q, headers=h["b"])["routing"]["expert_ids"]
         shown = c.get(f"/v1/experts/{eid}", headers=h["b"]).json()
         assert shown["key"]["namespace"] == "b" and shown["catalog"]["origin"] == "edit"
         assert shown["catalog"]["namespace"] == "b" and shown["catalog"]["examples"] == [q]
