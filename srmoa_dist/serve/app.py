@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 
 from srmoa_dist import __version__
@@ -74,6 +74,17 @@ from srmoa_dist.serve.experts_api import ExpertsService, split_model
 from srmoa_dist.serve.http_metrics import install_http_metrics
 from srmoa_dist.serve.keyspace import DEFAULT_LIMIT, MAX_LIMIT, KeySpace, build_keyspace
 from srmoa_dist.serve.openapi import DOCS_PATH, OPENAPI_PATH, PUBLIC_PATHS, docs_html, install_openapi
+from srmoa_dist.serve.responses import (
+    EditRollback,
+    ExpertAdapter,
+    ExpertDeleted,
+    ExpertList,
+    FeedbackJobList,
+    Health,
+    ImportedExpert,
+    Ready,
+    Stats,
+)
 from srmoa_dist.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -85,14 +96,17 @@ from srmoa_dist.serve.schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    EditList,
+    ExpertInfo,
+    FeedbackJob,
     FeedbackRequest,
     ModelCard,
     ModelList,
     Routing,
     Usage,
 )
-from srmoa_dist.serve.ui import UI_PATH, ui_html
 from srmoa_dist.serve.tenants import Tenants, caller, resolve_tenants, set_caller
+from srmoa_dist.serve.ui import UI_PATH, ui_html
 
 log = logging.getLogger(__name__)
 
@@ -538,12 +552,12 @@ class Ingress:
     # -- OpenAI-compatible ----------------------------------------------------------------------------
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
+    async def healthz(self) -> Health:
         """Liveness: this process answers. Never touches the model server or the store."""
-        return {"status": "ok"}
+        return Health()
 
     @api.get("/readyz")
-    async def readyz(self) -> dict[str, Any]:
+    async def readyz(self) -> Ready:
         """Readiness: a model server answers (the model is loaded) and the key store answers a ping
         within runtime.search_timeout_s. 503 + Retry-After naming what is not ready otherwise."""
         t_ks = self.cfg.runtime.search_timeout_s
@@ -724,35 +738,34 @@ class Ingress:
         return self.runtime.trainer
 
     @api.post("/v1/feedback", status_code=202)
-    async def feedback(self, body: FeedbackRequest) -> Any:
+    async def feedback(self, body: FeedbackRequest) -> FeedbackJob:
         messages = body.message_dicts()
         self._check_limits(None, [m["content"] for m in messages] + [body.response])
         c = caller()                     # the edit trains in the caller's namespace (reach: own + shared)
         request = {**body.model_dump(exclude_none=True), "namespace": c.namespace, "reach": list(c.reach)}
-        job = await self._actor(self._trainer().submit.remote(request), "trainer")
-        return JSONResponse(job, status_code=202)
+        return await self._actor(self._trainer().submit.remote(request), "trainer")
 
     @api.get("/v1/feedback")
-    async def feedback_jobs(self, limit: int = 100) -> Any:
+    async def feedback_jobs(self, limit: int = 100) -> FeedbackJobList:
         """The latest `limit` feedback jobs (1..1000)."""
         if not 1 <= limit <= 1000:
             raise bad_request(f"limit must be in 1..1000, got {limit}", param="limit", code="invalid_value")
         return {"object": "list", "data": await self._actor(self._trainer().jobs.remote(limit), "trainer")}
 
     @api.get("/v1/feedback/{job_id}")
-    async def feedback_status(self, job_id: str) -> Any:
+    async def feedback_status(self, job_id: str) -> FeedbackJob:
         job = await self._actor(self._trainer().job.remote(job_id), "trainer")
         if job is None:
             raise not_found(f"no feedback job '{job_id}'", param="job_id", code="job_not_found")
         return job
 
     @api.get("/v1/edits")
-    async def edits(self) -> Any:
+    async def edits(self) -> EditList:
         data = await self._actor(self._trainer().list_edits.remote(), "trainer")
         return {"object": "list", "data": data}
 
     @api.delete("/v1/edits/{edit_id}")
-    async def rollback_edit(self, edit_id: str) -> Any:
+    async def rollback_edit(self, edit_id: str) -> EditRollback:
         res = await self._actor(self._trainer().rollback.remote(edit_id), "trainer")
         if "error" in res:
             err = res["error"]
@@ -763,22 +776,22 @@ class Ingress:
 
     @api.get("/v1/experts")
     async def list_experts(self, limit: int = 100, after: int | None = None, namespace: str | None = None,
-                           origin: str | None = None) -> Any:
+                           origin: str | None = None) -> ExpertList:
         """Catalog entries of the caller's namespaces (the admin's: all), by id, `limit` after `after`."""
         return self.experts.list(caller(), limit=limit, after=after, namespace=namespace, origin=origin)
 
     @api.post("/v1/experts", status_code=201)
-    async def import_expert(self, body: ExpertImport) -> Any:
+    async def import_expert(self, body: ExpertImport) -> ImportedExpert:
         """Import a PEFT LoRA adapter with a name and example prompts (its routing key)."""
-        return JSONResponse(await self.experts.import_adapter(caller(), body), status_code=201)
+        return await self.experts.import_adapter(caller(), body)
 
     @api.get("/v1/experts/{expert_id}/adapter")
-    async def export_expert(self, expert_id: int) -> Any:
+    async def export_expert(self, expert_id: int) -> ExpertAdapter:
         """The expert as PEFT adapter files (adapter_config.json, base64 adapter_model.safetensors)."""
         return await self.experts.export_adapter(caller(), self._expert_id(expert_id))
 
     @api.delete("/v1/experts/{expert_id}")
-    async def delete_expert(self, expert_id: int) -> Any:
+    async def delete_expert(self, expert_id: int) -> ExpertDeleted:
         """Free the expert's slot, delete its record, invalidate the caches, drop its catalog entry."""
         return await self.experts.delete(caller(), self._expert_id(expert_id))
 
@@ -789,7 +802,7 @@ class Ingress:
         return expert_id
 
     @api.get("/v1/experts/{expert_id}")
-    async def expert(self, expert_id: int) -> Any:
+    async def expert(self, expert_id: int) -> ExpertInfo:
         from srmoa_dist.experts.codec import decode_expert
 
         entry = self.experts.entry(caller(), self._expert_id(expert_id))
@@ -809,7 +822,7 @@ class Ingress:
                 "key": key[0] if key else None, "catalog": entry}
 
     @api.get("/v1/stats")
-    async def stats(self) -> Any:
+    async def stats(self) -> Stats:
         rt = self.runtime
         ks_ref = rt.keystore.stats.remote()
         shard_refs = [s.stats.remote() for s in rt.shards]

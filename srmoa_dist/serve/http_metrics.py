@@ -21,6 +21,22 @@ def route_label(request: Request) -> str:
     return str(getattr(route, "path", None) or UNMATCHED)
 
 
+def request_namespace(request: Request) -> str | None:
+    """The namespace a request is counted under: `request.state.namespace` when a middleware set it,
+    else the tenant of its bearer key (serve/tenants.py, `app.state.tenants`), else None (default)."""
+    ns = getattr(request.state, "namespace", None)
+    if ns:
+        return str(ns)
+    tenants = getattr(request.app.state, "tenants", None)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if tenants is None or scheme.lower() != "bearer" or not token.strip():
+        return None
+    try:
+        return tenants.namespace_of(token.strip())
+    except Exception:               # a metric label never fails a request
+        return None
+
+
 def install_http_metrics(app: FastAPI) -> None:
     """Count and time every request of `app` (add it after the other middlewares: it wraps them)."""
 
@@ -34,10 +50,10 @@ def install_http_metrics(app: FastAPI) -> None:
             return response
         finally:
             route = route_label(request)
-            ns = getattr(request.state, "namespace", None)
+            ns = request_namespace(request)
             metrics.inc("srmoa_requests", route=route, status=str(status),
                         namespace=metrics.namespace_label(ns))
             metrics.observe("srmoa_request_seconds", time.perf_counter() - t0, route=route)
 
 
-__all__ = ["install_http_metrics", "route_label", "UNMATCHED"]
+__all__ = ["install_http_metrics", "request_namespace", "route_label", "UNMATCHED"]

@@ -260,6 +260,30 @@ class FeedbackRequest(_Req):
 JobStatus = Literal["pending", "running", "done", "failed", "skipped"]
 
 
+class OpenModel(BaseModel):
+    """A response model whose documented fields are validated; fields added later pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class JobResult(OpenModel):
+    """A feedback job's result: its edit's outcome (ttt/edit.py EditResult, or the ledger's record
+    after a recovery), or why nothing was trained (`reason`, a skipped job)."""
+
+    edit_id: str | None = None
+    status: str | None = None                 # verified | rolled_back | committed | failed
+    expert_id: int | None = None
+    created: bool | None = None
+    rule: str | None = None
+    steps: int | None = None
+    new_version: int | None = None
+    answer: str | None = None
+    answer_ok: bool | None = None
+    reason: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)   # reflect_s, train_s, ... total_s
+    recovered: bool | None = None
+
+
 class FeedbackJob(BaseModel):
     job_id: str
     object: Literal["feedback.job"] = "feedback.job"
@@ -268,7 +292,31 @@ class FeedbackJob(BaseModel):
     started: float | None = None
     finished: float | None = None
     error: str | None = None
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None
+    attempt: int = 1
+
+
+class KeyInfo(OpenModel):
+    """An expert's routing key as the key store holds it."""
+
+    norm: float
+    usage: float
+    pinned: bool
+    key_version: int
+    namespace: str | None = None
+
+
+class CatalogExpert(OpenModel):
+    """An expert's catalog entry (experts/catalog.py): its namespace, origin, name and examples."""
+
+    id: int
+    object: Literal["expert"] = "expert"
+    namespace: str
+    origin: str                               # edit | import
+    name: str | None = None
+    created: float = 0.0
+    examples: list[str] = Field(default_factory=list)
+    edit_id: str | None = None
 
 
 class ExpertInfo(BaseModel):
@@ -281,12 +329,51 @@ class ExpertInfo(BaseModel):
     dtype: str
     nbytes: int
     targets: dict[str, list[int]]
-    key: dict[str, Any] | None = None
+    key: KeyInfo | None = None
+    catalog: CatalogExpert | None = None
+
+
+class PromptMessage(BaseModel):
+    role: Role
+    content: str
+
+
+class EditPrompt(OpenModel):
+    """One of an edit's training prompts (ttt/diversify.py TrainingPrompt)."""
+
+    structure: str
+    messages: list[PromptMessage]
+    target: str | None = None
+
+
+class EditInfo(OpenModel):
+    """One edit as the ledger records it (ttt/ledger.py EditRecord, keys left out)."""
+
+    edit_id: str
+    object: Literal["edit"] = "edit"
+    status: str                               # ttt/ledger.py STATUSES
+    rule: str = ""
+    prompts: list[EditPrompt] = Field(default_factory=list)
+    expert_id: int
+    created: bool
+    prev_version: int | None = None
+    new_version: int | None = None
+    prev_pinned: bool = False
+    lm_losses: list[float] = Field(default_factory=list)
+    router_losses: list[float] = Field(default_factory=list)
+    steps: int = 0
+    question: str = ""
+    correct_answer: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    train_seconds: float = 0.0
+    notes: list[str] = Field(default_factory=list)
+    extra: dict[str, Any] = Field(default_factory=dict)   # free-form: job id, source, verification details
 
 
 class EditList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[dict[str, Any]]
+    data: list[EditInfo]
 
 
 __all__ = [
@@ -294,5 +381,6 @@ __all__ = [
     "ChatCompletion", "ChatCompletionChunk", "ChatChunkChoice", "ChunkDelta", "ChatChoice",
     "AssistantMessage",
     "Completion", "CompletionChoice", "ModelCard", "ModelList", "FeedbackRequest", "FeedbackJob",
-    "ExpertInfo", "EditList", "JobStatus",
+    "ExpertInfo", "EditList", "JobStatus", "JobResult", "KeyInfo", "CatalogExpert", "EditInfo", "EditPrompt",
+    "PromptMessage", "OpenModel",
 ]
