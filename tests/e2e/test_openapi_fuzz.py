@@ -34,6 +34,7 @@ ROUTES = [
     ("GET", "/v1/experts/{expert_id}"), ("GET", "/v1/stats"),
     ("GET", "/v1/feedback"), ("GET", "/v1/experts"), ("POST", "/v1/experts"),
     ("GET", "/v1/experts/{expert_id}/adapter"), ("DELETE", "/v1/experts/{expert_id}"),
+    ("GET", "/v1/keyspace"),
 ]
 EXAMPLES = 30          # per operation and generation mode: about a minute of requests on 2 cores
 NO_PARAM_CODES = {"invalid_json", "invalid_api_key", "admin_key_required", "overloaded", "unavailable",
