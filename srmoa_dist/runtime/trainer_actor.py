@@ -36,6 +36,7 @@ import ray
 from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.runtime.errors import brief
 from srmoa_dist.runtime.trainer_metrics import TrainerMetrics
+from srmoa_dist.ttt.phase_timings import PhaseTimings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class TrainerActor:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._jobs: dict[str, dict[str, Any]] = {}
+        self._phases = PhaseTimings()               # recent edits' phase seconds, for /v1/stats
         self._queue: queue.Queue[str] = queue.Queue()
         self._ctx: Any = None
         self._ctx_error: str | None = None
@@ -184,10 +186,11 @@ class TrainerActor:
             counts: dict[str, int] = {}
             for j in self._jobs.values():
                 counts[j["status"]] = counts.get(j["status"], 0) + 1
+            phases = self._phases.summary()
         return {"queued": self._queue.qsize(), "running": self._current, "jobs": counts,
                 "model_loaded": self._ctx is not None, "load_error": self._ctx_error, "pid": os.getpid(),
                 "incarnation": self.incarnation, "recovered": self._recovered.is_set(),
-                "recovery": self._recovery}
+                "recovery": self._recovery, "edit_phase_seconds": phases}
 
     def list_edits(self) -> list[dict[str, Any]]:
         ctx = self._context(load_model=False)
@@ -252,8 +255,8 @@ class TrainerActor:
             for job_id, r in zip(batch, results):
                 if not isinstance(r, BaseException):
                     self._set(job_id, status="done", finished=time.time(), result=r)
-                    log.info("job %s done: edit %s %s (expert %s)", job_id, r.get("edit_id"), r.get("status"),
-                             r.get("expert_id"))
+                    log.info("job %s done: edit %s %s (expert %s), phases %s", job_id, r.get("edit_id"),
+                             r.get("status"), r.get("expert_id"), r.get("timings"))
                 self._record_metrics(job_id, r)
             with self._lock:
                 self._current = None
@@ -269,6 +272,8 @@ class TrainerActor:
             TrainerMetrics.edit_failed(ns)
         else:
             TrainerMetrics.edit(r, ns)
+            with self._lock:
+                self._phases.add(r.get("timings"))
 
     def _settle_failed(self, failed: dict[str, BaseException]) -> None:
         """Jobs whose edit raised: recovery settles what their edits left (an undo that failed, an edit

@@ -99,6 +99,8 @@ class ServerStats(OpenModel):
 class TrainerStats(OpenModel):
     queued: int | None = None
     jobs: dict[str, int] = Field(default_factory=dict)
+    edit_phase_seconds: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="p50 / p90 seconds per edit phase over the recent edits")
     error: str | None = None
 
 

@@ -108,6 +108,9 @@ def test_feedback_edit_route_and_rollback(http, model_id):
     cache = st["server"]["cache"]
     assert cache["hits"] >= 1 and st["cache_hit_rate"] == cache["hits"] / (cache["hits"] + cache["misses"])
     assert st["trainer"]["jobs"]["done"] >= 1
+    phases = st["trainer"]["edit_phase_seconds"]                    # where the edits' time went
+    assert {"train_s", "verify_s", "total_s"} <= set(phases), phases
+    assert 0 < phases["train_s"]["p50"] <= phases["total_s"]["p90"] and phases["total_s"]["n"] >= 1
 
 
 def test_feedback_marked_correct_is_skipped(http):
