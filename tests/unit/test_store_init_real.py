@@ -1,6 +1,7 @@
 """srmoa init --seed-kind real: non-zero seed experts under keys that real queries retrieve."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -13,7 +14,7 @@ from srmoa_dist.model.generation import queries
 from srmoa_dist.routing.keystore import KeyStore
 from srmoa_dist.runtime.store_init import SEED_QUESTIONS_FILE, ensure_encoder, init_store, real_seed_batch
 
-GEOMETRY_1M = "results/scale/expert_1m.yaml"
+GEOMETRY_1M = Path(__file__).resolve().parents[2] / "results" / "scale" / "expert_1m.yaml"
 
 
 def test_the_million_expert_geometry_fits_8_lmdb_pages():
