@@ -174,11 +174,14 @@ def test_namespaces_isolate_tenants_and_share_the_shared_one(tenants, model_id, 
             base_b = _ask(c, model_id, FACT, headers=h["b"], use_experts=False)
             assert rb["choices"][0]["message"]["content"] == base_b["choices"][0]["message"]["content"]
 
+        # the shared expert goes (its strong random weights would blend into the edit's verification)
+        assert c.delete(f"/v1/experts/{s['id']}", headers=h["admin"]).json()["deleted"]
+        assert f"{model_id}:soup" not in [m.id for m in ob.models.list().data]
         # feedback from b trains in b: the new expert's key is in namespace b, a never reaches it
         q = "What is the capital of Quillovia?"
         fb = {"prompt": q, "response": "I do not know", "correct_answer": "Paris"}
         stats0 = c.get("/v1/stats", headers=h["admin"]).json()["namespaces"]
-        assert stats0["keys"].get("a") == 1 and stats0["keys"].get("shared") == 1
+        assert stats0["keys"].get("a") == 1 and "shared" not in stats0["keys"]
         job = c.post("/v1/feedback", json=fb, headers=h["b"]).json()                # a tenant teaches itself
         deadline = time.monotonic() + 120
         while job["status"] in ("pending", "running") and time.monotonic() < deadline:
