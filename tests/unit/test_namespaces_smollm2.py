@@ -3,8 +3,8 @@ generation) and B's queries never reach A's experts, while an expert of the shar
 
 The 20 A-side experts are imported, not trained (a real SR-TTT edit is ~15 s here, 20 would take the
 suite's budget): strong random parallel-MLP adapters whose keys are computed from each fact's four
-phrasings with the serving query encoder, as `POST /v1/experts` computes them. A control asks B's
-questions without the namespace filter: they do reach A's experts then, so the filter is what isolates.
+phrasings with the serving query encoder, as `POST /v1/experts` computes them. The control: the same
+questions asked from A reach A's experts (and change answers), so the filter is what isolates B.
 """
 
 from __future__ import annotations
@@ -67,9 +67,7 @@ def test_namespace_a_experts_never_reach_namespace_b(smollm2_base, smollm2_cache
         from_a = ask(b_texts, {"a", "shared"})                           # the same questions from A
         reached = sum(bool(a_ids & set(g.expert_ids)) for g in from_a)
         changed = sum(g.text != p.text for g, p in zip(from_a, plain) if g.expert_ids)
-        control = ask(b_texts, None)                                     # no filter: A's experts reached
         assert reached >= N_A // 2 and changed >= 3, (reached, changed)   # 20 and 5 here (10 tokens)
-        assert sum(bool(a_ids & set(g.expert_ids)) for g in control) >= N_A // 2
 
         shared_q = [shared_fact.question]                                # one of its examples
         for reach in ({"a", "shared"}, {"b", "shared"}):                 # the shared namespace reaches both
