@@ -51,8 +51,8 @@ class ClusterSpec:
     workers: int = 2
     shards: int = 4                 # store.n_shards of the store this cluster will hold
     base_port: int = 26000
-    head_cpus: float = 1.0
-    worker_cpus: float = 1.0
+    head_cpus: int = 1              # `ray start --num-cpus` takes an integer
+    worker_cpus: int = 1
     object_store_mb: int = 100      # per node (Ray's minimum is 78)
     host: str = "127.0.0.1"
 
@@ -68,8 +68,10 @@ class ClusterSpec:
                              f"(base_port + {100 * (self.workers + 2)}), got {self.base_port}")
         if self.object_store_mb < 78:
             raise ValueError(f"object_store_mb must be >= 78 (Ray's minimum), got {self.object_store_mb}")
-        if self.head_cpus <= 0 or self.worker_cpus <= 0:
-            raise ValueError("head_cpus and worker_cpus must be positive")
+        for name in ("head_cpus", "worker_cpus"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer (ray start --num-cpus), got {v!r}")
 
     @property
     def address(self) -> str:

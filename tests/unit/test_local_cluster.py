@@ -35,7 +35,8 @@ def test_resources_pin_shards_to_workers_and_store_to_the_head(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [({"workers": 0}, "workers"), ({"shards": 1}, "shards"),
                                         ({"base_port": 32500}, "base_port"),
-                                        ({"object_store_mb": 10}, "object_store_mb")])
+                                        ({"object_store_mb": 10}, "object_store_mb"),
+                                        ({"head_cpus": 0.5}, "head_cpus")])
 def test_bad_spec_is_refused(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         ClusterSpec(root=str(tmp_path), **bad)
