@@ -79,7 +79,7 @@ class KeyStoreActor:
         self._add_requests: OrderedDict[str, np.ndarray] = OrderedDict()   # request id -> slot ids
         self._searches = 0
         self._queries = 0
-        self._metrics = KeyStoreMetrics()
+        self._metrics = KeyStoreMetrics(store=runtime.namespace)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keystore-consolidate", daemon=True)
         self._thread.start()

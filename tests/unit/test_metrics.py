@@ -64,7 +64,7 @@ def test_key_store_gauges_are_rate_limited(tmp_path):
 
     ks = KeyStore.open(tmp_path / "ks", KeyStoreConfig(d_key=8))
     ks.add(np.eye(8, dtype=np.float32)[:3])
-    m = KeyStoreMetrics(interval_s=60.0)
+    m = KeyStoreMetrics("t", interval_s=60.0)
     assert m.due()
     m.gauges(ks)                                     # reads a real store (no error on any path)
     assert not m.due()
