@@ -36,8 +36,8 @@ class PhaseTimings:
         for t in self._edits:
             for k, v in t.items():
                 phases.setdefault(k, []).append(v)
-        return {k: {"p50": round(float(np.percentile(v, 50)), 3), "p90": round(float(np.percentile(v, 90)), 3),
-                    "n": len(v)} for k, v in phases.items()}
+        return {k: {"p50": round(float(np.percentile(v, 50)), 3),
+                    "p90": round(float(np.percentile(v, 90)), 3), "n": len(v)} for k, v in phases.items()}
 
 
 __all__ = ["PhaseTimings"]
