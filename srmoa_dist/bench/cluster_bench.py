@@ -218,7 +218,24 @@ class ClusterRun:
         self.say(f"killed node {self.victim}: {n} processes (its shards {self.spec.shards_of(self.victim)}, "
                  "its replica)")
 
+    def _wait_node_dead(self) -> None:
+        """Until the GCS declares the killed node dead (its health check), so that the restarted node
+        is a new node whose address cannot answer for the old one."""
+        import ray
+
+        port = self.cluster.nodes[self.victim].ports["node_manager"]
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not any(n["Alive"] and int(n.get("NodeManagerPort", -1)) == port for n in ray.nodes()):
+                self.t["node_dead"] = time.monotonic()
+                dt = self.t["node_dead"] - self.t["kill"]
+                self.say(f"the GCS declared node {self.victim} dead {dt:.1f} s after the kill")
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"node {self.victim} still listed alive {RECOVERY_TIMEOUT_S:.0f} s after its kill")
+
     def _restart(self) -> None:
+        self._wait_node_dead()
         self.t["restart"] = time.monotonic()
         st = self.cluster.start_node(self.victim)
         self.t["node_up"] = time.monotonic()
@@ -261,8 +278,8 @@ class ClusterRun:
 
         try:
             app = serve.status().applications[self.app.name]
-            dep = app.deployments["ModelServer"]
-            return int(dep.replica_states.get("RUNNING", 0))
+            states = app.deployments["ModelServer"].replica_states
+            return int(sum(v for k, v in states.items() if getattr(k, "value", k) == "RUNNING"))
         except Exception:
             return 0
 
@@ -341,6 +358,7 @@ class ClusterRun:
             "outage_retried": sum(r["attempts"] > 1 for r in during),
             "totals": dict(Counter(r["outcome"] for r in self.records)),
             "lost_experts": len(lost_ids), "lost_ids": lost_ids,
+            "node_dead_after_s": self.t["node_dead"] - kill,
             "node_restart_s": self.t["node_up"] - self.t["restart"],
             "recovery_s": (self.t["recovered"] - kill) if "recovered" in self.t else None,
             "recovery_after_restart_s": (self.t["recovered"] - self.t["restart"]) if "recovered" in self.t

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "cluster.json"
 HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
                 "RAY_health_check_failure_threshold": "5", "RAY_health_check_initial_delay_ms": "1000"}
+DEAD_AFTER_S = 10.0      # > period * threshold + timeout of HEALTH_CHECK
 NODE_PORTS = ("node_manager", "object_manager", "dashboard_agent_listen", "dashboard_agent_grpc",
               "metrics_export", "runtime_env_agent", "ray_client_server", "dashboard")
 
@@ -225,8 +226,11 @@ class LocalCluster:
         return killed
 
     def restart_node(self, n: int) -> NodeState:
-        """Kill node n if it still runs, then start it again on the same data directory."""
-        self.kill_node(n)
+        """Kill node n if it still runs, then start it again on the same data directory. A node that
+        was running is given `DEAD_AFTER_S` first: the GCS must declare the old node dead before a
+        new one answers its health check on the same address."""
+        if self.kill_node(n):
+            time.sleep(DEAD_AFTER_S)
         return self.start_node(n)
 
     # -- state ------------------------------------------------------------------------------------------
