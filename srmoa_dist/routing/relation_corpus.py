@@ -123,4 +123,22 @@ def make_relation_corpus(entities_per_kind: int = 20, seed: int = 0) -> tuple[li
     return texts, labels
 
 
-__all__ = ["RELATIONS", "make_relation_corpus"]
+def corpus_questions(n: int, seed: int = 0) -> list[str]:
+    """n distinct questions, one wording per (entity, relation) class of the corpus, in corpus order:
+    real-looking queries that no benchmark asks (seed keys for `srmoa init --seed-kind real`)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    per_kind = -(-n // sum(len(r) for r in RELATIONS.values()))
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        texts, labels = make_relation_corpus(per_kind, seed)
+        for t, first in zip(texts, [True] + [a != b for a, b in zip(labels[1:], labels)]):
+            if first and t not in seen:
+                seen.add(t)
+                out.append(t)
+        per_kind *= 2                     # repeated names: a bigger corpus (same prefix, same seed)
+    return out[:n]
+
+
+__all__ = ["RELATIONS", "corpus_questions", "make_relation_corpus"]

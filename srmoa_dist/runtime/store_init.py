@@ -146,13 +146,13 @@ def seed_experts(n: int, shapes: dict[str, tuple[int, int]], cfg: SrmoaConfig, s
 def real_seed_keys(base: Any, enc: Any, n: int, seed: int = 0, *, n_questions: int = REAL_SEED_QUESTIONS,
                    noise: float = REAL_SEED_NOISE) -> tuple[np.ndarray, list[str]]:
     """n unit keys (n, d_key) in the real query distribution, and the questions behind them: key i is
-    the routing query of question i % n_questions (generated facts, `bench.question_bank`) plus noise
+    the routing query of question i % n_questions (`routing.relation_corpus`, no benchmark's) plus noise
     of norm ~`noise`, renormalised; asking one of those questions retrieves its seeds."""
-    from srmoa_dist.bench.question_bank import make_question_bank
     from srmoa_dist.routing.prompt_pool import pooled_prompts
+    from srmoa_dist.routing.relation_corpus import corpus_questions
 
     m = max(1, min(n, n_questions))
-    questions = [f.key for f in make_question_bank(m, seed)]
+    questions = corpus_questions(m, seed)
     q = enc.encode_pooled(pooled_prompts(base, questions, progress=True, desc="seed questions"))
     rng = np.random.default_rng(seed)
     d = q.shape[1]

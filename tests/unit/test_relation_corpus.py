@@ -29,3 +29,15 @@ def test_disjoint_from_benchmark_wordings():
 def test_bad_size():
     with pytest.raises(ValueError, match="entities_per_kind"):
         make_relation_corpus(0)
+
+
+def test_corpus_questions_are_distinct_one_wording_per_class():
+    from srmoa_dist.routing.relation_corpus import corpus_questions
+
+    q = corpus_questions(500, seed=3)
+    assert len(q) == 500 and len(set(q)) == 500
+    assert q == corpus_questions(500, seed=3) and q != corpus_questions(500, seed=4)
+    first_wordings = {r[0].split("{e}")[0] for rels in RELATIONS.values() for r in rels}
+    assert all(any(t.startswith(w) for w in first_wordings) for t in q[:50])
+    with pytest.raises(ValueError, match="n must be"):
+        corpus_questions(0)
