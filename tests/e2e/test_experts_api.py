@@ -178,7 +178,7 @@ def test_namespaces_isolate_tenants_and_share_the_shared_one(tenants, model_id, 
         assert c.delete(f"/v1/experts/{s['id']}", headers=h["admin"]).json()["deleted"]
         assert f"{model_id}:soup" not in [m.id for m in ob.models.list().data]
         # feedback from b trains in b: the new expert's key is in namespace b, a never reaches it
-        q = "What is the capital of Quillovia?"
+        q = "What is the capital of Zorbania?"
         fb = {"prompt": q, "response": "I do not know", "correct_answer": "Paris"}
         stats0 = c.get("/v1/stats", headers=h["admin"]).json()["namespaces"]
         assert stats0["keys"].get("a") == 1 and "shared" not in stats0["keys"]
@@ -187,7 +187,7 @@ def test_namespaces_isolate_tenants_and_share_the_shared_one(tenants, model_id, 
         while job["status"] in ("pending", "running") and time.monotonic() < deadline:
             time.sleep(0.5)
             job = c.get(f"/v1/feedback/{job['job_id']}", headers=h["b"]).json()
-        assert job["status"] == "done" and job["result"]["status"] == "verified", job
+        assert job["status"] == "done" and job["result"]["status"] == "verified", str((job.get("result") or {}).get("reason"))
         eid = job["result"]["expert_id"]
         assert eid in _ask(c, model_id, q, headers=h["b"])["routing"]["expert_ids"]
         shown = c.get(f"/v1/experts/{eid}", headers=h["b"]).json()
