@@ -40,7 +40,8 @@ from srmoa_dist.ttt.phase_timings import PhaseTimings
 
 log = logging.getLogger(__name__)
 
-PUBLIC = ("job_id", "object", "status", "created", "started", "finished", "error", "result", "attempt")
+PUBLIC = ("job_id", "object", "status", "created", "started", "finished", "error", "result", "attempt",
+          "namespace")
 
 
 @ray.remote
@@ -149,7 +150,8 @@ class TrainerActor:
         now = time.time()
         job = {"job_id": f"job-{uuid.uuid4().hex[:16]}", "object": "feedback.job", "status": "pending",
                "created": now, "started": None, "finished": None, "error": None, "result": None,
-               "attempt": 1, "request": dict(request)}
+               "attempt": 1, "request": dict(request),
+               "namespace": str(request.get("namespace") or "default")}
         if request.get("verdict") == "correct":
             job.update(status="skipped", finished=now, result={"reason": "the response was marked correct"})
         with self._lock:

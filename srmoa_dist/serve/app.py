@@ -187,6 +187,12 @@ _ADMIN_ROUTES = (("POST", "/v1/feedback"), ("DELETE", "/v1/edits/"), ("POST", "/
 _TENANT_WRITES = (("POST", "/v1/feedback"),)
 
 
+def _visible(namespace: str | None) -> bool:
+    """May the current caller see a job or edit of this namespace (the admin sees every one)?"""
+    c = caller()
+    return c.admin or (namespace or "default") == c.namespace
+
+
 def _is_admin_route(method: str, path: str, routes: tuple[tuple[str, str], ...] = _ADMIN_ROUTES) -> bool:
     return any(method == m and (path.endswith(p) if not p.endswith("/") else p in path)
                for m, p in routes)
@@ -750,19 +756,21 @@ class Ingress:
         """The latest `limit` feedback jobs (1..1000)."""
         if not 1 <= limit <= 1000:
             raise bad_request(f"limit must be in 1..1000, got {limit}", param="limit", code="invalid_value")
-        return {"object": "list", "data": await self._actor(self._trainer().jobs.remote(limit), "trainer")}
+        jobs = await self._actor(self._trainer().jobs.remote(limit), "trainer")
+        return {"object": "list", "data": [j for j in jobs if _visible(j.get("namespace"))]}
 
     @api.get("/v1/feedback/{job_id}")
     async def feedback_status(self, job_id: str) -> FeedbackJob:
         job = await self._actor(self._trainer().job.remote(job_id), "trainer")
-        if job is None:
+        if job is None or not _visible(job.get("namespace")):
             raise not_found(f"no feedback job '{job_id}'", param="job_id", code="job_not_found")
         return job
 
     @api.get("/v1/edits")
     async def edits(self) -> EditList:
         data = await self._actor(self._trainer().list_edits.remote(), "trainer")
-        return {"object": "list", "data": data}
+        mine = [e for e in data if _visible((e.get("extra") or {}).get("namespace"))]
+        return {"object": "list", "data": mine}
 
     @api.delete("/v1/edits/{edit_id}")
     async def rollback_edit(self, edit_id: str) -> EditRollback:

@@ -294,6 +294,7 @@ class FeedbackJob(BaseModel):
     error: str | None = None
     result: JobResult | None = None
     attempt: int = 1
+    namespace: str = "default"
 
 
 class KeyInfo(OpenModel):

@@ -187,6 +187,11 @@ class EditEnv:
     new_slot: Callable[[], int] | None = None        # None: a zero key added to the key store, pinned
     base_answers: dict[str, str] = field(default_factory=dict)   # contrast prompt -> base model's answer
 
+    @property
+    def namespace(self) -> str:
+        """The tenant namespace the edit writes into: a `routing.namespaces.NamespaceView`'s own one."""
+        return str(getattr(self.keystore, "own", None) or "default")
+
     def generate(self, chats: Sequence[Messages]) -> list[Any]:
         """Routed greedy generations (verification length), as serving would answer them."""
         from srmoa_dist.model.generation import GenerationParams, generate
@@ -345,7 +350,7 @@ class Edit:
             prev_version=prev_version, new_version=new_version, prev_key=prev_key, new_key=new_key,
             prev_pinned=prev_pinned, question=f.question, correct_answer=f.correct_answer,
             extra={"stage": stage, "job_id": self.job_id, "source": f.source, "request_id": f.request_id,
-                   "slot_reserved": self.env.new_slot is None}))
+                   "slot_reserved": self.env.new_slot is None, "namespace": self.env.namespace}))
 
     # 2. commit: the full intent, the expert's new version, its key (pinned), the ledger entry, the caches
     def commit(self, res: TrainResult, train_s: float) -> None:
@@ -464,7 +469,8 @@ class Edit:
                 steps=res.steps if res is not None else 0,
                 question=f.question, correct_answer=f.correct_answer,
                 notes=(f"{type(err).__name__}: {err}",),
-                extra={"job_id": self.job_id, "source": f.source, "request_id": f.request_id},
+                extra={"job_id": self.job_id, "source": f.source, "request_id": f.request_id,
+                       "namespace": self.env.namespace},
             ))
             self.intent = None
         except Exception:

@@ -187,7 +187,9 @@ def test_namespaces_isolate_tenants_and_share_the_shared_one(tenants, model_id, 
         while job["status"] in ("pending", "running") and time.monotonic() < deadline:
             time.sleep(0.5)
             job = c.get(f"/v1/feedback/{job['job_id']}", headers=h["b"]).json()
-        assert job["status"] == "done" and job["result"]["status"] == "verified", str((job.get("result") or {}).get("reason"))
+        reason = str((job.get("result") or {}).get("reason"))
+        assert job["status"] == "done" and job["result"]["status"] == "verified", reason
+        assert job["namespace"] == "b"
         eid = job["result"]["expert_id"]
         assert eid in _ask(c, model_id, q, headers=h["b"])["routing"]["expert_ids"]
         shown = c.get(f"/v1/experts/{eid}", headers=h["b"]).json()
@@ -199,4 +201,15 @@ def test_namespaces_isolate_tenants_and_share_the_shared_one(tenants, model_id, 
         stats = c.get("/v1/stats", headers=h["admin"]).json()["namespaces"]
         assert stats["keys"]["b"] == 1 and stats["experts"]["b"]["edit"] == 1
         assert stats["requests"]["a"]["requests"] >= 1 and stats["requests"]["b"]["requests"] >= 1
-        assert job["job_id"] in [j["job_id"] for j in c.get("/v1/feedback", headers=h["a"]).json()["data"]]
+        # jobs and edits are listed to their own namespace (and to the admin)
+        def listed(role, route, key):
+            return [x[key] for x in c.get(route, headers=h[role]).json()["data"]]
+
+        assert job["job_id"] in listed("b", "/v1/feedback", "job_id")
+        assert job["job_id"] in listed("admin", "/v1/feedback", "job_id")
+        assert job["job_id"] not in listed("a", "/v1/feedback", "job_id")
+        _error(c.get(f"/v1/feedback/{job['job_id']}", headers=h["a"]), 404, "job_id")
+        edit_id = job["result"]["edit_id"]
+        assert edit_id in listed("b", "/v1/edits", "edit_id")
+        assert edit_id in listed("admin", "/v1/edits", "edit_id")
+        assert edit_id not in listed("a", "/v1/edits", "edit_id")
