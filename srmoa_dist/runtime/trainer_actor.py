@@ -158,12 +158,13 @@ class TrainerActor:
             self._jobs[job["job_id"]] = job
             self._save(job)
             self._prune()
+            out = _public(job)          # as submitted: the worker may start it the moment it is queued
         if job["status"] == "pending":
             self._queue.put(job["job_id"])
         else:
             TrainerMetrics.job(job["status"])
         TrainerMetrics.queue(self._queue.qsize())
-        return _public(job)
+        return out
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
