@@ -60,6 +60,8 @@ from ray import serve
 from srmoa_dist import __version__
 from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.runtime.errors import brief
+from srmoa_dist.serve.api_keys import resolve_admin_key, resolve_api_key  # noqa: F401
+from srmoa_dist.serve.call_errors import _generation_error, _is_backpressure, _is_transient, _store_full_error  # noqa: F401
 from srmoa_dist.serve.errors import (
     APIError,
     bad_request,
@@ -105,6 +107,7 @@ from srmoa_dist.serve.schemas import (
     Routing,
     Usage,
 )
+from srmoa_dist.serve.slots import _ReleasingStream, _Slots
 from srmoa_dist.serve.tenants import Tenants, caller, resolve_tenants, set_caller
 from srmoa_dist.serve.ui import UI_PATH, ui_html
 
@@ -149,33 +152,6 @@ def _usage(res: dict[str, Any]) -> Usage:
 def _from_error(err: dict[str, Any]) -> APIError:
     """An engine/trainer {"status", "message", "param", "code"} dict as an APIError."""
     return APIError(int(err.get("status", 400)), err["message"], param=err.get("param"), code=err.get("code"))
-
-
-def resolve_api_key(cfg: SrmoaConfig) -> str | None:
-    """The user key: serve.api_key, else $SRMOA_API_KEY, else the file at $SRMOA_API_KEY_FILE."""
-    return cfg.serve.api_key or _key_from_env("SRMOA_API_KEY")
-
-
-def resolve_admin_key(cfg: SrmoaConfig) -> str | None:
-    """The admin key: serve.admin_key, else $SRMOA_ADMIN_KEY, else the file at $SRMOA_ADMIN_KEY_FILE."""
-    return cfg.serve.admin_key or _key_from_env("SRMOA_ADMIN_KEY")
-
-
-def _key_from_env(var: str) -> str | None:
-    """$VAR, else the content (stripped) of the file named by $VAR_FILE; a named file that cannot be
-    read is a ValueError (serving without the key the operator asked for would open the API)."""
-    if os.environ.get(var):
-        return os.environ[var]
-    path = os.environ.get(f"{var}_FILE")
-    if not path:
-        return None
-    try:
-        key = open(path, encoding="utf-8").read().strip()
-    except OSError as e:
-        raise ValueError(f"${var}_FILE names {path!r}, which cannot be read: {e.strerror}") from None
-    if not key:
-        raise ValueError(f"${var}_FILE names {path!r}, which is empty")
-    return key
 
 
 # Learning and writing routes: with an admin key configured they need it (the user key gets a 403).
@@ -358,75 +334,6 @@ async def _await(ref: Any, timeout: float) -> Any:
 
 async def _as_future(ref: Any) -> Any:
     return await ref
-
-
-def _generation_error(e: Exception) -> APIError:
-    """The HTTP error for a failed call to the model server: 503 + Retry-After when it is transient
-    (queue full, replica restarting, a store call timing out), else 500 without it."""
-    if _is_backpressure(e):
-        return overloaded("the model server's queue is full; retry later")
-    log.error("generation failed: %s", brief(e), exc_info=e)
-    if _is_transient(e):
-        return APIError(503, f"generation failed ({brief(e)}); retry later", code="unavailable",
-                        headers={"Retry-After": "1"})
-    return APIError(500, f"generation failed ({brief(e)})", code="internal_error")
-
-
-def _is_transient(e: BaseException) -> bool:
-    """A failure of the call itself (Ray, Serve, a timeout), not an error raised by our code: a retry
-    may succeed. An application error arrives as a RayTaskError whose cause is not a Ray error."""
-    from ray.exceptions import RayError, RayTaskError
-    from ray.serve.exceptions import RayServeException
-
-    transient = (RayError, RayServeException, TimeoutError, asyncio.TimeoutError, ConnectionError)
-    if isinstance(e, RayTaskError):
-        return isinstance(getattr(e, "cause", None), transient)
-    return isinstance(e, transient)
-
-
-def _store_full_error(e: BaseException) -> APIError | None:
-    """A shard refused a write for room (its map or its disk), also through Ray: a 507 whose message
-    is the shard's (it says which setting to raise or what to free); None for any other error."""
-    from srmoa_dist.experts.shard import ShardFullError
-
-    cause = getattr(e, "cause", None)
-    full = cause if isinstance(cause, ShardFullError) else e if isinstance(e, ShardFullError) else None
-    if full is None:
-        return None
-    lines = str(full).strip().splitlines() or [type(full).__name__]
-    return APIError(507, f"the expert store is full: {lines[0][:500]}", code="storage_full")
-
-
-def _is_backpressure(e: BaseException) -> bool:
-    from ray.serve.exceptions import BackPressureError
-
-    return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__
-
-
-class _Slots:
-    """Admission slots held by one request; `release` gives them back to the Ingress exactly once."""
-
-    def __init__(self, owner: Any, n: int) -> None:
-        self._owner, self._n = owner, n
-
-    def release(self) -> None:
-        n, self._n = self._n, 0
-        self._owner.inflight -= n
-
-
-class _ReleasingStream(StreamingResponse):
-    """A StreamingResponse that releases its request's slots when it ends, however it ends (a body
-    iterator that never started has no `finally` to run)."""
-
-    def __init__(self, content: Any, slots: _Slots, **kw: Any) -> None:
-        super().__init__(content, **kw)
-        self._slots = slots
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._slots.release()
 
 
 @serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
