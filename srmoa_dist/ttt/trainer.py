@@ -156,10 +156,12 @@ class AnswerLoss:
     Layers 0..Lq carry no adapter, so their output is computed once (no grad) and reused; each step
     runs only layers Lq+1.. (under the active routing), the final norm, and the LM head at the
     positions that predict an answer token (a few of the T; the head is ~20% of a small model's FLOPs).
-    `full_forward=True` runs the plain `model(...)` instead (a check of the shortcut)."""
+    `first_adapted` (the fusion's first adapted layer, when above Lq+1): layers Lq+1..first_adapted-1
+    carry no adapter either, so they join the part computed once. `full_forward=True` runs the plain
+    `model(...)` instead (a check of the shortcut)."""
 
     def __init__(self, base: Any, batch: dict[str, torch.Tensor], *, full_forward: bool = False,
-                 row_weights: torch.Tensor | None = None) -> None:
+                 row_weights: torch.Tensor | None = None, first_adapted: int | None = None) -> None:
         self.base = base
         self.batch = batch
         self.full = full_forward
@@ -172,11 +174,19 @@ class AnswerLoss:
         self.row_weights = w
         self.weights = (w.to(counts.device) / counts)[self.rows]  # (N,): mean per prompt, weighted over rows
         if not full_forward:
+            from srmoa_dist.model.fusion import decoder_layers
             from srmoa_dist.model.generation import prefill_lower
 
+            self.start = max(base.query_layer + 1, first_adapted or 0)        # first layer run each step
             with torch.no_grad():
                 self.lower = prefill_lower(base, batch["input_ids"], batch["attention_mask"],
                                            batch["position_ids"])
+                lw, h = self.lower, self.lower.hidden
+                for layer in decoder_layers(base.model)[base.query_layer + 1:self.start]:
+                    h = layer(h, attention_mask=lw.causal_mask, position_ids=lw.position_ids,
+                              past_key_values=None, use_cache=False,
+                              position_embeddings=lw.position_embeddings)
+                self.frozen_hidden = h                                    # (P, T, D) input of layer start
 
     def __call__(self) -> torch.Tensor:
         return (self._token_nll() * self.weights).sum()
@@ -201,8 +211,8 @@ class AnswerLoss:
         from srmoa_dist.model.fusion import decoder_layers
 
         lw = self.lower
-        h = lw.hidden                                             # (P, T, D) output of layer Lq, no grad
-        for layer in decoder_layers(self.base.model)[self.base.query_layer + 1:]:
+        h = self.frozen_hidden                                    # (P, T, D) input of layer start, no grad
+        for layer in decoder_layers(self.base.model)[self.start:]:
             h = layer(h, attention_mask=lw.causal_mask, position_ids=lw.position_ids, past_key_values=None,
                       use_cache=False, position_embeddings=lw.position_embeddings)
         inner = self.base.model.model
@@ -561,7 +571,8 @@ class _JointSteps:
         prompts = [p for j in jobs for p in j.prompts]
         batch = lm_batch(base.tokenizer, prompts, base.system_prompt, base.device)
         weights = torch.cat([j.row_weights for j in jobs])                        # (sum R,)
-        self.lm_loss = AnswerLoss(base, batch, full_forward=full_forward, row_weights=weights)
+        self.lm_loss = AnswerLoss(base, batch, full_forward=full_forward, row_weights=weights,
+                                  first_adapted=getattr(fusion, "first_layer", None))
         bounds = np.cumsum([0] + [j.n_rows for j in jobs])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 

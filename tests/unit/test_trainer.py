@@ -86,6 +86,27 @@ def test_answer_loss_shortcut_equals_full_forward(world):
     assert all(p.grad is not None for p in te.parameters())
 
 
+def test_answer_loss_computes_unadapted_layers_once(make_tiny_world):
+    """With the adapters on layer 3 only, layers 2 (above Lq = 1) joins the part computed once: the
+    loss still equals the full forward's, and its gradient reaches the expert."""
+    base, fusion, _ = make_tiny_world(ExpertConfig(rank=4, alpha=8.0, first_layer=3), D_KEY)
+    try:
+        failure = explicit_failure("What is the capital of France?", "Rome", correct_answer="Paris")
+        prompts = diversify(failure, "Paris is the capital of France.")
+        b = lm_batch(base.tokenizer, prompts, base.system_prompt)
+        te = fusion.trainable(LoRAExpert.random(fusion.target_shapes(), 4, 8.0, "float32", seed=3))
+        with fusion.routing([[te]] * len(prompts)):
+            loss = AnswerLoss(base, b, first_adapted=fusion.first_layer)
+            fast = loss()
+            full = AnswerLoss(base, b, full_forward=True)()
+        assert loss.start == 3
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+        fast.backward()
+        assert all(p.grad is not None for p in te.parameters())
+    finally:
+        fusion.remove()
+
+
 def test_only_target_changes_and_loss_decreases(world, tmp_path):
     base, fusion, _, prompts, qs = world
     ks, store, ids = _stores(tmp_path, fusion, _random_keys(N_EXPERTS))
