@@ -3,7 +3,8 @@
     srmoa experts list [--namespace N] [--origin edit|import] [--limit L] [--after ID]
     srmoa experts show ID
     srmoa experts import DIR --name NAME --example "..." [--example ...] [--upload] [--namespace N]
-    srmoa experts export ID OUT_DIR          # a PEFT adapter directory (PeftModel.from_pretrained)
+    srmoa experts export ID OUT_DIR          # a PEFT adapter directory (PeftModel.from_pretrained);
+                                             # a parallel MLP expert: a fitted LoRA on mlp.down_proj
     srmoa experts delete ID
     srmoa edits list | srmoa edits rollback EDIT_ID
     srmoa jobs list
@@ -103,17 +104,33 @@ def experts_import(
 
 @experts_app.command("export")
 def experts_export(expert_id: int, out_dir: Path, url: str = URL, api_key: str | None = KEY) -> None:
-    """Write an expert as a PEFT adapter directory."""
+    """Write an expert as a PEFT adapter directory (a parallel MLP expert: a fitted, approximate LoRA)."""
     doc = _call(url, api_key, "GET", f"/v1/experts/{expert_id}/adapter")
     write_adapter_files(doc["files"], out_dir)
     typer.echo(f"wrote expert {expert_id} (version {doc['version']}) to {out_dir}")
+    rep = doc.get("export") or {}
+    if rep and not rep.get("exact", True):
+        typer.echo(f"approximate: {rep['method']} (a LoRA on mlp.down_proj fitted to the parallel expert); "
+                   f"greedy agreement with the served expert: {_agree(rep.get('own'))} on its own prompts, "
+                   f"{_agree(rep.get('held_out'))} on held-out prompts (details in srmoa_export.json)")
+
+
+def _agree(a: dict[str, Any] | None) -> str:
+    if not a:
+        return "not measured"
+    return f"{a['exact']:.0%} of {a['prompts']} identical ({a['tokens']:.0%} of tokens)"
 
 
 def write_adapter_files(files: dict[str, str], out_dir: Path) -> Path:
-    """The export route's files (config text, base64 weights) as an adapter directory."""
+    """The export route's files (the weights base64, the others text) as an adapter directory."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_NAME).write_text(files[CONFIG_NAME])
-    (out_dir / WEIGHTS_NAME).write_bytes(base64.b64decode(files[WEIGHTS_NAME]))
+    for name, body in files.items():
+        if Path(name).name != name:
+            raise ValueError(f"files: {name!r} is not a plain file name")
+        if name == WEIGHTS_NAME:
+            (out_dir / name).write_bytes(base64.b64decode(body))
+        else:
+            (out_dir / name).write_text(body)
     return out_dir
 
 

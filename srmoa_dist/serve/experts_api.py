@@ -4,7 +4,8 @@
     GET    /v1/experts/{id}            an expert: its record, key and catalog entry
     POST   /v1/experts                 import a PEFT LoRA adapter (server path or upload) with a name and
                                        example prompts; its key = normalize(mean(queries of the examples))
-    GET    /v1/experts/{id}/adapter    the expert as PEFT adapter files (config JSON, base64 safetensors)
+    GET    /v1/experts/{id}/adapter    the expert as PEFT adapter files (config JSON, base64 safetensors);
+                                       a parallel MLP expert's: a LoRA on mlp.down_proj fitted to it
     DELETE /v1/experts/{id}            free its slot, delete its record, drop it from the catalog
 
 An import is written in the order of an edit (`ttt.edit`): a pinned zero key in the caller's namespace
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
@@ -98,6 +100,7 @@ class ExpertsService:
         self.server = server
         self.timeout = timeout_s
         self.catalog = ExpertCatalog.of(cfg.data_dir)
+        self._exports: dict[tuple[int, str], dict[str, Any]] = {}    # (id, record digest) -> a fitted export
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -212,27 +215,52 @@ class ExpertsService:
             log.exception("could not free slot %d after a failed import", eid)
 
     async def export_adapter(self, c: Caller, expert_id: int) -> dict[str, Any]:
-        """GET /v1/experts/{id}/adapter: the PEFT adapter files of the expert as served."""
+        """GET /v1/experts/{id}/adapter: the PEFT adapter files of the expert. A LoRA-form expert's are
+        exact; a parallel MLP expert's are a LoRA on mlp.down_proj fitted to it (serve/adapter_export.py,
+        a Ray task with the model), with its measured agreement in `export` and srmoa_export.json."""
         from srmoa_dist.experts.codec import decode_expert
         from srmoa_dist.experts.peft_io import save_peft_adapter
 
-        self._visible(c, expert_id)
+        entry = self._visible(c, expert_id)
         raws = await self._in_thread(self.client.fetch_raw, [expert_id])
         raw = raws.get(expert_id)
         if raw is None:
             raise not_found(f"no expert {expert_id}", param="expert_id", code="expert_not_found")
         e = decode_expert(raw, expert_id=expert_id)
-        parallel = [n for n in e.targets if n.endswith(".mlp")]
-        if parallel:
-            raise APIError(409, f"expert {expert_id} is a parallel MLP adapter ({parallel[0]}, ...): PEFT "
-                                "adapts linear modules only, so it has no PEFT form that gives the same "
-                                "output; stores with expert.form 'lora' export to PEFT",
-                           param="expert_id", code="not_peft_representable")
+        if any(n.endswith(".mlp") for n in e.targets):
+            key = (expert_id, hashlib.blake2b(bytes(raw), digest_size=16).hexdigest())
+            out = self._exports.get(key)
+            if out is None:                  # a fit takes a model and seconds: keep the last few
+                out = await self._export_parallel(expert_id, e, entry)
+                self._exports = {**dict(list(self._exports.items())[-7:]), key: out}
+            return {"id": expert_id, "object": "expert.adapter", "version": e.version, **out}
         with tempfile.TemporaryDirectory(prefix="srmoa-export-") as tmp:
             save_peft_adapter(e, tmp, base_model_name_or_path=self.cfg.model.name_or_path)
             files = {CONFIG_NAME: (Path(tmp) / CONFIG_NAME).read_text(),
                      WEIGHTS_NAME: base64.b64encode((Path(tmp) / WEIGHTS_NAME).read_bytes()).decode()}
-        return {"id": expert_id, "object": "expert.adapter", "version": e.version, "files": files}
+        exact = {"form": "lora", "method": "exact", "exact": True, "rank": e.rank, "alpha": e.alpha}
+        return {"id": expert_id, "object": "expert.adapter", "version": e.version, "files": files,
+                "export": exact}
+
+    async def _export_parallel(self, expert_id: int, e: Any, entry: CatalogEntry | None) -> dict[str, Any]:
+        """The fitted down_proj LoRA of a parallel expert, fit on its examples and its edits' prompts."""
+        from srmoa_dist.serve.adapter_export import EXPORT_TIMEOUT_S, export_task, fit_prompts
+
+        edits: list[dict[str, Any]] = []
+        if entry is not None and entry.origin == "edit" and self.runtime.trainer is not None:
+            edits = [r for r in await self._ray(self.runtime.trainer.list_edits.remote())
+                     if r.get("expert_id") == expert_id]
+        own, answers = fit_prompts(entry.examples if entry is not None else (), edits)
+        if not own:
+            raise APIError(409, f"expert {expert_id} has no example prompts (catalog) nor edit prompts "
+                                "(ledger): its PEFT form is fitted on them", param="expert_id",
+                           code="no_fit_prompts")
+        try:
+            return await asyncio.wait_for(_as_future(export_task.remote(self.cfg, e, own, answers)),
+                                          max(self.timeout, EXPORT_TIMEOUT_S))
+        except ImportError as err:
+            raise APIError(501, f"exporting a parallel MLP expert needs the model packages: {err}",
+                           param="expert_id", code="export_unavailable") from None
 
     async def delete(self, c: Caller, expert_id: int) -> dict[str, Any]:
         """DELETE /v1/experts/{id} (see the module docstring)."""

@@ -56,12 +56,41 @@ class ImportedExpert(CatalogExpert):
     targets: int                  # adapted modules
 
 
+class ExportAgreement(BaseModel):
+    prompts: int
+    exact: float = Field(description="share of prompts whose greedy tokens are identical")
+    tokens: float = Field(description="mean share of greedy tokens before the first difference")
+
+
+class ExportReport(BaseModel):
+    """How the files were made (experts/peft_distill.py `DistillReport` for a parallel MLP expert)."""
+
+    form: Literal["lora", "parallel_mlp"]
+    method: str = Field(description="exact (a LoRA-form expert) or ridge_down_proj (a fitted LoRA)")
+    exact: bool
+    rank: int
+    alpha: float
+    ridge: float | None = None
+    fit_tokens: int | None = None
+    max_new_tokens: int | None = None
+    residual: dict[str, float] = Field(default_factory=dict, description="relative residual per layer")
+    own: ExportAgreement | None = Field(None, description="PeftModel vs the served expert (gate 1), "
+                                                          "on the expert's own prompts")
+    held_out: ExportAgreement | None = Field(None, description="the same on generic prompts not fitted")
+    base_own: ExportAgreement | None = None
+    base_held_out: ExportAgreement | None = None
+    seconds: dict[str, float] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
 class ExpertAdapter(BaseModel):
     id: int
     object: Literal["expert.adapter"] = "expert.adapter"
     version: int
     files: dict[str, str] = Field(description="adapter_config.json (JSON text) and "
-                                              "adapter_model.safetensors (base64)")
+                                              "adapter_model.safetensors (base64); for a parallel MLP "
+                                              "expert also srmoa_export.json")
+    export: ExportReport | None = None
 
 
 class ExpertDeleted(BaseModel):

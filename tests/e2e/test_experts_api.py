@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 
 import httpx
 import pytest
 
+from srmoa_dist.cli_experts import write_adapter_files
 from srmoa_dist.experts.expert import LoRAExpert
-from srmoa_dist.experts.peft_io import CONFIG_NAME, WEIGHTS_NAME, save_peft_adapter
+from srmoa_dist.experts.peft_distill import REPORT_NAME
+from srmoa_dist.experts.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft_adapter, save_peft_adapter
 
 pytestmark = pytest.mark.ray
 
@@ -70,8 +73,20 @@ def test_adapter_import_as_model_export_and_delete(http, oai, model_id, tmp_path
     assert shown["catalog"]["name"] == "brellin" and shown["key"]["namespace"] == "default"
     assert shown["catalog"]["examples"][0] == FACT and shown["key"]["pinned"]
 
-    # export: a parallel MLP adapter has no PEFT form (PEFT adapts linear modules only)
-    _error(http.get(f"/v1/experts/{eid}/adapter"), 409, "expert_id")
+    # export: a parallel MLP adapter has no exact PEFT form; it comes as a LoRA on mlp.down_proj fitted
+    # to it, with its measured agreement (the route and the file say how close it is)
+    r = http.get(f"/v1/experts/{eid}/adapter")
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    rep = doc["export"]
+    assert rep["form"] == "parallel_mlp" and rep["method"] == "ridge_down_proj" and not rep["exact"]
+    assert set(rep["residual"]) == set(SHAPES) and rep["own"]["prompts"] == 2 and rep["held_out"]["prompts"]
+    assert 0.0 <= rep["own"]["tokens"] <= 1.0 and rep["fit_tokens"] > 0
+    out = write_adapter_files(doc["files"], tmp_path / "exported")
+    assert json.loads((out / REPORT_NAME).read_text())["own"] == rep["own"]
+    assert json.loads((out / CONFIG_NAME).read_text())["target_modules"] == ["down_proj"]
+    assert set(load_peft_adapter(out).targets) == {f"{n}.down_proj" for n in SHAPES}
+    assert http.get(f"/v1/experts/{eid}/adapter").json()["files"] == doc["files"]     # kept, not refitted
 
     assert http.delete(f"/v1/experts/{eid}").json()["deleted"]
     _error(http.get(f"/v1/experts/{eid}"), 404, "expert_id")
