@@ -188,6 +188,7 @@ class ModelConfig:
     false_route_rate: float = 0.01    # tau is calibrated so this share of negatives passes it
     encoder_discriminant: float = 0.0 # share of the fact discriminant in routing scores (0 = off: see README)
     encoder_corpus_entities: int = 20 # invented entities per kind in the discriminant's corpus
+    relation_layer: int | None = None # the relation gate's layer (`routing.relation_gate`); None = off
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -199,6 +200,8 @@ class ModelConfig:
         if not 0.0 <= self.encoder_discriminant < 1.0:
             raise ValueError(f"model.encoder_discriminant must be in [0, 1), "
                              f"got {self.encoder_discriminant!r}")
+        if self.relation_layer is not None:
+            _non_negative("model.relation_layer", self.relation_layer)
         if not isinstance(self.encoder_corpus_entities, int) or self.encoder_corpus_entities < 1:
             raise ValueError(f"model.encoder_corpus_entities must be a positive integer, "
                              f"got {self.encoder_corpus_entities!r}")

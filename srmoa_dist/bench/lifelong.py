@@ -189,6 +189,7 @@ def run_lifelong_bench(
     from srmoa_dist.model.loading import load_base_model
     from srmoa_dist.routing.encoder_cache import calibrated
     from srmoa_dist.routing.keystore import KeyStore
+    from srmoa_dist.routing.relation_gate import gated
     from srmoa_dist.runtime.edit_context import LOCALITY_PROMPTS
     from srmoa_dist.ttt.detect import explicit_failure
     from srmoa_dist.ttt.diversify import diversify
@@ -211,7 +212,7 @@ def run_lifelong_bench(
         if base is None:
             base = load_base_model(cfg.model, shared_model_cache())
         fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
-        encoder = calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders")
+        encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"))
         n_entities = -(-n_edits // facts_per_entity)
         entities = make_entity_facts(n_entities, facts_per_entity, seed)
         facts = [(e, f) for e in entities for f in e.facts][:n_edits]

@@ -279,6 +279,7 @@ def run_ttt_bench(
     from srmoa_dist.model.loading import load_base_model
     from srmoa_dist.routing.encoder_cache import calibrated
     from srmoa_dist.routing.keystore import KeyStore
+    from srmoa_dist.routing.relation_gate import gated
     from srmoa_dist.ttt.detect import explicit_failure
     from srmoa_dist.ttt.diversify import diversify
     from srmoa_dist.ttt.edit import apply_edit, make_fetch, make_router
@@ -300,7 +301,7 @@ def run_ttt_bench(
                 cache = shared_model_cache()
             base = load_base_model(cfg.model, cache)
         fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
-        encoder = calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders")
+        encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"))
         setup_s = time.perf_counter() - t0
 
         # 2. data and tau ----------------------------------------------------------------------------

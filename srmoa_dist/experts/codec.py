@@ -12,6 +12,7 @@
                  shapes [[d_in, d_out], ...]          (A is (r, d_in), B is (d_out, r))
                  nbytes payload length
                  crc    crc32 (zlib) of the payload
+                 rel    optional: {"s": subject, "m": m, "d": D, "k": the (m, D) relation keys, float16 bytes}
     zero padding to a multiple of 8 bytes
     payload    per target in `names` order: A bytes then B bytes, C order, little-endian
                (bfloat16 as raw uint16 bits)
@@ -32,7 +33,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from srmoa_dist.experts.expert import STORAGE_DTYPE, LoRAExpert
+from srmoa_dist.experts.expert import STORAGE_DTYPE, ExpertRelation, LoRAExpert
 
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<II")
@@ -82,7 +83,21 @@ def encode_expert(e: LoRAExpert, *, version: int | None = None) -> bytes:
         "nbytes": len(payload),
         "crc": zlib.crc32(payload),
     }
+    if e.relation is not None:
+        m, d = e.relation.keys.shape
+        header["rel"] = {"s": e.relation.subject, "m": m, "d": d, "k": e.relation.keys.tobytes()}
     return _frame(header, payload)
+
+
+def _relation(header: dict[str, Any], expert_id: int | None, where: str) -> ExpertRelation | None:
+    rel = header.get("rel")
+    if rel is None:
+        return None
+    try:
+        keys = np.frombuffer(rel["k"], dtype="<f2").reshape(int(rel["m"]), int(rel["d"]))
+        return ExpertRelation(rel["s"], keys)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptExpertError(f"bad relation block ({exc})", expert_id=expert_id, where=where) from None
 
 
 def read_header(buf: Buffer, *, expert_id: int | None = None, where: str = "") -> tuple[dict[str, Any], int]:
@@ -181,7 +196,8 @@ def decode_expert(buf: Buffer, *, expert_id: int | None = None, where: str = "")
         b = flat[pos + na : pos + na + nb].reshape(d_out, r)
         pos += na + nb
         targets[name] = (a, b)
-    return LoRAExpert._unchecked(targets, float(header["alpha"]), int(header["ver"]))
+    return LoRAExpert._unchecked(targets, float(header["alpha"]), int(header["ver"]),
+                                 _relation(header, expert_id, where))
 
 
 def restamp(buf: Buffer, version: int, *, expert_id: int | None = None, where: str = "") -> bytes:

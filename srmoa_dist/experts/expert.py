@@ -16,6 +16,11 @@ rounded to nearest even); :func:`bf16_to_f32`, :meth:`LoRAExpert.float32` and
 Arrays decoded from the store are read-only views over the record bytes (no copy); construct a new
 expert (e.g. with :meth:`LoRAExpert.from_float`) to change weights. ``scaling`` is *not* applied to the
 stored B: it is folded once, at fusion time, with :meth:`LoRAExpert.folded`.
+
+An expert made by an edit about a named subject may carry an :class:`ExpertRelation`: the subject and
+one relation key a fact it holds (the subject-masked question's state, `routing.relation_gate`), so that
+serving can tell which of several experts about one subject a question asks for. It travels in the
+record header and is not part of the weights (``same_weights`` ignores it).
 """
 
 from __future__ import annotations
@@ -76,6 +81,28 @@ def _as_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
+class ExpertRelation:
+    """The subject an edit's expert is about and its facts' relation keys (m, D), unit rows, float16."""
+
+    subject: str
+    keys: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise ValueError(f"relation subject must be a non-empty string, got {self.subject!r}")
+        keys = np.asarray(self.keys)
+        if keys.ndim != 2 or 0 in keys.shape or not np.issubdtype(keys.dtype, np.floating):
+            raise ValueError(f"relation keys must be a non-empty 2-D float array (m, D), got {keys.shape}")
+        if not np.isfinite(keys).all():
+            raise ValueError("relation keys must be finite")
+        object.__setattr__(self, "keys", np.ascontiguousarray(keys, dtype=np.float16))
+
+    def plus(self, keys: np.ndarray) -> ExpertRelation:
+        """The same subject with more relation keys (a refined expert holds one more fact)."""
+        return ExpertRelation(self.subject, np.concatenate([self.keys, np.asarray(keys, np.float16)]))
+
+
+@dataclass(frozen=True, eq=False)
 class LoRAExpert:
     """A frozen LoRA expert: per target (A (r, d_in), B (d_out, r)), one alpha, one dtype.
 
@@ -86,8 +113,12 @@ class LoRAExpert:
     targets: dict[str, tuple[np.ndarray, np.ndarray]]
     alpha: float
     version: int = 0
+    relation: ExpertRelation | None = None
 
     def __post_init__(self) -> None:
+        if self.relation is not None and not isinstance(self.relation, ExpertRelation):
+            raise ValueError(f"relation must be an ExpertRelation or None, "
+                             f"got {type(self.relation).__name__}")
         if not isinstance(self.targets, Mapping) or not self.targets:
             raise ValueError(f"targets must be a non-empty mapping of name -> (A, B), got {self.targets!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.floating)):
@@ -143,14 +174,22 @@ class LoRAExpert:
 
     @classmethod
     def _unchecked(
-        cls, targets: dict[str, tuple[np.ndarray, np.ndarray]], alpha: float, version: int
+        cls, targets: dict[str, tuple[np.ndarray, np.ndarray]], alpha: float, version: int,
+        relation: ExpertRelation | None = None,
     ) -> LoRAExpert:
         """Build without validation (the codec has already checked the record against its header)."""
         obj = object.__new__(cls)
         object.__setattr__(obj, "targets", targets)
         object.__setattr__(obj, "alpha", alpha)
         object.__setattr__(obj, "version", version)
+        object.__setattr__(obj, "relation", relation)
         return obj
+
+    def with_relation(self, relation: ExpertRelation | None) -> LoRAExpert:
+        """The same weights and version with `relation` attached (None: without one)."""
+        if relation is not None and not isinstance(relation, ExpertRelation):
+            raise ValueError(f"relation must be an ExpertRelation or None, got {type(relation).__name__}")
+        return LoRAExpert._unchecked(self.targets, self.alpha, self.version, relation)
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -189,7 +228,7 @@ class LoRAExpert:
             n: (to_storage(_as_float32(a, src), dtype), to_storage(_as_float32(b, src), dtype))
             for n, (a, b) in self.targets.items()
         }
-        return LoRAExpert(targets, self.alpha, self.version)
+        return LoRAExpert(targets, self.alpha, self.version, self.relation)
 
     def float32(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """name -> (A, B) as float32 arrays (new arrays; bf16 bits converted)."""

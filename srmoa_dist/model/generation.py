@@ -143,8 +143,11 @@ def prefill_lower(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     cache: Any = None,
+    *,
+    last_layer: int | None = None,
 ) -> LowerPrefill:
-    """embed -> layers[0..Lq]; position ids default to HF generate's (cumsum of the mask)."""
+    """embed -> layers[0..Lq] (or 0..last_layer); position ids default to HF generate's (cumsum of the
+    mask). Only the default stop leaves a state that `prefill_upper` can continue."""
     from transformers import DynamicCache
     from transformers.masking_utils import create_causal_mask
 
@@ -167,7 +170,8 @@ def prefill_lower(
         position_ids=position_ids,
     )
     pos_emb = inner.rotary_emb(h, position_ids=position_ids)
-    for layer in decoder_layers(base.model)[: base.query_layer + 1]:
+    stop = base.query_layer if last_layer is None else last_layer
+    for layer in decoder_layers(base.model)[: stop + 1]:
         h = layer(
             h,
             attention_mask=causal_mask,
@@ -319,6 +323,22 @@ def make_route_step(router: Router | None, fetch: Fetch | None, gate_temperature
     return step
 
 
+def drop_per_row(routing: BatchRouting, drop: Sequence[set[int]]) -> BatchRouting:
+    """The routing with the ids `drop[b]` removed from sequence b (gates renormalised, experts kept in
+    step); `skipped` is left as it is (these experts were there, and not wanted)."""
+    ids, scores, gates, experts = [], [], [], []
+    for b, (i_b, s_b, g_b) in enumerate(zip(routing.expert_ids, routing.scores, routing.gates)):
+        keep = [j for j, i in enumerate(i_b) if i not in drop[b]]
+        g = np.asarray([g_b[j] for j in keep], dtype=np.float64)
+        ids.append([i_b[j] for j in keep])
+        scores.append([s_b[j] for j in keep])
+        gates.append([float(x) for x in g / g.sum()] if g.size and g.sum() > 0 else [0.0] * g.size)
+        if routing.experts is not None:
+            experts.append([routing.experts[b][j] for j in keep])
+    return dataclasses.replace(routing, expert_ids=ids, scores=scores, gates=gates,
+                               experts=experts if routing.experts is not None else None)
+
+
 def _without(routing: BatchRouting, missing: set[int]) -> BatchRouting:
     """The routing with the `missing` experts removed from every sequence, gates renormalised."""
     ids, scores, gates, skipped = [], [], [], []
@@ -417,6 +437,9 @@ def _run(
         else:
             xq = np.zeros((B, 0), dtype=np.float32)
     routing = route_step(xq) if route_step is not None else no_routing(xq)  # plain Python (may call Ray)
+    arbitrate = getattr(encoder, "arbitrate", None)      # a relation gate (`routing.relation_gate`), if any
+    if arbitrate is not None and routing.experts is not None:
+        routing = arbitrate(base, batch, routing)
     experts = routing.experts if routing.experts is not None else [[] for _ in range(B)]
     if len(experts) != B:
         raise ValueError(f"the route step returned the routing of {len(experts)} sequences, not {B}")

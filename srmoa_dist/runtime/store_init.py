@@ -85,6 +85,7 @@ def ensure_encoder(cfg: SrmoaConfig, base: Any, keystore: Any | None = None) -> 
     """
     from srmoa_dist.routing.encoder_cache import calibrated
     from srmoa_dist.routing.query_encoder import QueryEncoder
+    from srmoa_dist.routing.relation_gate import gated
 
     if keystore is not None:
         import ray
@@ -116,7 +117,7 @@ def ensure_encoder(cfg: SrmoaConfig, base: Any, keystore: Any | None = None) -> 
         raise ValueError(f"{where}: {e}; this data directory was made for another model") from None
     if enc.d_key != cfg.keystore.d_key:
         raise ValueError(f"{where} makes {enc.d_key}-dim queries but keystore.d_key is {cfg.keystore.d_key}")
-    return enc
+    return gated(base, enc)            # with the relation gate when model.relation_layer is set
 
 
 def _load_encoder_bytes(data: bytes) -> Any:

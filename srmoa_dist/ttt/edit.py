@@ -264,10 +264,20 @@ class Edit:
             target, rows, rq = self._subject_target(qs)
             self.job = TrainingJob(env.base, env.fusion, rows, rq, env.keystore, env.store, ttt,
                                    ks_cfg, env.cfg.expert, new_slot=self._reserve, may_refine=self.may_refine,
-                                   target=target, tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq)
+                                   target=target, tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq,
+                                   relation=self._relation())
         except Exception as e:
             raise self.fail(e, "training failed") from e
         self.timings["prepare_s"] = time.perf_counter() - t
+
+    def _relation(self) -> Any:
+        """The failing question's relation key and subject (an `ExpertRelation`) when the encoder has a
+        relation gate (`model.relation_layer`) and the question a subject; else None."""
+        gate = getattr(self.env.encoder, "gate", None)
+        if gate is None:
+            return None
+        q = self.failure.question
+        return gate.relation_of(self.env.base, q, subject_of(q))
 
     def _subject_edits(self) -> list[EditRecord]:
         """With ttt.entity_experts: the live edits about this question's subject, all on the expert of

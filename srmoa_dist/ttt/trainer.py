@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, TTTConfig
+from srmoa_dist.routing.relation_gate import same_subject
 from srmoa_dist.ttt.diversify import TrainingPrompt
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ class TrainingJob:
                  expert_cfg: ExpertConfig, *, new_slot: Callable[[], int],
                  may_refine: Callable[[int], bool] | None = None, target: Target | None = None,
                  tau: float | None = None, seed: int = 0, guards: Sequence[Guard] = (),
-                 contrast: np.ndarray | None = None) -> None:
+                 contrast: np.ndarray | None = None, relation: Any = None) -> None:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         P = len(prompts)
         if queries.ndim != 2 or queries.shape != (P, ks_cfg.d_key):
@@ -367,6 +368,9 @@ class TrainingJob:
             target = choose_target(queries, keystore, cfg, new_slot, may_refine, k=ks_cfg.k)
         self.target = target
         guards = [g for g in guards if g.expert_id != target.expert_id]
+        self.relation = relation                     # an `ExpertRelation` the expert will carry, or None
+        if relation is not None:
+            guards = self._apart_by_relation(guards)
         self.prompts = list(prompts) + [g.prompt for g in guards]                 # R rows
         self.P, self.G = P, len(guards)
         self.guards = list(guards)
@@ -382,6 +386,8 @@ class TrainingJob:
             self.prev_key = np.asarray(keystore.get(np.array([target.expert_id], np.int64)),
                                        dtype=np.float32).reshape(-1).copy()
             self.key0 = self.prev_key.copy()
+            if relation is not None and same_subject(self.source, relation.subject):
+                self.relation = self.source.relation.plus(relation.keys)        # one more fact of it
         D, I = keystore.search(self.q_all, ks_cfg.k, tau=-1.0)                   # (R, k) every neighbour
         self.D = np.asarray(D, dtype=np.float32)
         self.I = np.asarray(I, dtype=np.int64)
@@ -397,6 +403,13 @@ class TrainingJob:
         self.steps = 0
         self.converged = False
         self.done = False
+
+    def _apart_by_relation(self, guards: list[Guard]) -> list[Guard]:
+        """The guards whose expert is not about this edit's subject: the relation gate keeps those
+        apart at serving (each question reaches its own relation's expert), so they need no guard row."""
+        subject = self.relation.subject
+        experts = _present(self.store, sorted({g.expert_id for g in guards if g.expert_id >= 0}))
+        return [g for g in guards if not same_subject(experts.get(g.expert_id), subject)]
 
     @property
     def n_rows(self) -> int:
@@ -429,6 +442,10 @@ class TrainingJob:
         wanted = sorted({int(i) for i in self.I[served]}) if cfg.train_in_mixture else []
         experts = _present(self.store, wanted)
         served &= np.isin(self.I, np.array(list(experts), np.int64))             # missing: skipped, as served
+        if self.relation is not None:           # the relation gate takes the subject's others off its rows
+            rel_rival = np.vectorize(lambda i: same_subject(experts.get(int(i)), self.relation.subject),
+                                     otypes=[bool])(self.I)
+            served[: self.P] &= ~rel_rival[: self.P]
         self.te = self.fusion.trainable(self.source)                             # A, B: float32 Parameters
         self.key = nn.Parameter(torch.tensor(self.key0, device=dev))             # (d,)
         self.q = torch.tensor(self.q_all, device=dev)                            # (R, d)
@@ -531,6 +548,10 @@ class TrainingJob:
         t = self.target
         key_np = self.key.detach().float().cpu().numpy().astype(np.float32)
         expert = self.te.to_expert(self.expert_cfg.dtype if t.created else self.source.dtype)
+        if self.relation is not None:
+            expert = expert.with_relation(self.relation)
+        elif not t.created and getattr(self.source, "relation", None) is not None:
+            expert = expert.with_relation(self.source.relation)
         scores = tuple(float(x) for x in self.queries @ key_np)
         log.info("ttt: expert %d (%s) %d steps in %.1f s, lm %.3f -> %.3f, router %.3f -> %.3f, %d guards",
                  t.expert_id, "new" if t.created else "refined", self.steps, seconds, self.lm_losses[0],

@@ -1,0 +1,116 @@
+"""routing/relation_gate.py on the tiny random Llama: masking, fitting, relation keys and the arbitration
+between experts about one subject (in `generate`, through `GatedEncoder`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from srmoa_dist.config import ExpertConfig
+from srmoa_dist.experts.codec import decode_expert, encode_expert
+from srmoa_dist.experts.expert import ExpertRelation, LoRAExpert
+from srmoa_dist.model.fusion import ExpertFusion
+from srmoa_dist.model.generation import encode_messages, generate, select_experts, with_experts
+from srmoa_dist.routing.query_encoder import QueryEncoder
+from srmoa_dist.routing.relation_gate import GatedEncoder, RelationGate, mask_subject, names, same_subject
+
+CAPITAL = "What is the capital of Zorblax?"
+CURRENCY = "Which money do people pay with in Zorblax?"
+
+
+@pytest.fixture(scope="module")
+def gate(tiny_base):
+    return RelationGate.fit(tiny_base, 2, n=24)
+
+
+@pytest.fixture(scope="module")
+def fusion(tiny_base):
+    f = ExpertFusion(tiny_base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=tiny_base.query_layer)
+    yield f
+    f.remove()
+
+
+def test_mask_subject_case_insensitive_and_possessive():
+    assert mask_subject("Who runs zorblax's mint? Zorblax knows.", "Zorblax") == "Who runs it mint? it knows."
+    assert names("what about ZORBLAX", "Zorblax") and not names("what about Zorb", "Zorblax")
+
+
+def test_fit_checks_layer_and_centres(tiny_base, gate):
+    assert gate.mu.shape == (tiny_base.d_model,) and np.isfinite(gate.mu).all()
+    with pytest.raises(ValueError, match="model.relation_layer"):
+        RelationGate.fit(tiny_base, 99, n=4)
+    with pytest.raises(ValueError, match="relation layer"):
+        RelationGate(-1, gate.mu)
+
+
+def test_relation_keys_ignore_the_subject_name(tiny_base, gate):
+    r = gate.encode(tiny_base, [CAPITAL, CAPITAL.replace("Zorblax", "Quippo")], ["Zorblax", "Quippo"])
+    assert r.shape == (2, tiny_base.d_model)
+    np.testing.assert_allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(r[0], r[1], atol=1e-6)          # both masked to the same text
+    assert gate.relation_of(tiny_base, CAPITAL, None) is None
+    rel = gate.relation_of(tiny_base, CAPITAL, "Zorblax")
+    more = gate.relation_of(tiny_base, CURRENCY, "zorblax", earlier=rel)
+    assert more.keys.shape == (2, tiny_base.d_model) and more.subject == "Zorblax"
+
+
+def test_relation_travels_in_the_record(tiny_base, gate):
+    e = LoRAExpert.random({"layers.2.mlp": (8, 8)}, rank=2, alpha=4.0)
+    rel = gate.relation_of(tiny_base, CAPITAL, "Zorblax")
+    back = decode_expert(encode_expert(e.with_relation(rel)))
+    assert back.relation.subject == "Zorblax"
+    np.testing.assert_array_equal(back.relation.keys, rel.keys)
+    assert back.same_weights(e) and decode_expert(encode_expert(e)).relation is None
+    assert same_subject(back, "ZORBLAX") and not same_subject(e, "Zorblax")
+    with pytest.raises(ValueError, match="relation subject"):
+        ExpertRelation(" ", rel.keys)
+    with pytest.raises(ValueError, match="relation keys"):
+        ExpertRelation("X", np.zeros(3))
+
+
+def _experts(tiny_base, fusion, gate):
+    shapes = fusion.target_shapes()
+    cap_rel = gate.relation_of(tiny_base, CAPITAL, "Zorblax")
+    cur_rel = gate.relation_of(tiny_base, CURRENCY, "Zorblax")
+    cap = LoRAExpert.random(shapes, 4, 8.0, seed=1).with_relation(cap_rel)
+    cur = LoRAExpert.random(shapes, 4, 8.0, seed=2).with_relation(cur_rel)
+    plain = LoRAExpert.random(shapes, 4, 8.0, seed=3)
+    return {10: cap, 11: cur, 12: plain}
+
+
+def test_arbitrate_keeps_the_matching_relation_only(tiny_base, fusion, gate):
+    experts = _experts(tiny_base, fusion, gate)
+    chats = [[{"role": "user", "content": t}] for t in (CAPITAL, CURRENCY, "Tell me a joke.")]
+    batch = encode_messages(tiny_base, chats)
+    xq = np.zeros((3, 4), np.float32)
+    D = np.array([[0.8, 0.79, 0.7]] * 3, np.float32)
+    I = np.array([[11, 10, 12], [10, 11, 12], [10, 11, 12]], np.int64)
+    routing = select_experts(xq, D, I, 0.1)
+    routing = with_experts(routing, experts)
+    out = gate.arbitrate(tiny_base, batch, routing)
+    assert out.expert_ids[0] == [10, 12]                      # the capital question keeps the capital expert
+    assert out.expert_ids[1] == [11, 12]
+    assert out.expert_ids[2] == [10, 11, 12]                   # no subject named: as the router chose
+    for b in range(3):
+        assert abs(sum(out.gates[b]) - 1.0) < 1e-6
+        assert all(e is experts[i] for e, i in zip(out.experts[b], out.expert_ids[b], strict=True))
+
+
+def test_generate_arbitrates_through_a_gated_encoder(tiny_base, fusion, gate):
+    experts = _experts(tiny_base, fusion, gate)
+    enc = QueryEncoder.calibrate(tiny_base, d_key=8, prompts=["Hi there.", "Why?", CAPITAL, CURRENCY] * 3)
+    chats = [[{"role": "user", "content": CURRENCY}]]
+
+    def router(xq):
+        return np.array([[0.9, 0.89]], np.float32), np.array([[10, 11]], np.int64)
+
+    def fetch(ids):
+        return {i: experts[i] for i in ids}
+
+    [plain] = generate(tiny_base, fusion, enc, chats, router, fetch)
+    [gated] = generate(tiny_base, fusion, GatedEncoder(enc, gate), chats, router, fetch)
+    [alone] = generate(tiny_base, fusion, enc, chats, lambda xq: (np.array([[0.9]], np.float32),
+                                                                 np.array([[11]], np.int64)), fetch)
+    assert plain.expert_ids == [10, 11] and gated.expert_ids == [11] and gated.gates == [1.0]
+    assert gated.token_ids == alone.token_ids
+    assert GatedEncoder(enc, gate).d_key == enc.d_key
