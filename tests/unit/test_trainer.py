@@ -259,3 +259,41 @@ def test_candidate_keys_are_held_during_training_and_released_after(world, tmp_p
     assert seen and set(seen[0]) <= {int(i) for i in ids}               # the retrieved candidates
     assert ks.held_ids().size == 0                                      # let go after training
     store.close()
+
+
+def test_relation_drops_same_subject_guards_and_rivals_and_travels_with_the_expert(world, tmp_path):
+    """With a relation (the relation gate on), a neighbour about the same subject is kept apart by the
+    gate at serving: it is neither a guard row nor a rival in the edit's rows; the trained expert
+    carries the relation, and refining the neighbour adds this fact's key to its relation."""
+    from srmoa_dist.experts.expert import ExpertRelation
+    from srmoa_dist.ttt.trainer import Guard, TrainingJob, train_jobs
+
+    base, fusion, enc, prompts, qs = world
+    other = diversify(explicit_failure("What is the currency of France?", "Lira", correct_answer="Franc"),
+                      "The currency of France is the Franc.")
+    q_other = queries(base, enc, [list(p.messages) for p in other])                 # (4, d)
+    ks, store, ids = _stores(tmp_path, fusion, _unit(qs.mean(0))[None] * 0.9 + _unit(q_other.mean(0)) * 0.1)
+    nid = int(ids[0])
+    rng = np.random.default_rng(0)
+    old = ExpertRelation("France", _unit(rng.standard_normal((1, 8))))
+    [neighbour] = store.get_many([nid])
+    store.put_many({nid: neighbour.with_relation(old)})
+    rel = ExpertRelation("france", _unit(rng.standard_normal((1, 8))))
+    guards = [Guard(nid, p, q_other[j]) for j, p in enumerate(other[:2])]
+    cfg = TTTConfig(steps=2)
+
+    def job(target=None, relation=rel):
+        return TrainingJob(base, fusion, prompts, qs, ks, store, cfg, ks.cfg, ECFG, new_slot=lambda: 50,
+                           target=target, tau=-1.0, guards=guards, relation=relation)
+
+    plain = job(Target(50, True, float("nan")), relation=None)
+    plain.build()
+    assert plain.G == 2 and any(plain.row_rivals[r] for r in range(plain.P))
+    gated = job(Target(50, True, float("nan")))
+    gated.build()
+    assert gated.G == 0 and not any(gated.row_rivals[r] for r in range(gated.P))
+    [res] = train_jobs(base, fusion, [job(Target(50, True, float("nan")))], cfg)
+    assert res.expert.relation is rel
+    [refined] = train_jobs(base, fusion, [job(Target(nid, False, 0.9))], cfg)
+    assert refined.expert.relation.subject == "France" and refined.expert.relation.keys.shape == (2, 8)
+    store.close()
