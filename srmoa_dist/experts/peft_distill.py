@@ -8,7 +8,7 @@ exists. Per layer we fit a LoRA on down_proj, ``s * B A' z ~= s * B A n``, keepi
 rank, same scaling), with A' the ridge least-squares map over tokens captured while the *served*
 expert is applied at gate 1 (every layer's input follows the served trajectory):
 
-    A' = Y Z^T (Z Z^T + lam I)^-1,    Y = A N,    lam = ridge * trace(Z Z^T) / d_z
+    A' = Y Z^T (Z Z^T + lam I)^-1,    Y = A N,    lam = ridge * T * median_t ||z_t||^2 / d_z
 
 A higher exported rank cannot fit better: the unconstrained least-squares map W = (s B A N) Z^+ has
 rank <= r already, and B' = B, A' = A N Z^+ is that map. So the closed form is the optimum of the
@@ -83,10 +83,10 @@ GENERIC_PROMPTS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """ridge: lam relative to the mean eigenvalue of Z Z^T; max_new_tokens: the served greedy
+    """ridge: lam relative to a typical token's ||z||^2 / d_z (times T); max_new_tokens: the served greedy
     continuation appended to each fit prompt (and the length compared for agreement)."""
 
-    ridge: float = 1e-2
+    ridge: float = 5e-2
     max_new_tokens: int = 16
     batch_size: int = 8
 
@@ -263,7 +263,11 @@ class PeftDistiller:
                 raise ValueError(f"captures[{n!r}]: Y has {Y.shape[1]} columns, the expert's rank is "
                                  f"{B.shape[1]}")
             G = Z.T @ Z
-            lam = self.cfg.ridge * float(torch.trace(G)) / G.shape[0] + 1e-12
+            # the ridge's scale: the median token, not the mean (a few tokens, such as the first of the
+            # system prompt, carry activations 1000x the others in some layers; the mean would let them
+            # set lam and leave the layer unfit)
+            typical = float((Z * Z).sum(1).median())
+            lam = self.cfg.ridge * Z.shape[0] * typical / Z.shape[1] + 1e-12
             G.diagonal().add_(lam)
             A2 = torch.linalg.solve(G, Z.T @ Y).T                            # (r, d_z)
             err = ((Z @ A2.T - Y) @ B.T).norm()

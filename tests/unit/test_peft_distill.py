@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from srmoa_dist.config import ExpertConfig
+from srmoa_dist.config import ExpertConfig, KeyStoreConfig
 from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.experts.peft_distill import REPORT_NAME, DistillConfig, PeftDistiller
 from srmoa_dist.experts.peft_io import CONFIG_NAME, load_peft_adapter
@@ -98,3 +98,53 @@ def test_bad_input_is_refused_naming_the_field(tiny, tmp_path):
         d.run(OWN, [], [], tmp_path / "x", answers=[[{"role": "user", "content": "hi"}]])
     with pytest.raises(ValueError, match="layers.2.mlp"):
         d.fit({n: (torch.zeros(5, 128), torch.zeros(4, 4)) for n in d.mlps})
+
+
+def test_smollm2_parallel_expert_export_loads_in_peft_with_the_served_greedy_output(
+        smollm2_base, smollm2_cache_dir, tmp_path, one_torch_thread):
+    """Real SmolLM2, a strong parallel expert (it changes the greedy answers), exported by the fit:
+    `PeftModel.from_pretrained` on a fresh copy of the base gives the served expert's greedy tokens
+    (forced, gate 1, the engine's generation path) on the expert's own prompts."""
+    import copy
+
+    from srmoa_dist.model.fusion import ExpertFusion
+    from srmoa_dist.model.generation import GenerationParams, generate, select_experts, with_experts
+    from srmoa_dist.routing.encoder_cache import calibrated
+    from srmoa_dist.serve.route_plan import RoutePlan, apply
+
+    base = smollm2_base
+    fusion = ExpertFusion(base.model, ExpertConfig(), base.query_layer)
+    try:
+        e = LoRAExpert.random(fusion.target_shapes(), rank=4, alpha=8.0, dtype="float16", seed=5, b_std=0.3)
+        enc = calibrated(base, KeyStoreConfig().d_key, smollm2_cache_dir)   # cached: no calibration
+        chats = [[{"role": "user", "content": p}] for p in OWN]
+        n_new = 8
+
+        def step(xq):
+            D, I = apply([RoutePlan(expert_id=9)] * len(chats), None, None, k=4, tau=0.5)
+            return with_experts(select_experts(xq, D, I, 0.1), {9: e})
+
+        params = GenerationParams(max_new_tokens=n_new)
+        gens = generate(base, fusion, enc, chats, params=params, route_step=step)
+        assert all(g.gates == [1.0] for g in gens)
+        served = [g.token_ids for g in gens]
+        plain = [g.token_ids for g in generate(base, None, None, chats, params=params)]
+        assert served != plain                                   # the expert acts
+
+        d = PeftDistiller(base, fusion, e, DistillConfig(max_new_tokens=n_new))
+        rep = d.run(OWN, GENERIC[:4], HELD_OUT, tmp_path / "out", base_model_name_or_path="smollm2")
+        assert rep.own.exact == 1.0 and rep.base_own.exact < 1.0
+        assert sorted(rep.residual, key=lambda n: int(n.split(".")[1]))[0] == "layers.7.mlp"
+
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base.model), tmp_path / "out").eval()
+        got = []
+        for chat in chats:                                       # PEFT's own generate, one at a time
+            ids = torch.tensor([d.prompt_ids([chat])[0]])
+            with torch.no_grad():
+                out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                  do_sample=False, eos_token_id=base.tokenizer.eos_token_id,
+                                  pad_token_id=base.tokenizer.eos_token_id)
+            got.append([t for t in out[0, ids.shape[1]:].tolist() if t != base.tokenizer.eos_token_id])
+        assert got == served
+    finally:
+        fusion.remove()
