@@ -114,3 +114,17 @@ def test_generate_arbitrates_through_a_gated_encoder(tiny_base, fusion, gate):
     assert plain.expert_ids == [10, 11] and gated.expert_ids == [11] and gated.gates == [1.0]
     assert gated.token_ids == alone.token_ids
     assert GatedEncoder(enc, gate).d_key == enc.d_key
+
+
+def test_gated_follows_model_relation_layer(tiny_base):
+    import dataclasses
+
+    from srmoa_dist.routing.relation_gate import gated
+
+    enc = QueryEncoder.calibrate(tiny_base, d_key=8, prompts=["Hi there.", "Why?", CAPITAL, CURRENCY] * 3)
+    assert gated(tiny_base, enc) is enc                                  # model.relation_layer None: off
+    on = dataclasses.replace(tiny_base, config=dataclasses.replace(tiny_base.config, relation_layer=2))
+    g = gated(on, enc)
+    assert isinstance(g, GatedEncoder) and g.gate.layer == 2 and gated(on, g) is g
+    with pytest.raises(ValueError, match="model.relation_layer"):
+        dataclasses.replace(tiny_base.config, relation_layer=-1)
