@@ -212,7 +212,6 @@ class PeftDistiller:
         A = {n: torch.from_numpy(np.ascontiguousarray(f32[n][0])) for n in self.mlps}
         zs: dict[str, list[torch.Tensor]] = {n: [] for n in self.mlps}
         ys: dict[str, list[torch.Tensor]] = {n: [] for n in self.mlps}
-        keep: list[torch.Tensor] = []
 
         def on_mlp(name: str):
             def hook(_m, args):
@@ -235,13 +234,15 @@ class PeftDistiller:
                 ids, mask = self._pad(chunk)
                 pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
                 with self.fusion.routing([[self.expert]] * len(chunk)):
-                    self.base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-                keep.append(mask.reshape(-1).bool().cpu())
+                    self.base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                    logits_to_keep=1)
+                real = mask.reshape(-1).bool().cpu()          # drop the padding now, not at the end
+                for n in self.mlps:
+                    zs[n][-1], ys[n][-1] = zs[n][-1][real], ys[n][-1][real]
         finally:
             for h in handles:
                 h.remove()
-        real = torch.cat(keep)
-        return {n: (torch.cat(zs[n])[real], torch.cat(ys[n])[real]) for n in self.mlps}
+        return {n: (torch.cat(zs[n]), torch.cat(ys[n])) for n in self.mlps}
 
     # -- 3. fit ----------------------------------------------------------------------------------------
     def fit(self, captures: dict[str, tuple[torch.Tensor, torch.Tensor]]
