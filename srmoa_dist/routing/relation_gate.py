@@ -155,6 +155,8 @@ class GatedEncoder:
     gate: RelationGate
 
     def __getattr__(self, name: str) -> Any:      # d_key, check_model, encode_hidden, encode_pooled, ...
+        if name.startswith("__") or name in ("encoder", "gate"):   # unpickling looks these up first
+            raise AttributeError(name)
         return getattr(self.encoder, name)
 
     def arbitrate(self, base: BaseModel, batch: ChatBatch, routing: BatchRouting) -> BatchRouting:

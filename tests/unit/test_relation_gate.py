@@ -118,6 +118,7 @@ def test_generate_arbitrates_through_a_gated_encoder(tiny_base, fusion, gate):
 
 def test_gated_follows_model_relation_layer(tiny_base):
     import dataclasses
+    import pickle
 
     from srmoa_dist.routing.relation_gate import gated
 
@@ -126,5 +127,7 @@ def test_gated_follows_model_relation_layer(tiny_base):
     on = dataclasses.replace(tiny_base, config=dataclasses.replace(tiny_base.config, relation_layer=2))
     g = gated(on, enc)
     assert isinstance(g, GatedEncoder) and g.gate.layer == 2 and gated(on, g) is g
+    back = pickle.loads(pickle.dumps(g))                                 # it crosses Ray as any value
+    assert back.d_key == enc.d_key and back.gate.layer == 2
     with pytest.raises(ValueError, match="model.relation_layer"):
         dataclasses.replace(tiny_base.config, relation_layer=-1)
