@@ -43,7 +43,7 @@ def fit_prompts(examples: Iterable[str], edits: Iterable[dict[str, Any]]
     seen: set[str] = set()
 
     def add(p: Any) -> None:
-        key = repr(p)
+        key = repr([{"role": "user", "content": p}] if isinstance(p, str) else p)
         if key not in seen:
             seen.add(key)
             own.append(p)

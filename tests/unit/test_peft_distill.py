@@ -148,3 +148,15 @@ def test_smollm2_parallel_expert_export_loads_in_peft_with_the_served_greedy_out
         assert got == served
     finally:
         fusion.remove()
+
+
+def test_fit_prompts_of_an_edit_come_from_its_live_ledger_records():
+    from srmoa_dist.serve.adapter_export import fit_prompts
+
+    msgs = [{"role": "user", "content": "Where is Brellin?"}]
+    edits = [{"status": "committed", "question": "Where is Brellin?",
+              "prompts": [{"structure": "direct", "messages": msgs, "target": "In Veloria."}]},
+             {"status": "rolled_back", "question": "Old question?", "prompts": []}]
+    own, answers = fit_prompts(["Where is Brellin?", "  "], edits)
+    assert own == ["Where is Brellin?"]              # the same chat once; blank and rolled-back left out
+    assert answers == [[*msgs, {"role": "assistant", "content": "In Veloria."}]]
