@@ -212,7 +212,8 @@ def run_lifelong_bench(
         if base is None:
             base = load_base_model(cfg.model, shared_model_cache())
         fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
-        encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"))
+        encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"),
+                        shared_model_cache() / "encoders")
         n_entities = -(-n_edits // facts_per_entity)
         entities = make_entity_facts(n_entities, facts_per_entity, seed)
         facts = [(e, f) for e in entities for f in e.facts][:n_edits]

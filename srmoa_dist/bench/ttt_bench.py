@@ -301,7 +301,8 @@ def run_ttt_bench(
                 cache = shared_model_cache()
             base = load_base_model(cfg.model, cache)
         fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
-        encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"))
+        encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"),
+                        shared_model_cache() / "encoders")
         setup_s = time.perf_counter() - t0
 
         # 2. data and tau ----------------------------------------------------------------------------

@@ -24,10 +24,13 @@ Shapes: B sequences, T tokens, D model width, m relation keys of an expert.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,7 +77,7 @@ class RelationGate:
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, base: BaseModel, layer: int, *, n: int = 240, seed: int = 0,
+    def fit(cls, base: BaseModel, layer: int, *, n: int = 120, seed: int = 0,
             batch_size: int = 32) -> RelationGate:
         """mu from `n` relation-corpus questions (relations no benchmark uses), each subject masked."""
         n_layers = len(_layers(base))
@@ -194,11 +197,41 @@ def _user_texts(base: BaseModel, batch: ChatBatch) -> list[str]:
 
 
 
-def gated(base: BaseModel, encoder: Any) -> Any:
-    """`encoder` with a relation gate fitted on `base` when `model.relation_layer` is set, else as is."""
+def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = None) -> Any:
+    """`encoder` with a relation gate fitted on `base` when `model.relation_layer` is set, else as is.
+    With `cache_dir`, the fitted centre is kept there (keyed by the weights it depends on), so a
+    restarted replica does not fit it again."""
     layer = getattr(base.config, "relation_layer", None)
     if layer is None or encoder is None or isinstance(encoder, GatedEncoder):
         return encoder
-    log.info("relation gate at layer %d", layer)
-    return GatedEncoder(encoder, RelationGate.fit(base, layer))
+    path = Path(cache_dir) / f"relation-{_fit_key(base, layer)}.npy" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            return GatedEncoder(encoder, RelationGate(layer, np.load(path)))
+        except (OSError, ValueError) as e:                  # torn or foreign: fit again
+            log.warning("ignoring the cached relation gate %s: %s", path, e)
+    log.info("fitting the relation gate at layer %d", layer)
+    gate = RelationGate.fit(base, layer)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
+            np.save(tmp, gate.mu)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("could not cache the relation gate in %s: %s", path, e)
+    return GatedEncoder(encoder, gate)
+
+
+def _fit_key(base: BaseModel, layer: int) -> str:
+    """sha256 over what the fitted centre depends on: the layer, the system prompt, the embedding and
+    layers 0..layer."""
+    h = hashlib.sha256(repr(("relation-gate", 1, layer, base.d_model, base.system_prompt)).encode())
+    for m in [base.model.model.embed_tokens, *_layers(base)[: layer + 1]]:
+        for name, p in m.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 __all__ = ["PLACEHOLDER", "GatedEncoder", "RelationGate", "gated", "mask_subject", "names", "same_subject"]

@@ -117,7 +117,8 @@ def ensure_encoder(cfg: SrmoaConfig, base: Any, keystore: Any | None = None) -> 
         raise ValueError(f"{where}: {e}; this data directory was made for another model") from None
     if enc.d_key != cfg.keystore.d_key:
         raise ValueError(f"{where} makes {enc.d_key}-dim queries but keystore.d_key is {cfg.keystore.d_key}")
-    return gated(base, enc)            # with the relation gate when model.relation_layer is set
+    # with the relation gate when model.relation_layer is set
+    return gated(base, enc, Path(cfg.model_cache_dir) / "encoders")
 
 
 def _load_encoder_bytes(data: bytes) -> Any:

@@ -116,7 +116,7 @@ def test_generate_arbitrates_through_a_gated_encoder(tiny_base, fusion, gate):
     assert GatedEncoder(enc, gate).d_key == enc.d_key
 
 
-def test_gated_follows_model_relation_layer(tiny_base):
+def test_gated_follows_model_relation_layer(tiny_base, tmp_path):
     import dataclasses
     import pickle
 
@@ -128,6 +128,9 @@ def test_gated_follows_model_relation_layer(tiny_base):
     g = gated(on, enc)
     assert isinstance(g, GatedEncoder) and g.gate.layer == 2 and gated(on, g) is g
     back = pickle.loads(pickle.dumps(g))                                 # it crosses Ray as any value
+    cached = gated(on, enc, tmp_path)                                    # fitted once, then read back
+    assert len(list(tmp_path.glob("relation-*.npy"))) == 1
+    np.testing.assert_array_equal(gated(on, enc, tmp_path).gate.mu, cached.gate.mu)
     assert back.d_key == enc.d_key and back.gate.layer == 2
     with pytest.raises(ValueError, match="model.relation_layer"):
         dataclasses.replace(tiny_base.config, relation_layer=-1)
