@@ -340,16 +340,11 @@ def drop_per_row(routing: BatchRouting, drop: Sequence[set[int]]) -> BatchRoutin
 
 
 def _without(routing: BatchRouting, missing: set[int]) -> BatchRouting:
-    """The routing with the `missing` experts removed from every sequence, gates renormalised."""
-    ids, scores, gates, skipped = [], [], [], []
-    for i_b, s_b, g_b in zip(routing.expert_ids, routing.scores, routing.gates):
-        keep = [j for j, i in enumerate(i_b) if i not in missing]
-        g = np.asarray([g_b[j] for j in keep], dtype=np.float64)
-        ids.append([i_b[j] for j in keep])
-        scores.append([s_b[j] for j in keep])
-        gates.append([float(x) for x in g / g.sum()] if g.size and g.sum() > 0 else [0.0] * g.size)
-        skipped.append([i for i in i_b if i in missing])
-    return BatchRouting(ids, scores, gates, routing.queries, skipped, degraded=routing.degraded)
+    """The routing with the `missing` experts removed from every sequence, gates renormalised, their ids
+    in `skipped`."""
+    kept = drop_per_row(routing, [missing] * len(routing.expert_ids))
+    skipped = [[i for i in i_b if i in missing] for i_b in routing.expert_ids]
+    return dataclasses.replace(kept, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- decoding

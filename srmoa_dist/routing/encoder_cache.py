@@ -13,7 +13,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from srmoa_dist.routing.query_encoder import CALIBRATION_PROMPTS, FORMAT_VERSION, QueryEncoder
 
@@ -25,19 +25,23 @@ log = logging.getLogger(__name__)
 
 def fit_key(base: BaseModel, d_key: int) -> str:
     """sha256 over the weights of the embedding and layers 0..Lq, the system prompt and the settings."""
-    from srmoa_dist.model.fusion import decoder_layers
-
     h = hashlib.sha256()
     mc = base.config
     h.update(repr((FORMAT_VERSION, base.query_layer, base.d_model, d_key, base.system_prompt,
                    mc.calibration_seed, mc.encoder_discriminant, mc.encoder_corpus_entities,
                    CALIBRATION_PROMPTS)).encode())
-    modules = [base.model.model.embed_tokens, *decoder_layers(base.model)[: base.query_layer + 1]]
-    for m in modules:
+    hash_lower_weights(h, base, base.query_layer)
+    return h.hexdigest()[:32]
+
+
+def hash_lower_weights(h: Any, base: BaseModel, last_layer: int) -> None:
+    """Feed the embedding's and layers 0..last_layer's weights into the hash `h`."""
+    from srmoa_dist.model.fusion import decoder_layers
+
+    for m in [base.model.model.embed_tokens, *decoder_layers(base.model)[: last_layer + 1]]:
         for name, p in m.named_parameters():
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def calibrated(base: BaseModel, d_key: int, cache_dir: str | os.PathLike) -> QueryEncoder:
@@ -58,4 +62,4 @@ def calibrated(base: BaseModel, d_key: int, cache_dir: str | os.PathLike) -> Que
     return enc
 
 
-__all__ = ["calibrated", "fit_key"]
+__all__ = ["calibrated", "fit_key", "hash_lower_weights"]

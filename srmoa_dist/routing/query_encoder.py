@@ -401,8 +401,10 @@ def _unit(z: np.ndarray) -> np.ndarray:
     return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _pool_prompts(base: BaseModel, prompts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Pooled layer-Lq states (n, D) of single-turn prompts under the model's system prompt."""
+def _pool_prompts(base: BaseModel, prompts: Sequence[str], batch_size: int, *,
+                  last_layer: int | None = None) -> np.ndarray:
+    """Pooled layer-Lq (or `last_layer`) states (n, D) of single-turn prompts under the model's system
+    prompt (mean over the user tokens, `QueryEncoder.pool`)."""
     from srmoa_dist.model.generation import encode_messages, prefill_lower
 
     out = []
@@ -410,9 +412,10 @@ def _pool_prompts(base: BaseModel, prompts: Sequence[str], batch_size: int) -> n
         for i in range(0, len(prompts), batch_size):
             chats = [[{"role": "user", "content": p}] for p in prompts[i : i + batch_size]]
             batch = encode_messages(base, chats)
-            lower = prefill_lower(base, batch.input_ids, batch.attention_mask)
+            lower = prefill_lower(base, batch.input_ids, batch.attention_mask, last_layer=last_layer)
             out.append(QueryEncoder.pool(lower.hidden, batch.user_mask).cpu().numpy())
     return np.concatenate(out)
+
 
 def orthogonal_projection(d_in: int, d_out: int, seed: int) -> np.ndarray:
     """(d_out, d_in) float64 with orthonormal rows (d_out <= d_in) or columns (d_out > d_in), from `seed`."""

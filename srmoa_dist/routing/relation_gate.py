@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from srmoa_dist.experts.expert import ExpertRelation
+from srmoa_dist.routing.encoder_cache import hash_lower_weights
+from srmoa_dist.routing.query_encoder import _pool_prompts
 from srmoa_dist.routing.relation_corpus import make_relation_corpus
 
 if TYPE_CHECKING:
@@ -80,7 +82,7 @@ class RelationGate:
     def fit(cls, base: BaseModel, layer: int, *, n: int = 120, seed: int = 0,
             batch_size: int = 32) -> RelationGate:
         """mu from `n` relation-corpus questions (relations no benchmark uses), each subject masked."""
-        n_layers = len(_layers(base))
+        n_layers = base.n_layers
         if not 0 <= layer < n_layers:
             raise ValueError(f"model.relation_layer must be in 0..{n_layers - 1}, got {layer}")
         corpus, _ = make_relation_corpus(20, seed)
@@ -90,7 +92,7 @@ class RelationGate:
             m = _SUBJECT_IN_CORPUS.findall(q)
             subject = max(m[1:] or m, key=len) if m else ""
             texts.append(mask_subject(q, subject) if subject else q)
-        pooled = _pool(base, layer, texts, batch_size)                           # (n, D)
+        pooled = _pool_prompts(base, texts, batch_size, last_layer=layer)       # (n, D)
         return cls(layer, pooled.mean(0))
 
     # ------------------------------------------------------------------ encoding
@@ -100,7 +102,8 @@ class RelationGate:
             raise ValueError(f"{len(texts)} texts but {len(subjects)} subjects")
         if not texts:
             return np.zeros((0, self.mu.shape[0]), np.float32)
-        x = _pool(base, self.layer, [mask_subject(t, s) for t, s in zip(texts, subjects)], 32) - self.mu
+        masked = [mask_subject(t, s) for t, s in zip(texts, subjects)]
+        x = _pool_prompts(base, masked, 32, last_layer=self.layer) - self.mu             # (B, D)
         return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def relation_of(self, base: BaseModel, question: str, subject: str | None,
@@ -166,26 +169,6 @@ class GatedEncoder:
         return self.gate.arbitrate(base, batch, routing)
 
 
-def _layers(base: BaseModel) -> Any:
-    from srmoa_dist.model.fusion import decoder_layers
-
-    return decoder_layers(base.model)
-
-
-@torch.no_grad()
-def _pool(base: BaseModel, layer: int, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Mean of layer `layer`'s states over each single-turn prompt's user tokens, (n, D) float32."""
-    from srmoa_dist.model.generation import encode_messages, prefill_lower
-
-    out = []
-    for i in range(0, len(texts), batch_size):
-        batch = encode_messages(base, [[{"role": "user", "content": t}] for t in texts[i : i + batch_size]])
-        h = prefill_lower(base, batch.input_ids, batch.attention_mask, last_layer=layer).hidden   # (B, T, D)
-        m = batch.user_mask.to(h.device, torch.float32).unsqueeze(-1)                            # (B, T, 1)
-        out.append(((h.float() * m).sum(1) / m.sum(1).clamp(min=1.0)).cpu().numpy())
-    return np.concatenate(out)
-
-
 def _user_texts(base: BaseModel, batch: ChatBatch) -> list[str]:
     """The last user message of each sequence, decoded from its tokens."""
     tok = base.tokenizer
@@ -227,10 +210,7 @@ def _fit_key(base: BaseModel, layer: int) -> str:
     """sha256 over what the fitted centre depends on: the layer, the system prompt, the embedding and
     layers 0..layer."""
     h = hashlib.sha256(repr(("relation-gate", 1, layer, base.d_model, base.system_prompt)).encode())
-    for m in [base.model.model.embed_tokens, *_layers(base)[: layer + 1]]:
-        for name, p in m.named_parameters():
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    hash_lower_weights(h, base, layer)
     return h.hexdigest()[:32]
 
 

@@ -443,9 +443,8 @@ class TrainingJob:
         experts = _present(self.store, wanted)
         served &= np.isin(self.I, np.array(list(experts), np.int64))             # missing: skipped, as served
         if self.relation is not None:           # the relation gate takes the subject's others off its rows
-            rel_rival = np.vectorize(lambda i: same_subject(experts.get(int(i)), self.relation.subject),
-                                     otypes=[bool])(self.I)
-            served[: self.P] &= ~rel_rival[: self.P]
+            same = [i for i, e in experts.items() if same_subject(e, self.relation.subject)]
+            served[: self.P] &= ~np.isin(self.I[: self.P], np.array(same, np.int64))
         self.te = self.fusion.trainable(self.source)                             # A, B: float32 Parameters
         self.key = nn.Parameter(torch.tensor(self.key0, device=dev))             # (d,)
         self.q = torch.tensor(self.q_all, device=dev)                            # (R, d)
