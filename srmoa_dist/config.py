@@ -224,6 +224,7 @@ class TTTConfig:
     router_defer: bool = True         # the router CE also competes with deferral (a column of score tau)
     check_isolation: bool = True      # snapshot the base model and assert only the target expert moved
     verify_max_new_tokens: int = 24   # greedy tokens generated when verifying an edit (re-ask, locality)
+    confirm_greedy: bool = True       # verification confirms expected outputs in one forward, decodes the rest
     train_in_mixture: bool = True     # train under the co-routed rivals' gates, as serving will mix them
     guard_prompts: int = 1            # prompts of each neighbour edit replayed as guard rows (0 = none)
     max_guard_prompts: int = 3        # guard rows per edit at most
@@ -251,7 +252,7 @@ class TTTConfig:
             raise ValueError(f"ttt.refine_radius must be in [-1, 1], got {self.refine_radius!r}")
         _positive("ttt.max_rule_chars", self.max_rule_chars)
         _non_negative("ttt.locality_probes", self.locality_probes)
-        for name in ("train_in_mixture", "entity_experts"):
+        for name in ("train_in_mixture", "entity_experts", "confirm_greedy"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ttt.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("guard_prompts", "max_guard_prompts", "contrast_prompts", "entity_replay_prompts",

@@ -174,7 +174,9 @@ class PeftDistiller:
             if not isinstance(getattr(mlp, "down_proj", None), torch.nn.Linear):
                 raise ValueError(f"{n} has no linear down_proj to carry a LoRA")
         tok = base.tokenizer
-        self.eos = _eos_ids(base)
+        from srmoa_dist.model.generation import eos_ids
+
+        self.eos = eos_ids(base)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos, default=0)
 
     # -- 1. the served expert's greedy output -----------------------------------------------------------
@@ -403,17 +405,6 @@ def _agreement(got: Sequence[list[int]], want: Sequence[list[int]], n: int) -> A
         common = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
         share += 1.0 if g == w else common / max(len(g), len(w), 1)
     return Agreement(prompts=len(want), exact=exact / len(want), tokens=share / len(want))
-
-
-def _eos_ids(base: Any) -> set[int]:
-    ids: set[int] = set()
-    gen_cfg = getattr(base.model, "generation_config", None)
-    for src in (base.tokenizer.eos_token_id, getattr(gen_cfg, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(x) for x in src)
-    return ids
 
 
 __all__ = ["Agreement", "DistillConfig", "DistillReport", "GENERIC_PROMPTS", "PeftDistiller", "REPORT_NAME",

@@ -183,8 +183,10 @@ def prefill_lower(
     return LowerPrefill(h, cache, attention_mask, position_ids, causal_mask, pos_emb)
 
 
-def prefill_upper(base: BaseModel, lower: LowerPrefill, *, last_only: bool = False) -> torch.Tensor:
-    """layers[Lq+1..] -> norm -> lm_head; the active `fusion.routing` applies. Logits (B, T or 1, V)."""
+def prefill_upper(base: BaseModel, lower: LowerPrefill, *, last_only: bool = False,
+                  at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """layers[Lq+1..] -> norm -> lm_head; the active `fusion.routing` applies. Logits (B, T or 1, V), or
+    (N, V) at the positions `at` = (rows (N,), cols (N,)) only."""
     inner = base.model.model
     h = lower.hidden
     for layer in decoder_layers(base.model)[base.query_layer + 1 :]:
@@ -196,10 +198,11 @@ def prefill_upper(base: BaseModel, lower: LowerPrefill, *, last_only: bool = Fal
             use_cache=True,
             position_embeddings=lower.position_embeddings,
         )
-    h = inner.norm(h)
-    if last_only:
+    if at is not None:
+        h = h[at]  # (N, D)
+    elif last_only:
         h = h[:, -1:]
-    return base.model.lm_head(h)
+    return base.model.lm_head(inner.norm(h))
 
 
 def routed_logits(
@@ -348,9 +351,11 @@ def _without(routing: BatchRouting, missing: set[int]) -> BatchRouting:
 
 
 # ----------------------------------------------------------------------------- decoding
-def _eos_ids(base: BaseModel) -> set[int]:
+def eos_ids(base: BaseModel) -> set[int]:
+    """The token ids that end a generation: the tokenizer's and the generation config's end tokens."""
     ids: set[int] = set()
-    for src in (base.tokenizer.eos_token_id, getattr(base.model.generation_config, "eos_token_id", None)):
+    gen_cfg = getattr(base.model, "generation_config", None)
+    for src in (base.tokenizer.eos_token_id, getattr(gen_cfg, "eos_token_id", None)):
         if isinstance(src, int):
             ids.add(src)
         elif isinstance(src, (list, tuple)):
@@ -425,22 +430,7 @@ def _run(
         rows = _row_params(params, len(chats))
         batch = encode_messages(base, chats, rows[0].system_prompt if rows else None)
     B = batch.input_ids.shape[0]
-    with torch.no_grad():
-        lower = prefill_lower(base, batch.input_ids, batch.attention_mask)
-        if encoder is not None:
-            xq = encoder.encode_hidden(lower.hidden, batch.user_mask)  # (B, d_key)
-        else:
-            xq = np.zeros((B, 0), dtype=np.float32)
-    routing = route_step(xq) if route_step is not None else no_routing(xq)  # plain Python (may call Ray)
-    arbitrate = getattr(encoder, "arbitrate", None)      # a relation gate (`routing.relation_gate`), if any
-    if arbitrate is not None and routing.experts is not None:
-        routing = arbitrate(base, batch, routing)
-    experts = routing.experts if routing.experts is not None else [[] for _ in range(B)]
-    if len(experts) != B:
-        raise ValueError(f"the route step returned the routing of {len(experts)} sequences, not {B}")
-    if fusion is None and any(experts):
-        raise ValueError("experts were routed but no ExpertFusion was given")
-    prepared = fusion.prepare(experts, routing.gate_tensor()) if fusion is not None else None
+    lower, routing, prepared = route_batch(base, fusion, encoder, batch, route_step)
 
     def routed():
         return fusion.activate(prepared) if fusion is not None else nullcontext()
@@ -448,7 +438,7 @@ def _run(
     gens = [torch.Generator(device=base.device).manual_seed(p.seed)
             if p.temperature > 0 and p.seed is not None else None for p in rows]
     max_new = [p.max_new_tokens or base.config.max_new_tokens for p in rows]
-    eos = _eos_ids(base)
+    eos = eos_ids(base)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
     out: list[list[int]] = [[] for _ in range(B)]
     n_gen = [0] * B
@@ -519,6 +509,32 @@ def _run(
     yield result
 
 
+def route_batch(base: BaseModel, fusion: ExpertFusion | None, encoder: Encoder | None, batch: ChatBatch,
+                route_step: RouteStep | None) -> tuple[LowerPrefill, BatchRouting, Any]:
+    """Layers 0..Lq of a batch, then its routing: queries from the user tokens, the route step, the
+    encoder's arbitration (a relation gate, `routing.relation_gate`) and the fusion's prepared experts
+    (None without a fusion). The prompt's states never see later tokens, so a batch that carries a known
+    continuation after each prompt gets the same routing as the prompt alone."""
+    B = batch.input_ids.shape[0]
+    with torch.no_grad():
+        lower = prefill_lower(base, batch.input_ids, batch.attention_mask)
+        if encoder is not None:
+            xq = encoder.encode_hidden(lower.hidden, batch.user_mask)  # (B, d_key)
+        else:
+            xq = np.zeros((B, 0), dtype=np.float32)
+    routing = route_step(xq) if route_step is not None else no_routing(xq)  # plain Python (may call Ray)
+    arbitrate = getattr(encoder, "arbitrate", None)
+    if arbitrate is not None and routing.experts is not None:
+        routing = arbitrate(base, batch, routing)
+    experts = routing.experts if routing.experts is not None else [[] for _ in range(B)]
+    if len(experts) != B:
+        raise ValueError(f"the route step returned the routing of {len(experts)} sequences, not {B}")
+    if fusion is None and any(experts):
+        raise ValueError("experts were routed but no ExpertFusion was given")
+    prepared = fusion.prepare(experts, routing.gate_tensor()) if fusion is not None else None
+    return lower, routing, prepared
+
+
 def _hit_stop(tok: Any, ids: list[int], stop: tuple[str, ...]) -> bool:
     tail = tok.decode(ids[-32:], skip_special_tokens=True)
     return any(s in tail for s in stop)
@@ -584,7 +600,7 @@ def generate_stream(
     """
     params = params or GenerationParams()
     tok = base.tokenizer
-    eos = _eos_ids(base)
+    eos = eos_ids(base)
     ids: list[int] = []
     emitted = ""
     hold = max((len(s) for s in params.stop), default=1) - 1

@@ -20,7 +20,9 @@ what it will be, so `ttt.recovery` can roll any crash forward or back:
      must contain the correct answer (or, with a rule only, be routed to the edited expert); each
      *neighbour* edit's question (a live edit whose expert scores >= tau - ttt.neighbour_margin on this
      edit's queries, from the ledger) must still be answered right; the locality probes' greedy outputs
-     must equal those taken before the commit. Pass -> "verified"; fail -> `rollback`.
+     must equal those taken before the commit. Pass -> "verified"; fail -> `rollback`. Each re-ask has
+     an expected output (the trained target; the probe's output before), confirmed for all of them in
+     one teacher-forced forward (`model.greedy_check`); only a re-ask that differs is decoded.
 
 Neighbours also guard the training: a stored prompt of each trains beside this edit's, under the
 mixture serving will use (`ttt.trainer`), so an edit holds when other experts answer near it; a contrast
@@ -202,6 +204,35 @@ class EditEnv:
                                   gate_temperature=self.cfg.keystore.temperature)
         return generate(self.base, self.fusion, self.encoder, [list(c) for c in chats],
                         make_router(self.keystore, self.cfg.keystore.k), make_fetch(self.store), params)
+
+    def reask(self, chats: Sequence[Messages], expected: Sequence[Any]) -> list[Any]:
+        """What `generate` answers each chat; where the answer is expected (a `model.greedy_check.Expected`,
+        not None) it is confirmed in one routed forward, and only the chats whose expectation fails are
+        decoded (`ttt.confirm_greedy`; off: every chat is decoded)."""
+        from srmoa_dist.model.generation import make_route_step
+        from srmoa_dist.model.greedy_check import confirm_greedy
+
+        out: list[Any] = [None] * len(chats)
+        idx = [j for j, e in enumerate(expected) if e is not None]
+        if idx and self.cfg.ttt.confirm_greedy:
+            step = make_route_step(make_router(self.keystore, self.cfg.keystore.k), make_fetch(self.store),
+                                   self.cfg.keystore.temperature)
+            got = confirm_greedy(self.base, self.fusion, self.encoder, [list(chats[j]) for j in idx],
+                                 [expected[j] for j in idx], step)
+            for j, g in zip(idx, got):
+                out[j] = g
+        todo = [j for j, g in enumerate(out) if g is None]
+        for j, g in zip(todo, self.generate([chats[j] for j in todo])):
+            out[j] = g
+        return out
+
+    def expected_answer(self, chat: Messages, target: str | None) -> Any:
+        """The verification output that answers `chat` with exactly `target` (None: no expectation)."""
+        from srmoa_dist.model.greedy_check import expected_answer
+
+        if not target:
+            return None
+        return expected_answer(self.base, list(chat), target, self.cfg.ttt.verify_max_new_tokens)
 
     def queries(self, chats: Sequence[Messages]) -> np.ndarray:
         from srmoa_dist.model.generation import queries
@@ -412,6 +443,13 @@ class Edit:
     def verify_chats(self) -> list[Messages]:
         return [self.failure.messages] + [_question_chat(r) for r in self.checked]
 
+    def verify_expected(self) -> list[Any]:
+        """Per verify chat, the answer it was trained to give (its instruction prompt's target), as the
+        `Expected` output that `EditEnv.reask` confirms without decoding."""
+        targets = [_instruction_target([p.to_dict() for p in self.prompts])]
+        targets += [_instruction_target(r.prompts) for r in self.checked]
+        return [self.env.expected_answer(c, t) for c, t in zip(self.verify_chats(), targets)]
+
     def unverified(self) -> EditResult:
         self.timings["total_s"] = time.perf_counter() - self.t_start
         return self._result("committed")
@@ -582,9 +620,13 @@ def apply_edits(env: EditEnv, edits: Sequence[Edit], *, locality_prompts: Sequen
         return out
     if not committed:
         return out
+    from srmoa_dist.model.greedy_check import expected_output
+
     t = time.perf_counter()
     chats = [c for i in committed for c in edits[i].verify_chats()] + probes
-    gens = env.generate(chats)
+    expected = [x for i in committed for x in edits[i].verify_expected()]
+    expected += [expected_output(b, ttt.verify_max_new_tokens) for b in locality_before or ()][: len(probes)]
+    gens = env.reask(chats, expected)
     g_probes = gens[len(gens) - len(probes):] if probes else []
     after = tuple(tuple(int(x) for x in gp.token_ids) for gp in g_probes)
     changed = [j for j, (a, b) in enumerate(zip(locality_before or [], g_probes))
@@ -610,6 +652,11 @@ def _question_chat(rec: EditRecord) -> Messages:
         if d.get("structure") == "instruction":
             return [dict(m) for m in d["messages"] if m["role"] != "system"]
     return as_messages(rec.question)
+
+
+def _instruction_target(prompts: Sequence[dict]) -> str | None:
+    """The target of the instruction prompt (the question as the user asked it) among stored prompts."""
+    return next((d["target"] for d in prompts if d.get("structure") == "instruction"), None)
 
 
 def _still_right(rec: EditRecord, g: Any) -> bool:

@@ -82,6 +82,35 @@ def test_verified_edit_then_rollback(world, tmp_path):
     env.store.close()
 
 
+@pytest.mark.parametrize("case", ["verified", "locality_break"])
+def test_confirmed_verification_equals_decoding(world, tmp_path, monkeypatch, case):
+    """ttt.confirm_greedy: the same outcome as decoding every re-ask, with fewer chats decoded."""
+    decoded: dict[bool, list[int]] = {True: [], False: []}
+    real = edit_mod.EditEnv.generate
+    out = {}
+    for confirm in (False, True):
+        def spy(self, chats, _c=confirm):
+            decoded[_c].append(len(chats))
+            return real(self, chats)
+
+        monkeypatch.setattr(edit_mod.EditEnv, "generate", spy)
+        extra = dict(tau=-1.0, keys=np.zeros((0, D_KEY), np.float32)) if case == "locality_break" else {}
+        env = Env(tmp_path / str(confirm), world[1], confirm_greedy=confirm, **extra)
+        out[confirm] = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
+        env.store.close()
+    a, b = out[False], out[True]
+    assert a.status == b.status and a.answer == b.answer and a.routed_to == b.routed_to
+    assert a.locality_changed == b.locality_changed and a.locality_after == b.locality_after
+    if case == "verified":
+        assert b.status == "verified" and sum(decoded[True]) < sum(decoded[False]), decoded
+        # the probes' outputs before the edit are decoded; after it they are confirmed (the tiny model's
+        # answer may differ from its trained target, and is then decoded)
+        assert decoded[True][0] == len(PROBES) and sum(decoded[True][1:]) <= 1, decoded
+    else:                                     # every changed probe is refuted, then decoded
+        assert b.status == "rolled_back" and b.locality_changed
+        assert sum(decoded[True]) >= len(PROBES) + len(b.locality_changed), decoded
+
+
 def test_failed_verification_rolls_back(world, tmp_path):
     env = Env(tmp_path, world[1], steps=1)                       # one step cannot teach the answer
     r = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
