@@ -224,7 +224,7 @@ class TTTConfig:
     router_defer: bool = True         # the router CE also competes with deferral (a column of score tau)
     check_isolation: bool = True      # snapshot the base model and assert only the target expert moved
     verify_max_new_tokens: int = 24   # greedy tokens generated when verifying an edit (re-ask, locality)
-    confirm_greedy: bool = True       # verification confirms expected outputs in one forward, decodes the rest
+    confirm_greedy: bool = True       # verify: expected outputs confirmed in one forward, the rest decoded
     train_in_mixture: bool = True     # train under the co-routed rivals' gates, as serving will mix them
     guard_prompts: int = 1            # prompts of each neighbour edit replayed as guard rows (0 = none)
     max_guard_prompts: int = 3        # guard rows per edit at most

@@ -31,7 +31,12 @@ import torch
 from srmoa_dist.model.chat import Message, encode_one, pad, with_system
 from srmoa_dist.model.fusion import ExpertFusion
 from srmoa_dist.model.generation import (
-    Encoder, Generation, RouteStep, eos_ids, prefill_upper, route_batch,
+    Encoder,
+    Generation,
+    RouteStep,
+    eos_ids,
+    prefill_upper,
+    route_batch,
 )
 from srmoa_dist.model.loading import BaseModel
 
