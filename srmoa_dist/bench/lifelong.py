@@ -56,6 +56,7 @@ from srmoa_dist.bench.ttt_bench import (
     with_rule,
 )
 from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.model.greedy_check import expected_output
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,20 @@ def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], ev
     for p in probes:
         es.add(p, "probe")
     return es
+
+
+def _check_confirmation(gens_of: Callable[..., list[Any]], es: _EvalSet) -> dict[str, Any]:
+    """The evaluation's shortcut checked: the final eval set decoded in full and, side by side, with the
+    outputs seen at the last checkpoint confirmed in one forward (`model.greedy_check`); how many outputs
+    agree token for token, and the seconds of each."""
+    t = time.perf_counter()
+    confirmed = gens_of(es.chats, "greedy check: confirmed")
+    confirm_s = time.perf_counter() - t
+    t = time.perf_counter()
+    decoded = gens_of(es.chats, "greedy check: decoded", confirm=False)
+    decode_s = time.perf_counter() - t
+    same = sum(a.token_ids == b.token_ids for a, b in zip(confirmed, decoded))
+    return {"rows": len(es.chats), "identical": same, "confirm_s": confirm_s, "decode_s": decode_s}
 
 
 def _metrics(es: _EvalSet, gens: Sequence[Any], base_ids: dict[str, list[int]]) -> dict[str, Any]:
@@ -248,12 +263,24 @@ def run_lifelong_bench(
         shared = SharedLoRA(base, fusion, encoder, cfg, seed) if "shared_lora" in baselines else None
         router, fetch = make_router(keystore, cfg.keystore.k), make_fetch(store)
 
+        seen: dict[str, list[int]] = {}       # SR-TTT's latest output of each eval prompt (what to confirm)
+
+        def sr_ttt_gens(chats: Sequence[Chat], desc: str, confirm: bool = True) -> list[Any]:
+            known = [seen.get(c[-1]["content"], base_ids.get(c[-1]["content"])) for c in chats]
+            expected = [expected_output(k, max_new_tokens) if k is not None else None for k in known]
+            gens = _generate_all(base, fusion, encoder, chats, params=params, router_for=lambda rows: router,
+                                 fetch=fetch, batch_size=batch_size, desc=desc,
+                                 expected=expected if confirm else None)
+            seen.update((c[-1]["content"], list(g.token_ids)) for c, g in zip(chats, gens))
+            return gens
+
         def evaluate(n_done: int, baselines: Sequence[str] = baselines) -> dict[str, dict[str, Any]]:
             es = _eval_set(entities, n_done, probes.locality, eval_facts)
-            sr = _generate_all(base, fusion, encoder, es.chats, params=params, router_for=lambda rows: router,
-                               fetch=fetch, batch_size=batch_size, desc=f"SR-TTT @ {n_done}")
+            t = time.perf_counter()
+            sr = sr_ttt_gens(es.chats, f"SR-TTT @ {n_done}")
             res = {"sr_ttt": {"edits": n_done, **_metrics(es, sr, base_ids),
-                              "routed_share": float(np.mean([bool(g.expert_ids) for g in sr]))}}
+                              "routed_share": float(np.mean([bool(g.expert_ids) for g in sr])),
+                              "eval_s": time.perf_counter() - t}}
             last_outputs[:] = [{"prompt": c[-1]["content"], "kind": k, "answers": list(a), "text": g.text,
                                 "experts": list(g.expert_ids), "scores": [round(x, 3) for x in g.scores],
                                 "gates": [round(x, 3) for x in g.gates]}
@@ -305,6 +332,7 @@ def run_lifelong_bench(
                     curves.setdefault(name, []).append(m)
                 log.info("checkpoint %d: %s", j + 1, curves["sr_ttt"][-1])
         bar.close()
+        check = _check_confirmation(sr_ttt_gens, _eval_set(entities, n_edits, probes.locality, eval_facts))
 
         # consolidation under mixed traffic, then every metric again
         t0 = time.perf_counter()
@@ -326,6 +354,7 @@ def run_lifelong_bench(
                                                       if k in x.get("timings", {})]))
                                   for k in ("reflect_s", "train_s", "commit_s", "verify_s")
                                   if any(k in x.get("timings", {}) for x in edits)},
+            "greedy_check": check,
             "targets": TARGETS, "tau": float(tau), "tau_calibration": tau_info,
             "peak_rss_mb": peak_rss_mb(), "seconds_total": time.perf_counter() - t_run,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,

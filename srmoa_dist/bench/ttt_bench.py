@@ -132,20 +132,35 @@ def bench_store_config(name: str, out: Path, data_dir: Path | None,
 # ---------------------------------------------------------------------------------------------- generation
 def _generate_all(base: Any, fusion: Any, encoder: Any, chats: Sequence[Chat], *, params: Any,
                   router_for: Callable[[list[int]], Any] | None, fetch: Any, batch_size: int,
-                  desc: str) -> list[Any]:
+                  desc: str, expected: Sequence[Any] | None = None) -> list[Any]:
     """Greedy generations of `chats` in batches of similar length (same batches for the same chats).
 
-    router_for(rows) -> the Router of the batch made of those rows (None: the plain base model)."""
-    from srmoa_dist.model.generation import generate
+    router_for(rows) -> the Router of the batch made of those rows (None: the plain base model).
+    expected: per chat, a `model.greedy_check.Expected` output (or None); those confirmed in one forward
+    are not decoded (a confirmed output is what decoding gives, see `model.greedy_check`)."""
+    from srmoa_dist.model.generation import generate, make_route_step
+    from srmoa_dist.model.greedy_check import confirm_greedy
 
     order = sorted(range(len(chats)), key=lambda i: (len(chats[i][-1]["content"]), i))
     out: list[Any] = [None] * len(chats)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         rows = order[s:s + batch_size]
-        router = router_for(rows) if router_for is not None else None
+        known = [i for i in rows if expected is not None and expected[i] is not None]
+        if known:
+            router = router_for(known) if router_for is not None else None
+            step = make_route_step(router, fetch, params.gate_temperature) if router is not None else None
+            got = confirm_greedy(base, fusion if router is not None else None,
+                                 encoder if router is not None else None,
+                                 [chats[i] for i in known], [expected[i] for i in known], step)
+            for i, g in zip(known, got):
+                out[i] = g
+        todo = [i for i in rows if out[i] is None]
+        if not todo:
+            continue
+        router = router_for(todo) if router_for is not None else None
         gens = generate(base, fusion if router is not None else None, encoder if router is not None else None,
-                        [chats[i] for i in rows], router, fetch if router is not None else None, params)
-        for i, g in zip(rows, gens):
+                        [chats[i] for i in todo], router, fetch if router is not None else None, params)
+        for i, g in zip(todo, gens):
             out[i] = g
     return out
 

@@ -48,6 +48,9 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
     assert on_disk["edit_seconds_p50"] > 0 and on_disk["edit_seconds_p90"] >= on_disk["edit_seconds_p50"]
     assert sum(on_disk["edits_summary"].values()) == 4
     assert set(on_disk["phase_seconds_p50"]) >= {"train_s", "commit_s"}
+    check = on_disk["greedy_check"]               # the eval's confirmed outputs equal decoding's
+    assert check["rows"] == sum(base_c["n"].values()) and check["identical"] == check["rows"]
+    assert all(c["eval_s"] > 0 for c in on_disk["checkpoints"])
     assert (tmp_path / "lifelong.png").stat().st_size > 0
     assert said and said[0] == format_summary(on_disk)
     assert doc["tau"] == 0.2
