@@ -96,3 +96,44 @@ def test_inputs_validated(tiny_base, fusion, encoder):
     with pytest.raises(ValueError, match="2 chats but 1 expected"):
         confirm_greedy(tiny_base, fusion, encoder, CHATS[:2], [Expected((1,), True)], None)
     assert confirm_greedy(tiny_base, fusion, encoder, [], [], None) == []
+
+
+@pytest.mark.slow
+def test_smollm2_confirms_its_own_greedy_outputs_with_an_expert(smollm2_base):
+    """On the real model (rounding of a full forward vs cached decoding): decoded outputs are confirmed,
+    an expert's output is refuted without it, and the trained target form is confirmed when it is said."""
+    base = smollm2_base
+    fusion = ExpertFusion(base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=base.query_layer)
+    try:
+        expert = LoRAExpert.random(fusion.target_shapes(), rank=4, alpha=512.0, dtype="float16", seed=3)
+
+        def step_for(ids):
+            def router(xq):
+                D = np.full((len(xq), 1), -1.0, np.float32)
+                I = np.full((len(xq), 1), -1, np.int64)
+                for b in ids:
+                    D[b, 0], I[b, 0] = 0.9, 0
+                return D, I
+            return make_route_step(router, lambda got: {0: expert}, 0.1)
+
+        from srmoa_dist.routing.query_encoder import CALIBRATION_PROMPTS
+
+        enc = QueryEncoder.calibrate(base, d_key=16, prompts=CALIBRATION_PROMPTS[:32])
+        chats = CHATS + [[{"role": "user", "content": "How many legs does a spider have?"}]]
+        step = step_for([0, 2])
+        params = GenerationParams(max_new_tokens=24)
+        gens = generate(base, fusion, None, chats, params=params)
+        routed = generate(base, fusion, enc, chats, params=params, route_step=step)
+        exp = [expected_output(g.token_ids, 24) for g in routed]
+        got = confirm_greedy(base, fusion, enc, chats, exp, step)
+        assert all(g is not None and g.token_ids == r.token_ids for g, r in zip(got, routed))
+        assert routed[0].token_ids != gens[0].token_ids           # the strong expert changes row 0
+        plain = confirm_greedy(base, fusion, enc, chats, exp, None)
+        assert plain[0] is None and plain[1] is not None and plain[3] is not None
+        said = gens[4].text
+        e = expected_answer(base, chats[4], said, 24)
+        [c] = confirm_greedy(base, None, None, chats[4:], [e], None)
+        assert c is not None and c.text == said
+    finally:
+        fusion.remove()
+
