@@ -18,7 +18,10 @@ One run, one process:
    for SR-TTT and, on the same facts, the baselines: `base` (the model alone), `rule_in_context` (the
    base model with the rule of the edit routing reaches, from the ledger, before the question: same
    routing as SR-TTT), `shared_lora` (one LoRA of the same geometry fine-tuned sequentially on every
-   edit's 4 prompts at gate 1, no routing: what a user would do instead).
+   edit's 4 prompts at gate 1, no routing: what a user would do instead). SR-TTT's outputs seen at the
+   previous checkpoint (the probes: the base model's) are confirmed in one teacher-forced forward
+   (`model.greedy_check`) and only the others decoded; after the last edit the eval set is also decoded
+   in full, side by side, and `greedy_check` says how many outputs agree and the seconds of each.
 4. Consolidation: `serve_queries` mixed queries (held-out paraphrases, probes, unedited same-entity
    questions) are routed and their activations consolidated (gravity on, as serving records them; no
    decoding), then SR-TTT's metrics are measured again (`after_consolidation`).

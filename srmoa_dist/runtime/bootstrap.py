@@ -139,11 +139,13 @@ def ensure_actors(cfg: SrmoaConfig, *, trainer: bool = True, wait: bool = True) 
                               str(cfg.keystore_dir), cfg.keystore, cfg.gravity, cfg.runtime)
     trainer_h = None
     if trainer:
+        from srmoa_dist.runtime.torch_env import torch_runtime_env
         from srmoa_dist.runtime.trainer_actor import TrainerActor
 
         trainer_h = _get_or_create(TrainerActor, TRAINER_NAME, ns,
                                    {"max_restarts": rt.max_restarts, "max_task_retries": 0,
-                                    "num_cpus": rt.trainer_cpus, "max_concurrency": 8, **place["store"]},
+                                    "num_cpus": rt.trainer_cpus, "max_concurrency": 8,
+                                    "runtime_env": torch_runtime_env(cfg), **place["store"]},
                                    cfg, shards, keystore)
     if wait:
         infos = ray.get([h.info.remote() for h in [*shards, keystore]], timeout=rt.call_timeout_s * 4)

@@ -769,6 +769,8 @@ class Ingress:
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application for `serve run` / `serve deploy` (import path srmoa_dist.serve.app:build_app)."""
+    from srmoa_dist.runtime.torch_env import torch_runtime_env
+
     cfg = config_from_args(args)
     args = dict(args or {})
     s, rt = cfg.serve, cfg.runtime
@@ -776,7 +778,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = cfg.replace(serve=dataclasses.replace(cfg.serve, **keys))
     server = ModelServer.options(
         num_replicas=int(args.get("num_replicas") or 1),
-        ray_actor_options={"num_cpus": rt.replica_cpus, **_resource(rt.replica_resource)},
+        ray_actor_options={"num_cpus": rt.replica_cpus, "runtime_env": torch_runtime_env(cfg),
+                           **_resource(rt.replica_resource)},
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
     ).bind(cfg)

@@ -244,6 +244,7 @@ class ExpertsService:
 
     async def _export_parallel(self, expert_id: int, e: Any, entry: CatalogEntry | None) -> dict[str, Any]:
         """The fitted down_proj LoRA of a parallel expert, fit on its examples and its edits' prompts."""
+        from srmoa_dist.runtime.torch_env import torch_runtime_env
         from srmoa_dist.serve.adapter_export import EXPORT_TIMEOUT_S, export_task, fit_prompts
 
         edits: list[dict[str, Any]] = []
@@ -256,7 +257,8 @@ class ExpertsService:
                                 "(ledger): its PEFT form is fitted on them", param="expert_id",
                            code="no_fit_prompts")
         try:
-            return await asyncio.wait_for(_as_future(export_task.remote(self.cfg, e, own, answers)),
+            task = export_task.options(runtime_env=torch_runtime_env(self.cfg))
+            return await asyncio.wait_for(_as_future(task.remote(self.cfg, e, own, answers)),
                                           max(self.timeout, EXPORT_TIMEOUT_S))
         except ImportError as err:
             raise APIError(501, f"exporting a parallel MLP expert needs the model packages: {err}",

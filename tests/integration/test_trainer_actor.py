@@ -126,6 +126,10 @@ def test_job_lifecycle_edit_and_rollback(ray_cluster, tmp_path, tiny_model_dir):
         assert ray_cluster.get(rt.keystore.key_info.remote([res["expert_id"]])) == [None]
         st = ray_cluster.get(t.stats.remote())
         assert st["jobs"] == {"done": 1, "skipped": 1} and st["model_loaded"]
+        from srmoa_dist.runtime.torch_env import torch_threads
+
+        # started with OpenMP at its torch threads, not Ray's 1 for a fractional-CPU actor
+        assert st["omp_num_threads"] == str(torch_threads(rt.cfg))
     finally:
         rt.kill_actors()
 

@@ -1,0 +1,18 @@
+"""runtime/torch_env.py: a model process's OpenMP/MKL start-up environment."""
+
+from __future__ import annotations
+
+import os
+
+from srmoa_dist.config import RuntimeConfig, SrmoaConfig
+from srmoa_dist.runtime.torch_env import torch_runtime_env, torch_threads
+
+
+def test_threads_from_the_config_else_every_core():
+    assert torch_threads(SrmoaConfig(runtime=RuntimeConfig(torch_threads=3))) == 3
+    assert torch_threads(SrmoaConfig()) == len(os.sched_getaffinity(0))
+
+
+def test_runtime_env_sets_openmp_and_mkl():
+    env = torch_runtime_env(SrmoaConfig(runtime=RuntimeConfig(torch_threads=2)))
+    assert env == {"env_vars": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}}
