@@ -304,7 +304,7 @@ def _wait_job(c: Any, job_id: str, timeout: float, progress: bool = True) -> dic
     t0 = time.monotonic()
     last = None
     while True:
-        job = _check(c.get(f"/v1/feedback/{job_id}"))
+        job = _check(c.get(f"/v1/feedback/{job_id}", params={"wait": 5}))   # returns when it finishes
         if progress and job["status"] != last:
             _say(f"job {job_id}: {job['status']} ({time.monotonic() - t0:.0f} s)")
             last = job["status"]
@@ -313,7 +313,6 @@ def _wait_job(c: Any, job_id: str, timeout: float, progress: bool = True) -> dic
         if time.monotonic() - t0 > timeout:
             _say(f"job {job_id} still {job['status']} after {timeout:.0f} s")
             return job
-        time.sleep(1.0)
 
 
 def _job_summary(job: dict[str, Any]) -> dict[str, Any]:

@@ -51,10 +51,10 @@ def _chat(c: httpx.Client, model: str, text: str, max_tokens: int) -> dict[str, 
 def _wait(c: httpx.Client, job_id: str, timeout_s: float = 1200.0) -> dict[str, Any]:
     t0 = time.monotonic()
     while True:
-        job = c.get(f"/v1/feedback/{job_id}").json()
+        # a long poll: the trainer answers when the job finishes (a 10 Hz poll cost ~5 s an edit here)
+        job = c.get(f"/v1/feedback/{job_id}", params={"wait": 10}).json()
         if job["status"] not in ("pending", "running") or time.monotonic() - t0 > timeout_s:
             return job
-        time.sleep(0.1)
 
 
 def _job_record(job: dict[str, Any], seconds: float) -> dict[str, Any]:

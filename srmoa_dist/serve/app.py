@@ -667,8 +667,12 @@ class Ingress:
         return {"object": "list", "data": [j for j in jobs if _visible(j.get("namespace"))]}
 
     @api.get("/v1/feedback/{job_id}")
-    async def feedback_status(self, job_id: str) -> FeedbackJob:
-        job = await self._actor(self._trainer().job.remote(job_id), "trainer")
+    async def feedback_status(self, job_id: str, wait: float = 0.0) -> FeedbackJob:
+        """The job; with `wait` (s), once it finishes or after that long: one call, not a tight poll."""
+        if not 0 <= wait <= 20:
+            raise bad_request(f"wait must be in 0..20 s, got {wait}", param="wait", code="invalid_value")
+        t = self._trainer()
+        job = await self._actor(t.wait.remote(job_id, wait) if wait else t.job.remote(job_id), "trainer")
         if job is None or not _visible(job.get("namespace")):
             raise not_found(f"no feedback job '{job_id}'", param="job_id", code="job_not_found")
         return job

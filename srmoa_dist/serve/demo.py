@@ -99,7 +99,7 @@ def _script(c: httpx.Client, model_id: str, say: Callable[[str], None], max_toke
     t0 = time.monotonic()
     last = None
     while True:
-        job = c.get(f"/v1/feedback/{job_id}").json()
+        job = c.get(f"/v1/feedback/{job_id}", params={"wait": 5}).json()   # returns when it finishes
         if job["status"] != last:
             say(f"  job {job_id}: {job['status']} ({time.monotonic() - t0:.0f} s)")
             last = job["status"]
@@ -108,7 +108,6 @@ def _script(c: httpx.Client, model_id: str, say: Callable[[str], None], max_toke
         if time.monotonic() - t0 > 900:
             say("  the edit did not finish in 15 minutes")
             return False
-        time.sleep(1.0)
     if job["status"] != "done":
         say(f"  the job failed: {job.get('error')}")
         return False

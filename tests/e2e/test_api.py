@@ -77,10 +77,12 @@ def test_feedback_edit_route_and_rollback(http, model_id):
     job = r.json()
     assert job["status"] == "pending" and job["object"] == "feedback.job"
     t0 = time.monotonic()
+    calls = 0
     while job["status"] in ("pending", "running") and time.monotonic() - t0 < 120:
-        time.sleep(0.2)
-        job = http.get(f"/v1/feedback/{job['job_id']}").json()
+        job = http.get(f"/v1/feedback/{job['job_id']}", params={"wait": 10}).json()   # a long poll
+        calls += 1
     assert job["status"] == "done", job
+    assert calls <= (time.monotonic() - t0) / 10 + 1, "wait=10 answers when the job ends, else after 10 s"
     res = job["result"]
     assert res["status"] == "verified", res
     eid = res["expert_id"]
@@ -168,6 +170,10 @@ def test_bad_feedback_experts_and_edits(http):
     _error(http.post("/v1/feedback", json={"correct_answer": "x"}), 400, None, None)     # no prompt
     _error(http.post("/v1/feedback", json={"prompt": "q", "correct_answer": ""}), 400, None, "correct_answer")
     _error(http.get("/v1/feedback/job-doesnotexist"), 404, "job_not_found")
+    _error(http.get("/v1/feedback/job-doesnotexist", params={"wait": 5}), 404, "job_not_found")
+    for bad in ("21", "-1", "nan", "soon"):
+        r = http.get("/v1/feedback/job-x", params={"wait": bad})
+        assert r.status_code in (400, 422) and r.json()["error"]["param"] in ("wait", None), (bad, r.text)
     _error(http.get("/v1/experts/999999"), 404, "expert_not_found")
     _error(http.get("/v1/experts/abc"), 400, None, "expert_id")
     _error(http.get("/v1/experts/-3"), 400, None, "expert_id")
