@@ -101,6 +101,17 @@ def tiny_base(tiny_tokenizer):
     return from_model(model, tiny_tokenizer, cfg, name="tiny-random-llama")
 
 
+@pytest.fixture
+def fusion(tiny_base):
+    """An ExpertFusion (rank 4, alpha 8) on `tiny_base`'s model; its hooks are removed after the test."""
+    from srmoa_dist.config import ExpertConfig
+    from srmoa_dist.model.fusion import ExpertFusion
+
+    f = ExpertFusion(tiny_base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=tiny_base.query_layer)
+    yield f
+    f.remove()
+
+
 @pytest.fixture(scope="session")
 def smollm2_base():
     """The real SmolLM2-135M-Instruct (GGUF, converted once into model_cache_dir()), CPU float32."""

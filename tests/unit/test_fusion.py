@@ -14,13 +14,6 @@ from srmoa_dist.model.fusion import ExpertFusion, decoder_layers
 
 
 @pytest.fixture
-def fusion(tiny_base):
-    f = ExpertFusion(tiny_base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=tiny_base.query_layer)
-    yield f
-    f.remove()
-
-
-@pytest.fixture
 def batch(tiny_base):
     tok = tiny_base.tokenizer
     enc = tok(

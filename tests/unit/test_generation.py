@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from srmoa_dist.config import ExpertConfig
 from srmoa_dist.experts.expert import LoRAExpert
-from srmoa_dist.model.fusion import ExpertFusion
 from srmoa_dist.model.generation import (
     Generation,
     GenerationParams,
@@ -30,13 +28,6 @@ CHATS = [
     [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Tell me a joke"}],
     [{"role": "user", "content": "Hi"}],
 ]
-
-
-@pytest.fixture
-def fusion(tiny_base):
-    f = ExpertFusion(tiny_base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=tiny_base.query_layer)
-    yield f
-    f.remove()
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,6 @@ CHATS = [
 ]
 
 
-@pytest.fixture
-def fusion(tiny_base):
-    f = ExpertFusion(tiny_base.model, ExpertConfig(rank=4, alpha=8.0), query_layer=tiny_base.query_layer)
-    yield f
-    f.remove()
-
-
 @pytest.fixture(scope="module")
 def encoder(tiny_base):
     return QueryEncoder.calibrate(tiny_base, d_key=16, prompts=[c[-1]["content"] for c in CHATS] * 4)
