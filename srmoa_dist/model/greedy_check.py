@@ -95,14 +95,14 @@ def confirm_greedy(
         return []
     tok = base.tokenizer
     sp = base.system_prompt if system_prompt is None else system_prompt
-    rows = []
+    rows, prompt_len = [], []
     for c, e in zip(chats, expected):
         ids, user, _ = encode_one(tok, with_system(c, sp), add_generation_prompt=True)
         n = len(e.token_ids)
         rows.append((ids + list(e.token_ids), user + [False] * n, [False] * (len(ids) + n)))
+        prompt_len.append(len(ids))
     batch = pad(tok, rows, base.device)
     T = batch.input_ids.shape[1]
-    prompt_len = [len(r[0]) - len(e.token_ids) for r, e in zip(rows, expected)]
     lower, routing, prepared = route_batch(base, fusion, encoder, batch, route_step)
     # row b predicts its expected tokens (and the one after) from its last prompt token on
     spans = [(T - len(e.token_ids) - 1, T) for e in expected]
