@@ -217,6 +217,8 @@ class TTTConfig:
     router_lambda: float = 0.5        # weight of the router cross-entropy
     grad_clip: float = 1.0
     converge_loss: float = 0.05       # stop early when the LM loss falls under this
+    converge_token_p: float | None = None  # or once every answer token of the edit's prompts has
+    #                                   probability >= this (>= 0.5: greedy decoding gives the targets)
     refine_radius: float = 0.85       # an existing expert scoring above this is refined instead of a new one
     max_rule_chars: int = 400
     locality_probes: int = 4          # unrelated prompts whose greedy output must not change
@@ -248,6 +250,9 @@ class TTTConfig:
         _non_negative("ttt.router_lambda", self.router_lambda)
         _positive("ttt.grad_clip", self.grad_clip)
         _non_negative("ttt.converge_loss", self.converge_loss)
+        p = self.converge_token_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.5 <= p < 1.0):
+            raise ValueError(f"ttt.converge_token_p must be null or in [0.5, 1), got {p!r}")
         if not -1.0 <= self.refine_radius <= 1.0:
             raise ValueError(f"ttt.refine_radius must be in [-1, 1], got {self.refine_radius!r}")
         _positive("ttt.max_rule_chars", self.max_rule_chars)

@@ -108,7 +108,7 @@ class TrainResult:
     lm_losses: tuple[float, ...]        # one per step taken (before that step's update)
     router_losses: tuple[float, ...]
     steps: int                          # optimizer updates done
-    converged: bool                     # stopped because lm loss < converge_loss
+    converged: bool                     # stopped early (see TrainingJob.record)
     seconds: float
     queries: np.ndarray                 # (P, d_key) the prompts' routing queries
     target_scores: tuple[float, ...]    # (P,) q_p . key after training
@@ -192,14 +192,16 @@ class AnswerLoss:
     def __call__(self) -> torch.Tensor:
         return (self._token_nll() * self.weights).sum()
 
-    def with_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward: the weighted loss (differentiable) and each row's mean answer NLL (P,), detached."""
+    def with_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward: the weighted loss (differentiable), and each row's mean and worst answer-token
+        NLL (P,), (P,), detached."""
         nll = self._token_nll()                                   # (N,)
         P = self.row_weights.shape[0]
         d = nll.detach()
         tot = torch.zeros(P, device=d.device, dtype=d.dtype).index_add(0, self.rows, d)
         cnt = torch.bincount(self.rows, minlength=P).clamp_min(1).to(d.dtype)
-        return (nll * self.weights).sum(), tot / cnt
+        worst = torch.zeros(P, device=d.device, dtype=d.dtype).scatter_reduce(0, self.rows, d, "amax")
+        return (nll * self.weights).sum(), tot / cnt, worst
 
     def _token_nll(self) -> torch.Tensor:
         """(N,) next-token NLL at every answer position, under the active routing."""
@@ -502,8 +504,11 @@ class TrainingJob:
             loss = loss + self.cfg.contrast_weight * F.cross_entropy(lc, label)
         return loss
 
-    def record(self, per_row: torch.Tensor, router: torch.Tensor) -> None:
-        """Log one step's losses (per_row (R,) detached); mark the job done when it has converged."""
+    def record(self, per_row: torch.Tensor, worst: torch.Tensor, router: torch.Tensor) -> None:
+        """Log one step's losses (per_row, worst: (R,) mean and worst token NLL, detached); mark the job
+        done when it has converged: its mean LM loss is under `converge_loss`, or (with
+        `converge_token_p`) every answer token of its own prompts is at least that likely, so greedy
+        decoding already gives every target; either way the guard rows must have held."""
         lm = float(per_row[: self.P].mean())
         self.lm_losses.append(lm)
         if self.G:
@@ -511,7 +516,9 @@ class TrainingJob:
         self.router_losses.append(float(router.detach()))
         # guard rows: no worse than before this edit's expert joined them, give or take guard_loss nats
         guards_ok = not self.G or self.guard_losses[-1] <= self.guard_losses[0] + self.cfg.guard_loss
-        if lm < self.cfg.converge_loss and guards_ok:
+        p = self.cfg.converge_token_p
+        likely = p is not None and float(worst[: self.P].max()) <= -np.log(p)
+        if (lm < self.cfg.converge_loss or likely) and guards_ok:
             self.converged = self.done = True
 
     def update(self) -> None:
@@ -611,12 +618,12 @@ class _JointSteps:
                     K = max(g.shape[0] for g in gates)
                     G = torch.stack([F.pad(g, (0, K - g.shape[0])) for g in gates])   # (sum R, K)
                     with self.fusion.routing(rows, G):                            # rebuilt: A, B, keys move
-                        lm, per_row = self.lm_loss.with_rows()                     # (), (sum R,)
+                        lm, per_row, worst = self.lm_loss.with_rows()              # (), (sum R,) x2
                     routers = [j.router_loss(s_t) for j, (s_t, _, _) in zip(self.jobs, mixes)]
                 active = [j for j in self.jobs if not j.done]
                 for j, sl, r in zip(self.jobs, self.slices, routers):
                     if not j.done:
-                        j.record(per_row[sl], r)
+                        j.record(per_row[sl], worst[sl], r)
                 live = [j for j in active if not j.done]
                 if final or not live:
                     break

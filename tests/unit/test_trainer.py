@@ -297,3 +297,62 @@ def test_relation_drops_same_subject_guards_and_rivals_and_travels_with_the_expe
     [refined] = train_jobs(base, fusion, [job(Target(nid, False, 0.9))], cfg)
     assert refined.expert.relation.subject == "France" and refined.expert.relation.keys.shape == (2, 8)
     store.close()
+
+
+
+def _job(world, tmp_path, cfg, guards=()):
+    from srmoa_dist.ttt.trainer import TrainingJob
+
+    base, fusion, _, prompts, qs = world
+    ks, store, _ = _stores(tmp_path, fusion, _random_keys(2))
+    return TrainingJob(base, fusion, prompts, qs, ks, store, cfg, ks.cfg, ECFG, new_slot=lambda: 7,
+                       guards=guards)
+
+
+def test_token_probability_stop(world, tmp_path):
+    """converge_token_p: a job is done once every answer token of its own rows has p >= the threshold
+    (worst NLL <= -log p), though the mean loss is still above converge_loss; guard rows do not count
+    towards it, and a guard row that got worse still holds the job back."""
+    from srmoa_dist.ttt.trainer import Guard
+
+    P = len(world[3])
+    at = float(-np.log(0.6))
+    job = _job(world, tmp_path, TTTConfig(converge_token_p=0.6))
+    job.record(torch.full((P,), 0.3), torch.full((P,), at * 1.01), torch.tensor(1.0))
+    assert not job.done                                         # one token under 0.6
+    job.record(torch.full((P,), 0.3), torch.full((P,), at * 0.99), torch.tensor(1.0))
+    assert job.done and job.converged and job.lm_losses == [pytest.approx(0.3)] * 2
+
+    off = _job(world, tmp_path / "off", TTTConfig())           # None: the mean-loss test only
+    off.record(torch.full((P,), 0.3), torch.zeros(P), torch.tensor(1.0))
+    assert not off.done
+    off.record(torch.full((P,), 0.04), torch.full((P,), 3.0), torch.tensor(1.0))
+    assert off.done                                             # mean loss < 0.05
+
+    base, _, enc, prompts, qs = world
+    guard = Guard(3, prompts[0], qs[0])
+    g = _job(world, tmp_path / "g", TTTConfig(converge_token_p=0.6), guards=[guard])
+    assert g.G == 1
+    rows = lambda own, guard: torch.tensor([own] * P + [guard])  # noqa: E731
+    g.record(rows(1.0, 0.5), rows(1.0, 9.0), torch.tensor(1.0))   # guard's own worst token is ignored
+    g.record(rows(0.3, 1.0), rows(0.1, 9.0), torch.tensor(1.0))   # guard got 0.5 nats worse (> 0.3)
+    assert not g.done
+    g.record(rows(0.3, 0.6), rows(0.1, 9.0), torch.tensor(1.0))
+    assert g.done
+    with pytest.raises(ValueError, match="converge_token_p"):
+        TTTConfig(converge_token_p=0.3)
+    with pytest.raises(ValueError, match="converge_token_p"):
+        TTTConfig(converge_token_p=1.0)
+
+
+def test_with_rows_reports_each_rows_mean_and_worst_token(world):
+    base, fusion, _, prompts, _ = world
+    b = lm_batch(base.tokenizer, prompts, base.system_prompt)
+    loss = AnswerLoss(base, b)
+    total, mean, worst = loss.with_rows()
+    nll = loss._token_nll().detach()                            # (N,)
+    for r in range(len(prompts)):
+        mine = nll[loss.rows == r]
+        assert mean[r] == pytest.approx(float(mine.mean()), rel=1e-5)
+        assert worst[r] == pytest.approx(float(mine.max()), rel=1e-5)
+    assert float(total) == pytest.approx(float(mean.mean()), rel=1e-5)
