@@ -17,11 +17,11 @@ without a relation (seed, imported), are left as the router chose them.
 Measured offline (SmolLM2-135M, 60 invented entities x 3 facts, the key from the failing question only,
 Lr 12): the held-out paraphrase picks its own fact among its subject's three 0.92 of the time, against
 0.60 for the routing query. The relation does not tell an *unedited* question about X from X's facts
-well enough for an absolute threshold, so the gate only arbitrates: a paraphrase's score against its own
-fact's key against the best score of an unedited question against X's keys has AUC 0.60 at Lr 12 (at most 0.65
-at layers 6-27, mean-pooled or at the last prompt position). An unedited question worded like the edited
-one ("What is the population of X?" beside "What is the capital of X?") scores higher than a paraphrase
-worded differently: the pooled states carry the wording more than the relation.
+well enough for an absolute threshold, so the gate only arbitrates. Scored as a paraphrase against its
+own fact's key versus an unedited question against the best of X's keys, the AUC is 0.60 at Lr 12, and
+at most 0.65 at layers 6-27, mean-pooled or at the last prompt position. An unedited question worded like
+the edited one ("What is the population of X?" beside "What is the capital of X?") scores higher than a
+paraphrase worded differently: the pooled states carry the wording more than the relation.
 
 Shapes: B sequences, T tokens, D model width, m relation keys of an expert.
 """
