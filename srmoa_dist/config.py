@@ -217,6 +217,9 @@ class TTTConfig:
     router_lambda: float = 0.5        # weight of the router cross-entropy
     grad_clip: float = 1.0
     converge_loss: float = 0.05       # stop early when the LM loss falls under this
+    train_dtype: str = "auto"         # compute dtype of training's forward/backward (torch.autocast;
+    #                                   A, B, the key and AdamW stay float32); auto: bfloat16 where the
+    #                                   device has bf16 kernels (CUDA, AVX512-BF16/AMX CPUs), else float32
     converge_token_p: float | None = None  # or once every answer token of the edit's prompts has
     #                                   probability >= this (>= 0.5: greedy decoding gives the targets)
     refine_radius: float = 0.85       # an existing expert scoring above this is refined instead of a new one
@@ -270,6 +273,7 @@ class TTTConfig:
         _non_negative("ttt.contrast_weight", self.contrast_weight)
         _non_negative("ttt.neighbour_margin", self.neighbour_margin)
         _choice("ttt.reflect", self.reflect, ("auto", "always", "never"))
+        _choice("ttt.train_dtype", self.train_dtype, ("auto", "float32", "bfloat16"))
         b = self.batch_edits
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise ValueError(f"ttt.batch_edits must be a positive integer, got {self.batch_edits!r}")

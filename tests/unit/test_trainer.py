@@ -356,3 +356,26 @@ def test_with_rows_reports_each_rows_mean_and_worst_token(world):
         assert mean[r] == pytest.approx(float(mine.mean()), rel=1e-5)
         assert worst[r] == pytest.approx(float(mine.max()), rel=1e-5)
     assert float(total) == pytest.approx(float(mean.mean()), rel=1e-5)
+
+
+def test_bfloat16_training_follows_float32_and_keeps_isolation(world, tmp_path):
+    """train_dtype bfloat16: the same losses as float32 within bf16 rounding, and the base model is
+    untouched (train_edit's isolation check, on by default, raises otherwise)."""
+    from srmoa_dist.ttt.trainer import train_dtype
+
+    base, fusion, _, prompts, qs = world
+    ks, store, _ = _stores(tmp_path, fusion, _random_keys(2))
+    runs = {dt: train_edit(base, fusion, prompts, qs, ks, store,
+                           TTTConfig(steps=4, converge_loss=0.0, train_dtype=dt), ks.cfg, ECFG,
+                           new_slot=lambda: 7, tau=1.0)
+            for dt in ("float32", "bfloat16")}
+    f32, bf16 = runs["float32"].lm_losses, runs["bfloat16"].lm_losses
+    assert len(f32) == len(bf16) == 5
+    np.testing.assert_allclose(bf16, f32, rtol=0.05)
+    assert bf16 != f32                                           # it did run in another dtype
+    assert runs["bfloat16"].final_lm_loss < bf16[0]
+    assert train_dtype("float32", "cpu") == torch.float32 and train_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert train_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="train_dtype"):
+        TTTConfig(train_dtype="float16")
+    store.close()
