@@ -612,6 +612,15 @@ def train_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
+def train_autocast(name: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A training forward in the dtype `ttt.train_dtype` names (its backward follows); float32: as is."""
+    device = torch.device(device)
+    dtype = train_dtype(name, device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 class _JointSteps:
     """The AdamW steps of several jobs in one batch: rows of job 0, then job 1, ... (see train_jobs)."""
 
@@ -626,14 +635,6 @@ class _JointSteps:
         bounds = np.cumsum([0] + [j.n_rows for j in jobs])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """The forward in `ttt.train_dtype` (its backward follows); float32: as is."""
-        device = torch.device(self.base.device)
-        dtype = train_dtype(self.cfg.train_dtype, device)
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
-
     def run(self) -> None:
         model = self.base.model
         snap = _snapshot(model) if self.cfg.check_isolation else None
@@ -642,7 +643,8 @@ class _JointSteps:
         try:
             for step in range(self.cfg.steps + 1):
                 final = step == self.cfg.steps                                    # only measures the loss
-                with torch.set_grad_enabled(not final), self._autocast():
+                amp = train_autocast(self.cfg.train_dtype, self.base.device)
+                with torch.set_grad_enabled(not final), amp:
                     mixes = [j.mixture() for j in self.jobs]
                     rows = [r for _, rs, _ in mixes for r in rs]
                     gates = [g for _, _, gs in mixes for g in gs]
