@@ -604,10 +604,11 @@ def train_dtype(name: str, device: torch.device | str) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         fast = torch.cuda.is_bf16_supported()
-    else:
+    else:                   # AVX512-BF16 or AMX; plain AVX512 runs bf16 matmuls slower than float32
+        cpu = torch.cpu
         try:
-            fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
+            fast = bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        except AttributeError:
             fast = False
     return torch.bfloat16 if fast else torch.float32
 

@@ -375,7 +375,17 @@ def test_bfloat16_training_follows_float32_and_keeps_isolation(world, tmp_path):
     assert bf16 != f32                                           # it did run in another dtype
     assert runs["bfloat16"].final_lm_loss < bf16[0]
     assert train_dtype("float32", "cpu") == torch.float32 and train_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert train_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    store.close()
+
+
+@pytest.mark.parametrize("bf16,amx,want", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                           (False, False, "float32")])
+def test_auto_train_dtype_is_bfloat16_only_with_bf16_kernels(monkeypatch, bf16, amx, want):
+    from srmoa_dist.ttt.trainer import train_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert train_dtype("auto", "cpu") == getattr(torch, want)
+    assert train_dtype("float32", "cpu") == torch.float32          # an explicit choice is kept
     with pytest.raises(ValueError, match="train_dtype"):
         TTTConfig(train_dtype="float16")
-    store.close()
