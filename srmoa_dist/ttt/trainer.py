@@ -29,11 +29,11 @@ Loss of one step:
 The deferral column (score tau: "no expert, base model") is there when `TTTConfig.router_defer` is
 on: the target must beat the threshold as well as its rivals, or routing would never reach it.
 
-**Compute dtype.** With `ttt.train_dtype` bfloat16 (the default where the device has bf16 kernels) each
-step's forward, and so its backward, runs under `torch.autocast`; the expert's A, B, its key and AdamW stay
-float32. Serving and verification stay in the model's dtype, so the verification after commit checks what
-training learned in bf16. On the 2-core AVX512-BF16 machine a SmolLM2 step took half the time in bf16, with
-the same losses to two decimals.
+**Compute dtype.** With `ttt.train_dtype` bfloat16 (the default where the device has bf16 kernels) the
+model's forward in each step, and so its backward, runs under `torch.autocast`; the expert's A, B, the
+key, its scores and gates, and AdamW stay float32. Serving and verification stay in the model's dtype, so
+the verification after commit checks what training learned in bf16. On the 2-core AVX512-BF16 machine a
+SmolLM2 step (4-8 rows) took 30% less time in bf16, with the same losses to two decimals.
 
 Only the target expert's A, B (a `TrainableExpert` from `fusion.trainable`) and the key are given to
 the optimizer; the base model and the rivals are frozen. With `TTTConfig.check_isolation` every base
@@ -636,6 +636,9 @@ class _JointSteps:
         bounds = np.cumsum([0] + [j.n_rows for j in jobs])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def amp(self) -> contextlib.AbstractContextManager:
+        return train_autocast(self.cfg.train_dtype, self.base.device)
+
     def run(self) -> None:
         model = self.base.model
         snap = _snapshot(model) if self.cfg.check_isolation else None
@@ -644,14 +647,15 @@ class _JointSteps:
         try:
             for step in range(self.cfg.steps + 1):
                 final = step == self.cfg.steps                                    # only measures the loss
-                amp = train_autocast(self.cfg.train_dtype, self.base.device)
-                with torch.set_grad_enabled(not final), amp:
+                with torch.set_grad_enabled(not final):
                     mixes = [j.mixture() for j in self.jobs]
                     rows = [r for _, rs, _ in mixes for r in rs]
                     gates = [g for _, _, gs in mixes for g in gs]
                     K = max(g.shape[0] for g in gates)
                     G = torch.stack([F.pad(g, (0, K - g.shape[0])) for g in gates])   # (sum R, K)
-                    with self.fusion.routing(rows, G):                            # rebuilt: A, B, keys move
+                    # rebuilt each step (A, B, keys move); only the model's forward in train_dtype:
+                    # the keys' scores and gates stay float32
+                    with self.fusion.routing(rows, G), self.amp():
                         lm, per_row, worst = self.lm_loss.with_rows()              # (), (sum R,) x2
                     routers = [j.router_loss(s_t) for j, (s_t, _, _) in zip(self.jobs, mixes)]
                 active = [j for j in self.jobs if not j.done]
