@@ -151,14 +151,14 @@ class SharedLoRA:
     def train(self, prompts: Sequence[Any]) -> None:
         """Steps on one edit's prompts until the answer loss is under ttt.converge_loss (ttt.steps at
         most)."""
-        from srmoa_dist.ttt.trainer import AnswerLoss, lm_batch, train_autocast
+        from srmoa_dist.ttt.trainer import AnswerLoss, lm_batch, train_autocast, train_dtype
 
         batch = lm_batch(self.base.tokenizer, prompts, self.base.system_prompt, self.base.device)
         loss_fn = AnswerLoss(self.base, batch)
         params = list(self.te.parameters())
+        dtype = train_dtype(self.cfg.ttt.train_dtype, self.base.device)          # as SR-TTT trains
         for _ in range(self.cfg.ttt.steps):
-            with self.fusion.routing([[self.te]] * len(prompts)), \
-                    train_autocast(self.cfg.ttt.train_dtype, self.base.device):    # as SR-TTT trains
+            with self.fusion.routing([[self.te]] * len(prompts)), train_autocast(dtype, self.base.device):
                 loss = loss_fn()
             if float(loss.detach()) < self.cfg.ttt.converge_loss:
                 break

@@ -613,13 +613,11 @@ def train_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
-def train_autocast(name: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """A training forward in the dtype `ttt.train_dtype` names (its backward follows); float32: as is."""
-    device = torch.device(device)
-    dtype = train_dtype(name, device)
+def train_autocast(dtype: torch.dtype, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A training forward in `dtype` (from `train_dtype`; its backward follows); float32: as is."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class _JointSteps:
@@ -635,9 +633,10 @@ class _JointSteps:
                                   first_adapted=getattr(fusion, "first_layer", None))
         bounds = np.cumsum([0] + [j.n_rows for j in jobs])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.dtype = train_dtype(cfg.train_dtype, base.device)                 # resolved once, not per step
 
     def amp(self) -> contextlib.AbstractContextManager:
-        return train_autocast(self.cfg.train_dtype, self.base.device)
+        return train_autocast(self.dtype, self.base.device)
 
     def run(self) -> None:
         model = self.base.model

@@ -299,7 +299,6 @@ def test_relation_drops_same_subject_guards_and_rivals_and_travels_with_the_expe
     store.close()
 
 
-
 def _job(world, tmp_path, cfg, guards=()):
     from srmoa_dist.ttt.trainer import TrainingJob
 
