@@ -65,4 +65,32 @@ def fit_discriminant(X: np.ndarray, labels: np.ndarray, d: int, *, p: int = 256,
     return mu, L
 
 
-__all__ = ["fit_discriminant"]
+def fit_within_whitening(X: np.ndarray, labels: np.ndarray, *, reg: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(mu (D,), A (D, D)) float64: z = (x - mu) A has unit within-label covariance (shrunk by `reg`),
+
+        S_w' = S_w + reg * tr(S_w)/D * I,   A = S_w'^(-1/2)   (symmetric)
+
+    so the directions that only reword one label count for little in a cosine of z, and no direction is
+    dropped (unlike `fit_discriminant`, whose d axes are the ones the fitted labels differ on, a poor
+    basis for labels it never saw)."""
+    X = np.asarray(X, dtype=np.float64)
+    labels = np.asarray(labels)
+    n, D = X.shape
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be ({n},), got {labels.shape}")
+    if reg <= 0:
+        raise ValueError(f"reg must be positive, got {reg}")
+    classes, inv = np.unique(labels, return_inverse=True)
+    if n - len(classes) < 1:
+        raise ValueError("every label has one vector: the within-label scatter is undefined")
+    M = np.zeros((len(classes), D))
+    np.add.at(M, inv, X)
+    M /= np.bincount(inv)[:, None]                                   # (C, D) label means
+    Zw = X - M[inv]                                                  # (n, D)
+    Sw = Zw.T @ Zw / n                                               # (D, D)
+    ev, E = np.linalg.eigh(Sw + reg * np.trace(Sw) / D * np.eye(D))
+    A = (E * ev**-0.5) @ E.T                                         # (D, D)
+    return X.mean(0), A
+
+
+__all__ = ["fit_discriminant", "fit_within_whitening"]

@@ -123,6 +123,21 @@ def make_relation_corpus(entities_per_kind: int = 20, seed: int = 0) -> tuple[li
     return texts, labels
 
 
+def relation_labels(entities_per_kind: int = 20) -> list[int]:
+    """The relation (not the fact) of each text of `make_relation_corpus(entities_per_kind, seed)`, as
+    0..n_relations-1 in `RELATIONS` order: the labels whose within-label spread is pure rewording."""
+    if entities_per_kind < 1:
+        raise ValueError(f"entities_per_kind must be >= 1, got {entities_per_kind}")
+    out: list[int] = []
+    first = 0
+    for relations in RELATIONS.values():
+        for _ in range(entities_per_kind):
+            for r, wordings in enumerate(relations):
+                out.extend([first + r] * len(wordings))
+        first += len(relations)
+    return out
+
+
 def corpus_questions(n: int, seed: int = 0) -> list[str]:
     """n distinct questions, one wording per (entity, relation) class of the corpus, in corpus order:
     real-looking queries that no benchmark asks (seed keys for `srmoa init --seed-kind real`)."""
@@ -141,4 +156,4 @@ def corpus_questions(n: int, seed: int = 0) -> list[str]:
     return out[:n]
 
 
-__all__ = ["RELATIONS", "corpus_questions", "make_relation_corpus"]
+__all__ = ["RELATIONS", "corpus_questions", "make_relation_corpus", "relation_labels"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srmoa_dist.routing.discriminant import fit_discriminant
+from srmoa_dist.routing.discriminant import fit_discriminant, fit_within_whitening
 
 
 def labelled(rng: np.random.Generator, n_labels: int, per_label: int, D: int = 32):
@@ -51,3 +51,29 @@ def test_bad_input_names_the_problem():
         fit_discriminant(X[:5], np.arange(5), d=2)
     with pytest.raises(ValueError, match="reg must be positive"):
         fit_discriminant(X, y, d=2, reg=0.0)
+
+
+def test_within_whitening_gives_unit_within_label_covariance_and_keeps_between():
+    rng = np.random.default_rng(3)
+    X, y = labelled(rng, 300, 5)
+    mu, A = fit_within_whitening(X, y, reg=1e-6)
+    np.testing.assert_allclose(A, A.T, atol=1e-8)
+    Z = (X - mu) @ A
+    means = np.stack([Z[y == c].mean(0) for c in range(300)])
+    Zw = Z - means[y]
+    np.testing.assert_allclose(Zw.T @ Zw / len(Z), np.eye(X.shape[1]), atol=0.05)
+    # rewording now moves a vector less than a change of label does
+    within = np.linalg.norm(Zw, axis=1).mean()
+    between = np.linalg.norm(means - means.mean(0), axis=1).mean()
+    assert between > 2 * within
+
+
+def test_within_whitening_bad_input():
+    rng = np.random.default_rng(4)
+    X, y = labelled(rng, 5, 3)
+    with pytest.raises(ValueError, match="labels must be"):
+        fit_within_whitening(X, y[:-1])
+    with pytest.raises(ValueError, match="one vector"):
+        fit_within_whitening(X[:5], np.arange(5))
+    with pytest.raises(ValueError, match="reg must be positive"):
+        fit_within_whitening(X, y, reg=-1.0)

@@ -6,7 +6,7 @@ import pytest
 
 from srmoa_dist.bench.entity_facts import ENTITY_RELATIONS
 from srmoa_dist.bench.facts import RELATIONS as FACT_RELATIONS
-from srmoa_dist.routing.relation_corpus import RELATIONS, make_relation_corpus
+from srmoa_dist.routing.relation_corpus import RELATIONS, make_relation_corpus, relation_labels
 
 
 def test_deterministic_and_labelled_by_fact():
@@ -41,3 +41,16 @@ def test_corpus_questions_are_distinct_one_wording_per_class():
     assert all(any(t.startswith(w) for w in first_wordings) for t in q[:50])
     with pytest.raises(ValueError, match="n must be"):
         corpus_questions(0)
+
+
+def test_relation_labels_name_the_relation_of_each_text():
+    texts, facts = make_relation_corpus(2, seed=1)
+    rel = relation_labels(2)
+    assert len(rel) == len(texts) and len(set(rel)) == sum(len(r) for r in RELATIONS.values())
+    for t, f, r in zip(texts, facts, rel):
+        assert all(rel[i] == r for i, g in enumerate(facts) if g == f)     # a fact has one relation
+    # two entities' questions of one relation share the label and the wording
+    first = [t for t, r in zip(texts, rel) if r == 0]
+    assert len(first) == 8 and first[0].split()[:4] == first[4].split()[:4]
+    with pytest.raises(ValueError, match="entities_per_kind"):
+        relation_labels(0)

@@ -20,7 +20,7 @@ CURRENCY = "Which money do people pay with in Zorblax?"
 
 @pytest.fixture(scope="module")
 def gate(tiny_base):
-    return RelationGate.fit(tiny_base, 2, n=24)
+    return RelationGate.fit(tiny_base, 2, entities_per_kind=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +35,16 @@ def test_mask_subject_case_insensitive_and_possessive():
     assert names("what about ZORBLAX", "Zorblax") and not names("what about Zorb", "Zorblax")
 
 
-def test_fit_checks_layer_and_centres(tiny_base, gate):
-    assert gate.mu.shape == (tiny_base.d_model,) and np.isfinite(gate.mu).all()
+def test_fit_checks_layer_centres_and_whitens(tiny_base, gate):
+    D = tiny_base.d_model
+    assert gate.mu.shape == (D,) and np.isfinite(gate.mu).all()
+    assert gate.A.shape == (D, D) and np.allclose(gate.A, gate.A.T, atol=1e-4)
     with pytest.raises(ValueError, match="model.relation_layer"):
-        RelationGate.fit(tiny_base, 99, n=4)
+        RelationGate.fit(tiny_base, 99, entities_per_kind=1)
     with pytest.raises(ValueError, match="relation layer"):
-        RelationGate(-1, gate.mu)
+        RelationGate(-1, gate.mu, gate.A)
+    with pytest.raises(ValueError, match="relation A"):
+        RelationGate(2, gate.mu, gate.A[:3])
 
 
 def test_relation_keys_ignore_the_subject_name(tiny_base, gate):
@@ -129,8 +133,10 @@ def test_gated_follows_model_relation_layer(tiny_base, tmp_path):
     assert isinstance(g, GatedEncoder) and g.gate.layer == 2 and gated(on, g) is g
     back = pickle.loads(pickle.dumps(g))                                 # it crosses Ray as any value
     cached = gated(on, enc, tmp_path)                                    # fitted once, then read back
-    assert len(list(tmp_path.glob("relation-*.npy"))) == 1
-    np.testing.assert_array_equal(gated(on, enc, tmp_path).gate.mu, cached.gate.mu)
+    assert len(list(tmp_path.glob("relation-*.npz"))) == 1
+    again = gated(on, enc, tmp_path).gate
+    np.testing.assert_array_equal(again.mu, cached.gate.mu)
+    np.testing.assert_array_equal(again.A, cached.gate.A)
     assert back.d_key == enc.d_key and back.gate.layer == 2
     with pytest.raises(ValueError, match="model.relation_layer"):
         dataclasses.replace(tiny_base.config, relation_layer=-1)
