@@ -12,6 +12,8 @@ a label are its wordings (`routing.relation_corpus`):
     L  = U^T A V_p                      (d, D)   the discriminant rows; z = L (x - mu)
 
 so z has unit within-label covariance and its axes are ordered by how much they separate labels.
+`fit_within_whitening` keeps every direction and only whitens: z = (x - mu) S_w'^(-1/2) (the relation
+gate's keys, `routing.relation_gate`, where the labels are relations, not facts).
 
 Shapes: n labelled vectors, D model dim, p principal directions, d discriminant dims.
 """
@@ -65,7 +67,8 @@ def fit_discriminant(X: np.ndarray, labels: np.ndarray, d: int, *, p: int = 256,
     return mu, L
 
 
-def fit_within_whitening(X: np.ndarray, labels: np.ndarray, *, reg: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def fit_within_whitening(X: np.ndarray, labels: np.ndarray, *,
+                         reg: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """(mu (D,), A (D, D)) float64: z = (x - mu) A has unit within-label covariance (shrunk by `reg`),
 
         S_w' = S_w + reg * tr(S_w)/D * I,   A = S_w'^(-1/2)   (symmetric)

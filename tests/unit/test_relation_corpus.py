@@ -47,7 +47,7 @@ def test_relation_labels_name_the_relation_of_each_text():
     texts, facts = make_relation_corpus(2, seed=1)
     rel = relation_labels(2)
     assert len(rel) == len(texts) and len(set(rel)) == sum(len(r) for r in RELATIONS.values())
-    for t, f, r in zip(texts, facts, rel):
+    for f, r in zip(facts, rel):
         assert all(rel[i] == r for i, g in enumerate(facts) if g == f)     # a fact has one relation
     # two entities' questions of one relation share the label and the wording
     first = [t for t, r in zip(texts, rel) if r == 0]
