@@ -143,6 +143,8 @@ class ExpertCatalog:
             raise ValueError(f"limit must be in 1..{MAX_LIMIT}, got {limit!r}")
         if origin is not None and origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}, got {origin!r}")
+        if after is not None and not -1 <= int(after) < 2**63:       # SQLite INTEGER is 64-bit
+            raise ValueError(f"after must be an expert id in -1..{2**63 - 1}, got {after!r}")
         where, args = ["id > ?"], [-1 if after is None else int(after)]
         if namespaces is not None:
             ns = sorted(namespaces)

@@ -52,3 +52,11 @@ def test_entry_validation():
         CatalogEntry(1, "", "import")
     with pytest.raises(ValueError, match="id"):
         CatalogEntry(-1, "a", "import")
+
+
+def test_list_refuses_a_cursor_beyond_sqlite_integers(tmp_path):
+    cat = ExpertCatalog.of(tmp_path)
+    cat.put(CatalogEntry(1, "a", "edit"))
+    with pytest.raises(ValueError, match="after must be an expert id"):
+        cat.list(limit=3, after=2**63)
+    assert [e.id for e in cat.list(limit=3, after=-1)[0]] == [1]
