@@ -27,6 +27,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def _label_means_and_within_scatter(Z: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(label means (C, k), within-label scatter (k, k)) of rows Z (n, k) labelled 0..C-1 by `inv`."""
+    M = np.zeros((int(inv.max()) + 1, Z.shape[1]))
+    np.add.at(M, inv, Z)
+    M /= np.bincount(inv)[:, None]
+    Zw = Z - M[inv]                                                  # (n, k)
+    return M, Zw.T @ Zw / len(Z)
+
+
 def fit_discriminant(X: np.ndarray, labels: np.ndarray, d: int, *, p: int = 256,
                      reg: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """(mu (D,), L (d, D)) float64 from labelled vectors X (n, D) (see the module docstring)."""
@@ -50,11 +59,7 @@ def fit_discriminant(X: np.ndarray, labels: np.ndarray, d: int, *, p: int = 256,
     _, _, Vt = np.linalg.svd(X - mu, full_matrices=False)
     Vp = Vt[:p]                                                      # (p, D)
     Z = (X - mu) @ Vp.T                                              # (n, p)
-    M = np.zeros((len(classes), p))
-    np.add.at(M, inv, Z)
-    M /= np.bincount(inv)[:, None]                                   # (C, p) label means
-    Zw = Z - M[inv]                                                  # (n, p)
-    Sw = Zw.T @ Zw / n
+    M, Sw = _label_means_and_within_scatter(Z, inv)                 # (C, p), (p, p)
     Mb = M - M.mean(0)
     Sb = Mb.T @ Mb / len(classes)
     ev, E = np.linalg.eigh(Sw + reg * np.trace(Sw) / p * np.eye(p))
@@ -86,11 +91,7 @@ def fit_within_whitening(X: np.ndarray, labels: np.ndarray, *,
     classes, inv = np.unique(labels, return_inverse=True)
     if n - len(classes) < 1:
         raise ValueError("every label has one vector: the within-label scatter is undefined")
-    M = np.zeros((len(classes), D))
-    np.add.at(M, inv, X)
-    M /= np.bincount(inv)[:, None]                                   # (C, D) label means
-    Zw = X - M[inv]                                                  # (n, D)
-    Sw = Zw.T @ Zw / n                                               # (D, D)
+    _, Sw = _label_means_and_within_scatter(X, inv)                 # (D, D)
     ev, E = np.linalg.eigh(Sw + reg * np.trace(Sw) / D * np.eye(D))
     A = (E * ev**-0.5) @ E.T                                         # (D, D)
     return X.mean(0), A
