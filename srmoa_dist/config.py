@@ -189,6 +189,7 @@ class ModelConfig:
     encoder_discriminant: float = 0.0 # share of the fact discriminant in routing scores (0 = off: see README)
     encoder_corpus_entities: int = 20 # invented entities per kind in the discriminant's corpus
     relation_layer: int | None = None # the relation gate's layer (`routing.relation_gate`); None = off
+    relation_defer_margin: float | None = None  # the gate defers below this margin; None = never
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -202,6 +203,14 @@ class ModelConfig:
                              f"got {self.encoder_discriminant!r}")
         if self.relation_layer is not None:
             _non_negative("model.relation_layer", self.relation_layer)
+        if self.relation_defer_margin is not None:
+            m = self.relation_defer_margin
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not -2.0 < m < 2.0:
+                raise ValueError(f"model.relation_defer_margin must be a number in (-2, 2) or null, "
+                                 f"got {m!r}")
+            if self.relation_layer is None:
+                raise ValueError("model.relation_defer_margin needs model.relation_layer (the gate); "
+                                 f"got relation_defer_margin={m!r} with relation_layer=null")
         if not isinstance(self.encoder_corpus_entities, int) or self.encoder_corpus_entities < 1:
             raise ValueError(f"model.encoder_corpus_entities must be a positive integer, "
                              f"got {self.encoder_corpus_entities!r}")

@@ -80,6 +80,8 @@ class RelationGate:
     layer: int
     mu: np.ndarray          # (D,) float32
     A: np.ndarray           # (D, D) float32, symmetric
+    bank: np.ndarray        # (N, D) float32, unit rows: relation keys of the corpus's questions
+    defer_margin: float | None = None   # None: arbitrate only; else also defer (module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -91,15 +93,26 @@ class RelationGate:
         if A.shape != (mu.shape[0],) * 2 or not np.isfinite(A).all():
             raise ValueError(f"relation A must be a finite ({mu.shape[0]}, {mu.shape[0]}) matrix, "
                              f"got shape {A.shape}")
+        bank = np.asarray(self.bank, dtype=np.float32)
+        if (bank.ndim != 2 or bank.shape[0] < 1 or bank.shape[1] != mu.shape[0]
+                or not np.isfinite(bank).all()):
+            raise ValueError(f"relation bank must be a finite (N, {mu.shape[0]}) matrix with N >= 1, "
+                             f"got shape {bank.shape}")
+        if self.defer_margin is not None and (isinstance(self.defer_margin, bool)
+                                              or not np.isfinite(float(self.defer_margin))):
+            raise ValueError(f"model.relation_defer_margin must be a finite number or null, "
+                             f"got {self.defer_margin!r}")
         object.__setattr__(self, "mu", mu)
         object.__setattr__(self, "A", A)
+        object.__setattr__(self, "bank", bank)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, base: BaseModel, layer: int, *, entities_per_kind: int = 10, seed: int = 0,
-            reg: float = 0.1, batch_size: int = 32) -> RelationGate:
-        """mu and A from the masked relation corpus (`entities_per_kind` entities of each kind, every
-        relation in four wordings; relations no benchmark uses)."""
+    def fit(cls, base: BaseModel, layer: int, *, defer_margin: float | None = None,
+            entities_per_kind: int = 10, seed: int = 0, reg: float = 0.1,
+            batch_size: int = 32) -> RelationGate:
+        """mu, A and the bank from the masked relation corpus (`entities_per_kind` entities of each
+        kind, every relation in four wordings; relations no benchmark uses)."""
         n_layers = base.n_layers
         if not 0 <= layer < n_layers:
             raise ValueError(f"model.relation_layer must be in 0..{n_layers - 1}, got {layer}")
@@ -111,7 +124,7 @@ class RelationGate:
             texts.append(mask_subject(q, subject) if subject else q)
         pooled = _pool_prompts(base, texts, batch_size, last_layer=layer)       # (n, D)
         mu, A = fit_within_whitening(pooled, np.asarray(relation_labels(entities_per_kind)), reg=reg)
-        return cls(layer, mu, A)
+        return cls(layer, mu, A, _unit_rows((pooled - mu) @ A), defer_margin)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, base: BaseModel, texts: Sequence[str], subjects: Sequence[str]) -> np.ndarray:
@@ -121,8 +134,7 @@ class RelationGate:
         if not texts:
             return np.zeros((0, self.mu.shape[0]), np.float32)
         masked = [mask_subject(t, s) for t, s in zip(texts, subjects)]
-        x = (_pool_prompts(base, masked, 32, last_layer=self.layer) - self.mu) @ self.A     # (B, D)
-        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return _unit_rows((_pool_prompts(base, masked, 32, last_layer=self.layer) - self.mu) @ self.A)
 
     def relation_of(self, base: BaseModel, question: str, subject: str | None,
                     earlier: ExpertRelation | None = None) -> ExpertRelation | None:
@@ -138,29 +150,39 @@ class RelationGate:
     # ------------------------------------------------------------------ arbitration
     def arbitrate(self, base: BaseModel, batch: ChatBatch, routing: BatchRouting) -> BatchRouting:
         """The routing with, per sequence and per subject its text names, only the candidate whose
-        relation keys best match the text (see the module docstring); others untouched."""
+        relation keys best match the text, and with `defer_margin` set not even that one unless it
+        matches better than every bank relation by the margin (see the module docstring)."""
         from srmoa_dist.model.generation import drop_per_row
 
-        if routing.experts is None or not any(len(e) > 1 for e in routing.experts):
+        least = 1 if self.defer_margin is not None else 2       # group size worth a relation key
+        if routing.experts is None or not any(len(e) >= least for e in routing.experts):
             return routing
         texts = _user_texts(base, batch)
-        drop: list[set[int]] = [set() for _ in routing.expert_ids]
-        asks: list[tuple[int, str, list[int]]] = []          # (row, subject, candidate positions)
+        asks: list[tuple[int, list[int]]] = []                  # (row, candidate positions of a subject)
+        subjects: list[str] = []
         for b, experts in enumerate(routing.experts):
             groups: dict[str, list[int]] = {}
             for j, e in enumerate(experts):
                 rel = getattr(e, "relation", None)
                 if rel is not None and names(texts[b], rel.subject):
                     groups.setdefault(rel.subject.lower(), []).append(j)
-            asks += [(b, s, js) for s, js in groups.items() if len(js) > 1]
+            for s, js in groups.items():
+                if len(js) >= least:
+                    asks.append((b, js))
+                    subjects.append(s)
         if not asks:
             return routing
-        r = self.encode(base, [texts[b] for b, _, _ in asks], [s for _, s, _ in asks])   # (n, D)
-        for (b, _, js), r_b in zip(asks, r):
+        r = self.encode(base, [texts[b] for b, _ in asks], subjects)                   # (n, D)
+        bank_best = (r @ self.bank.T).max(axis=1) if self.defer_margin is not None else None   # (n,)
+        drop: list[set[int]] = [set() for _ in routing.expert_ids]
+        deferred = 0
+        for n, ((b, js), r_b) in enumerate(zip(asks, r)):
             best = [float(np.max(routing.experts[b][j].relation.keys.astype(np.float32) @ r_b)) for j in js]
             win = js[int(np.argmax(best))]
-            drop[b] |= {routing.expert_ids[b][j] for j in js if j != win}
-        log.debug("relation gate: %d subject group(s) arbitrated", len(asks))
+            keep = bank_best is None or max(best) - float(bank_best[n]) > self.defer_margin
+            deferred += not keep
+            drop[b] |= {routing.expert_ids[b][j] for j in js if j != win or not keep}
+        log.debug("relation gate: %d subject group(s) arbitrated, %d deferred", len(asks), deferred)
         return drop_per_row(routing, drop)
 
 
@@ -187,6 +209,11 @@ class GatedEncoder:
         return self.gate.arbitrate(base, batch, routing)
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """`x` (n, D) with each row scaled to unit length, float32."""
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def _user_texts(base: BaseModel, batch: ChatBatch) -> list[str]:
     """The last user message of each sequence, decoded from its tokens."""
     tok = base.tokenizer
@@ -196,26 +223,28 @@ def _user_texts(base: BaseModel, batch: ChatBatch) -> list[str]:
 
 
 def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = None) -> Any:
-    """`encoder` with a relation gate fitted on `base` when `model.relation_layer` is set, else as is.
-    With `cache_dir`, the fitted centre and whitening are kept there (keyed by the weights they depend
-    on), so a restarted replica does not fit them again."""
+    """`encoder` with a relation gate fitted on `base` when `model.relation_layer` is set, else as is;
+    the gate defers by `model.relation_defer_margin`. With `cache_dir`, the fitted centre, whitening
+    and bank are kept there (keyed by the weights they depend on), so a restarted replica does not fit
+    them again."""
     layer = getattr(base.config, "relation_layer", None)
+    margin = getattr(base.config, "relation_defer_margin", None)
     if layer is None or encoder is None or isinstance(encoder, GatedEncoder):
         return encoder
     path = Path(cache_dir) / f"relation-{_fit_key(base, layer)}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
             with np.load(path) as z:
-                return GatedEncoder(encoder, RelationGate(layer, z["mu"], z["A"]))
+                return GatedEncoder(encoder, RelationGate(layer, z["mu"], z["A"], z["bank"], margin))
         except (OSError, ValueError, KeyError) as e:         # torn or foreign: fit again
             log.warning("ignoring the cached relation gate %s: %s", path, e)
     log.info("fitting the relation gate at layer %d", layer)
-    gate = RelationGate.fit(base, layer)
+    gate = RelationGate.fit(base, layer, defer_margin=margin)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, mu=gate.mu, A=gate.A)
+            np.savez(tmp, mu=gate.mu, A=gate.A, bank=gate.bank)
             os.replace(tmp, path)
         except OSError as e:
             log.warning("could not cache the relation gate in %s: %s", path, e)
@@ -223,9 +252,9 @@ def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = N
 
 
 def _fit_key(base: BaseModel, layer: int) -> str:
-    """sha256 over what the fitted centre and whitening depend on: the layer, the system prompt, the
-    embedding and layers 0..layer."""
-    h = hashlib.sha256(repr(("relation-gate", 2, layer, base.d_model, base.system_prompt)).encode())
+    """sha256 over what the fitted centre, whitening and bank depend on: the layer, the system prompt,
+    the embedding and layers 0..layer."""
+    h = hashlib.sha256(repr(("relation-gate", 3, layer, base.d_model, base.system_prompt)).encode())
     hash_lower_weights(h, base, layer)
     return h.hexdigest()[:32]
 

@@ -39,12 +39,18 @@ def test_fit_checks_layer_centres_and_whitens(tiny_base, gate):
     D = tiny_base.d_model
     assert gate.mu.shape == (D,) and np.isfinite(gate.mu).all()
     assert gate.A.shape == (D, D) and np.allclose(gate.A, gate.A.T, atol=1e-4)
+    assert gate.bank.shape[1] == D and gate.bank.shape[0] > 1 and gate.defer_margin is None
+    np.testing.assert_allclose(np.linalg.norm(gate.bank, axis=1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="model.relation_layer"):
         RelationGate.fit(tiny_base, 99, entities_per_kind=1)
     with pytest.raises(ValueError, match="relation layer"):
-        RelationGate(-1, gate.mu, gate.A)
+        RelationGate(-1, gate.mu, gate.A, gate.bank)
     with pytest.raises(ValueError, match="relation A"):
-        RelationGate(2, gate.mu, gate.A[:3])
+        RelationGate(2, gate.mu, gate.A[:3], gate.bank)
+    with pytest.raises(ValueError, match="relation bank"):
+        RelationGate(2, gate.mu, gate.A, gate.bank[:, :3])
+    with pytest.raises(ValueError, match="relation_defer_margin"):
+        RelationGate(2, gate.mu, gate.A, gate.bank, float("nan"))
 
 
 def test_relation_keys_ignore_the_subject_name(tiny_base, gate):
@@ -100,6 +106,27 @@ def test_arbitrate_keeps_the_matching_relation_only(tiny_base, fusion, gate):
         assert all(e is experts[i] for e, i in zip(out.experts[b], out.expert_ids[b], strict=True))
 
 
+def test_defers_to_the_base_model_when_a_bank_relation_is_closer(tiny_base, fusion, gate):
+    """With a margin, an expert alone for its subject stays only for questions nearer its own relation
+    than any bank relation: here the bank is the currency relation, the expert the capital's."""
+    import dataclasses
+
+    cap = _experts(tiny_base, fusion, gate)[10]
+    bank = gate.encode(tiny_base, [CURRENCY], ["Zorblax"])                  # (1, D)
+    deferring = dataclasses.replace(gate, bank=bank, defer_margin=0.0)
+    chats = [[{"role": "user", "content": t}] for t in (CAPITAL, CURRENCY)]
+    batch = encode_messages(tiny_base, chats)
+    D = np.array([[0.8]] * 2, np.float32)
+    I = np.array([[10]] * 2, np.int64)
+    routing = with_experts(select_experts(np.zeros((2, 4), np.float32), D, I, 0.1), {10: cap})
+    out = deferring.arbitrate(tiny_base, batch, routing)
+    assert out.expert_ids == [[10], []]                          # the currency question goes to the base
+    assert out.gates[0] == [1.0]
+    assert gate.arbitrate(tiny_base, batch, routing).expert_ids == [[10], [10]]     # margin None: kept
+    strict = dataclasses.replace(deferring, defer_margin=1.5)                      # nothing beats 1.5
+    assert strict.arbitrate(tiny_base, batch, routing).expert_ids == [[], []]
+
+
 def test_generate_arbitrates_through_a_gated_encoder(tiny_base, fusion, gate):
     experts = _experts(tiny_base, fusion, gate)
     enc = QueryEncoder.calibrate(tiny_base, d_key=8, prompts=["Hi there.", "Why?", CAPITAL, CURRENCY] * 3)
@@ -137,6 +164,13 @@ def test_gated_follows_model_relation_layer(tiny_base, tmp_path):
     again = gated(on, enc, tmp_path).gate
     np.testing.assert_array_equal(again.mu, cached.gate.mu)
     np.testing.assert_array_equal(again.A, cached.gate.A)
+    np.testing.assert_array_equal(again.bank, cached.gate.bank)
+    margin = dataclasses.replace(on, config=dataclasses.replace(on.config, relation_defer_margin=0.05))
+    assert gated(margin, enc, tmp_path).gate.defer_margin == 0.05              # read from the config
     assert back.d_key == enc.d_key and back.gate.layer == 2
     with pytest.raises(ValueError, match="model.relation_layer"):
         dataclasses.replace(tiny_base.config, relation_layer=-1)
+    with pytest.raises(ValueError, match="model.relation_defer_margin"):
+        dataclasses.replace(on.config, relation_defer_margin=3.0)
+    with pytest.raises(ValueError, match="needs model.relation_layer"):
+        dataclasses.replace(tiny_base.config, relation_defer_margin=0.0)
