@@ -35,7 +35,8 @@ pkg = os.path.dirname(srmoa_dist.__file__)
 data = tempfile.mkdtemp(prefix="reqpath-")
 cfg = SrmoaConfig.from_dict({
     "data_dir": data,
-    "model": {"name_or_path": "tiny", "query_layer": 1, "max_new_tokens": 8, "device": "cpu"},
+    "model": {"name_or_path": "tiny", "query_layer": 1, "relation_layer": None, "max_new_tokens": 8,
+              "device": "cpu"},
     "store": {"n_shards": 2, "map_size_mb": 16, "max_map_size_mb": 64},
     "keystore": {"d_key": 16, "k": 4, "tau": 0.5},
     "runtime": {"namespace": f"reqpath-{os.getpid()}", "num_cpus": 2, "object_store_memory_mb": 200,

@@ -188,8 +188,9 @@ class ModelConfig:
     false_route_rate: float = 0.01    # tau is calibrated so this share of negatives passes it
     encoder_discriminant: float = 0.0 # share of the fact discriminant in routing scores (0 = off: see README)
     encoder_corpus_entities: int = 20 # invented entities per kind in the discriminant's corpus
-    relation_layer: int | None = None # the relation gate's layer (`routing.relation_gate`); None = off
-    relation_defer_margin: float | None = None  # the gate defers below this margin; None = never
+    relation_layer: int | None = 12   # the relation gate's layer (`routing.relation_gate`); None = off
+    relation_defer_margin: float | None = 0.0  # the gate defers to the base model below this margin
+    #                                   (None = never; ignored with the gate off)
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -208,9 +209,6 @@ class ModelConfig:
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not -2.0 < m < 2.0:
                 raise ValueError(f"model.relation_defer_margin must be a number in (-2, 2) or null, "
                                  f"got {m!r}")
-            if self.relation_layer is None:
-                raise ValueError("model.relation_defer_margin needs model.relation_layer (the gate); "
-                                 f"got relation_defer_margin={m!r} with relation_layer=null")
         if not isinstance(self.encoder_corpus_entities, int) or self.encoder_corpus_entities < 1:
             raise ValueError(f"model.encoder_corpus_entities must be a positive integer, "
                              f"got {self.encoder_corpus_entities!r}")

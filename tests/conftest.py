@@ -95,6 +95,7 @@ def tiny_base(tiny_tokenizer):
         name_or_path="tiny-random-llama",
         device="cpu",
         query_layer=1,
+        relation_layer=None,
         max_new_tokens=8,
         system_prompt="You are a helpful assistant.",
     )
@@ -139,8 +140,8 @@ def tiny_bench_base(make_tiny_model):
     from srmoa_dist.model.loading import from_model
 
     model, tok = make_tiny_model(seed=0)
-    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                       system_prompt="You are a helpful assistant.")
+    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, relation_layer=None,
+                       max_new_tokens=8, system_prompt="You are a helpful assistant.")
     return from_model(model, tok, mcfg, name="tiny-random-llama"), mcfg
 
 
@@ -155,8 +156,8 @@ def make_tiny_world(make_tiny_model):
 
     def make(ecfg, d_key: int):
         model, tok = make_tiny_model(seed=0)
-        mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                           system_prompt="You are a helpful assistant.")
+        mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, relation_layer=None,
+                           max_new_tokens=8, system_prompt="You are a helpful assistant.")
         base = from_model(model, tok, mcfg)
         fusion = ExpertFusion(base.model, ecfg, query_layer=base.query_layer)
         enc = QueryEncoder.calibrate(base, d_key=d_key, prompts=CALIBRATION_PROMPTS[:32])

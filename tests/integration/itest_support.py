@@ -8,7 +8,7 @@ from pathlib import Path
 
 from srmoa_dist.config import SrmoaConfig
 
-TINY_MODEL = {"query_layer": 1, "max_new_tokens": 8, "device": "cpu"}
+TINY_MODEL = {"query_layer": 1, "relation_layer": None, "max_new_tokens": 8, "device": "cpu"}
 # contrast rows off: the tiny random model cannot learn them beside the fact in a few steps
 TINY_TTT = {"steps": 30, "lr": 0.05, "locality_probes": 0, "verify_max_new_tokens": 40, "contrast_prompts": 0}
 

@@ -21,8 +21,8 @@ def engine(tmp_path_factory, make_tiny_model):
     from srmoa_dist.model.loading import from_model
 
     model, tok = make_tiny_model(seed=0)
-    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, max_new_tokens=8,
-                       system_prompt="You are a helpful assistant.")
+    mcfg = ModelConfig(name_or_path="tiny", device="cpu", query_layer=1, relation_layer=None,
+                       max_new_tokens=8, system_prompt="You are a helpful assistant.")
     cfg = SrmoaConfig(data_dir=str(tmp_path_factory.mktemp("engine")), model=mcfg,
                       keystore=KeyStoreConfig(d_key=16), serve=ServeConfig(max_prompt_tokens=64))
     return Engine(cfg, None, base=from_model(model, tok, mcfg, name="tiny-random-llama"))

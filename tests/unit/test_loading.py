@@ -31,7 +31,7 @@ def fake_gguf(tmp_path, monkeypatch, make_tiny_model):
 
 
 def _cfg(src, **kw):
-    return ModelConfig(name_or_path=str(src), device="cpu", query_layer=1, **kw)
+    return ModelConfig(name_or_path=str(src), device="cpu", query_layer=1, relation_layer=None, **kw)
 
 
 def test_gguf_cache_built_then_reused(tmp_path, fake_gguf):

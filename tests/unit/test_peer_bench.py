@@ -21,7 +21,8 @@ def _cfg(model_dir):
     from srmoa_dist.config import ModelConfig, SrmoaConfig
 
     cfg = SrmoaConfig()
-    return cfg.replace(model=ModelConfig(name_or_path=str(model_dir), query_layer=1, device="cpu"),
+    return cfg.replace(model=ModelConfig(name_or_path=str(model_dir), query_layer=1, relation_layer=None,
+                                         device="cpu"),
                        expert=dataclasses.replace(cfg.expert, form="lora"))
 
 

@@ -33,7 +33,8 @@ def tiny(make_tiny_model, one_torch_thread):
 
     model, tok = make_tiny_model(seed=0)
     base = from_model(model, tok, ModelConfig(name_or_path="tiny", device="cpu", query_layer=1,
-                                              max_new_tokens=8, system_prompt="You are a helpful assistant."))
+                                              relation_layer=None, max_new_tokens=8,
+                                              system_prompt="You are a helpful assistant."))
     fusion = ExpertFusion(base.model, ExpertConfig(), query_layer=1)
     yield base, fusion
     fusion.remove()

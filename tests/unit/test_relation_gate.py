@@ -167,10 +167,11 @@ def test_gated_follows_model_relation_layer(tiny_base, tmp_path):
     np.testing.assert_array_equal(again.bank, cached.gate.bank)
     margin = dataclasses.replace(on, config=dataclasses.replace(on.config, relation_defer_margin=0.05))
     assert gated(margin, enc, tmp_path).gate.defer_margin == 0.05              # read from the config
+    never = dataclasses.replace(on, config=dataclasses.replace(on.config, relation_defer_margin=None))
+    assert gated(never, enc, tmp_path).gate.defer_margin is None
     assert back.d_key == enc.d_key and back.gate.layer == 2
     with pytest.raises(ValueError, match="model.relation_layer"):
         dataclasses.replace(tiny_base.config, relation_layer=-1)
     with pytest.raises(ValueError, match="model.relation_defer_margin"):
         dataclasses.replace(on.config, relation_defer_margin=3.0)
-    with pytest.raises(ValueError, match="needs model.relation_layer"):
-        dataclasses.replace(tiny_base.config, relation_defer_margin=0.0)
+    assert dataclasses.replace(tiny_base.config, relation_defer_margin=0.5).relation_layer is None

@@ -44,7 +44,7 @@ def test_real_seed_batch_is_nonzero_and_deterministic():
 
 def test_init_real_seeds_are_retrieved_by_their_questions(tiny_base, tmp_path):
     cfg = resolve(tmp_path / "store", overrides={
-        "model": {"name_or_path": "tiny", "query_layer": 1, "device": "cpu",
+        "model": {"name_or_path": "tiny", "query_layer": 1, "relation_layer": None, "device": "cpu",
                   "system_prompt": tiny_base.system_prompt},
         "keystore": {"d_key": 16}, "store": {"n_shards": 2, "durable": False}})
     out = init_store(cfg, n_experts=300, base=tiny_base, seed_kind="real", progress=lambda s: None)
