@@ -4,7 +4,9 @@ No edit is trained: an expert's relation key is the key of its fact's failing qu
 it. For each invented entity of `bench.entity_facts` (its first F facts edited), a held-out paraphrase
 of an edited fact is *kept right* when the gate would keep the expert it picks and that expert is its
 own fact's; the entity's unedited question is *kept* (a leak risk) when the gate would keep any of the
-entity's experts. Both against the margin, for the bank of corpus questions (`RelationGate.bank`).
+entity's experts. Both against the margin, as `RelationGate.arbitrate` decides (`other_relations_best`).
+With the subject masked, questions of one relation template read alike for every entity, so the
+figures rest on the distinct masked texts (`distinct_*` in the JSON), not on the entity count.
 
 usage: python scripts/relation_margin_sweep.py [--entities 60] [--seed 0] [--layer 12]
          [--out results/lifelong_defer/margin_sweep.json]
@@ -25,7 +27,7 @@ from srmoa_dist.bench.entity_facts import make_entity_facts  # noqa: E402
 from srmoa_dist.bench.model_cache import shared_model_cache  # noqa: E402
 from srmoa_dist.config import ModelConfig  # noqa: E402
 from srmoa_dist.model.loading import load_base_model  # noqa: E402
-from srmoa_dist.routing.relation_gate import RelationGate  # noqa: E402
+from srmoa_dist.routing.relation_gate import RelationGate, mask_subject  # noqa: E402
 
 MARGINS = [round(m, 2) for m in np.arange(-0.20, 0.151, 0.025)]
 
@@ -33,13 +35,17 @@ MARGINS = [round(m, 2) for m in np.arange(-0.20, 0.151, 0.025)]
 def sweep(gate: RelationGate, base, entities, n_facts: int) -> dict:
     """Per margin: the share of paraphrases kept and picking their own fact, of unedited kept."""
     para_gap, para_own, uned_gap = [], [], []
+    para_texts, uned_texts = set(), set()
     for ent in entities:
         facts = ent.facts[:n_facts]
         K = gate.encode(base, [f.question for f in facts], [ent.name] * len(facts))       # (F, D)
         paras = [(i, p) for i, f in enumerate(facts) for p in f.held_out]
         r = gate.encode(base, [p for _, p in paras] + [ent.unedited], [ent.name] * (len(paras) + 1))
         s = r @ K.T                                                                       # (P+1, F)
-        bank_best = (r @ gate.bank.T).max(axis=1)                                         # (P+1,)
+        j = s.argmax(axis=1)                                                              # (P+1,)
+        bank_best = [gate.other_relations_best(r_n, K[j_n:j_n + 1]) for r_n, j_n in zip(r, j)]
+        para_texts |= {mask_subject(p, ent.name) for _, p in paras}
+        uned_texts.add(mask_subject(ent.unedited, ent.name))
         for n, (i, _) in enumerate(paras):
             para_gap.append(float(s[n].max() - bank_best[n]))
             para_own.append(int(np.argmax(s[n])) == i)
@@ -51,6 +57,7 @@ def sweep(gate: RelationGate, base, entities, n_facts: int) -> dict:
              "unedited_kept": float((uned_gap > m).mean())} for m in MARGINS]
     auc = float((para_gap[:, None] > uned_gap[None, :]).mean())
     return {"facts_per_entity": n_facts, "n_paraphrases": len(para_gap), "n_unedited": len(uned_gap),
+            "distinct_paraphrases": len(para_texts), "distinct_unedited": len(uned_texts),
             "paraphrase_picks_own": float(para_own.mean()), "auc_paraphrase_vs_unedited": auc,
             "rows": rows}
 
@@ -69,7 +76,8 @@ def main() -> None:
            "sweeps": [sweep(gate, base, entities, f) for f in (3, 1)]}
     for sw in out["sweeps"]:
         print(f"{sw['facts_per_entity']} fact(s) an entity: {sw['n_paraphrases']} paraphrases, "
-              f"{sw['n_unedited']} unedited; picks own {sw['paraphrase_picks_own']:.3f}, "
+              f"{sw['n_unedited']} unedited ({sw['distinct_paraphrases']} and {sw['distinct_unedited']} "
+              f"distinct masked); picks own {sw['paraphrase_picks_own']:.3f}, "
               f"AUC {sw['auc_paraphrase_vs_unedited']:.3f}")
         print("  margin  para kept right  para kept  unedited kept")
         for r in sw["rows"]:

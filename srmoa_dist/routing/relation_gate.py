@@ -26,7 +26,11 @@ even one alone for its subject, stays only when
 
 that is, when the question is nearer the expert's relation than any other relation the gate knows;
 else the group leaves the sequence and the base model answers ("What is the population of X?" after
-X's capital was edited). Margin 0 needs no calibration.
+X's capital was edited). Margin 0 needs no calibration. A corpus relation the expert itself asks (an
+edit of "What is the national dish of X?", a corpus wording) is not an other relation: the bank rows
+of every corpus relation one of whose rows lies within `same_relation` of one of the expert's keys
+(the closest any two corpus relations come, fitted) leave the bank for that expert, else the edit's
+own question would tie with its corpus twin and be deferred.
 
 Measured offline (SmolLM2-135M, 60 invented entities x 3 facts of `bench.entity_facts`, the key from the
 failing question only, Lr 12): a held-out paraphrase picks its own fact among its subject's three 0.98
@@ -90,6 +94,8 @@ class RelationGate:
     A: np.ndarray           # (D, D) float32, symmetric
     bank: np.ndarray        # (N, D) float32, unit rows: relation keys of the corpus's questions
     defer_margin: float | None = None   # None: arbitrate only; else also defer (module docstring)
+    bank_labels: np.ndarray | None = None   # (N,) int64: each bank row's corpus relation; None: its own
+    same_relation: float | None = None      # a bank relation this near an expert's key is its own; None: none
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -110,17 +116,27 @@ class RelationGate:
                                               or not np.isfinite(float(self.defer_margin))):
             raise ValueError(f"model.relation_defer_margin must be a finite number or null, "
                              f"got {self.defer_margin!r}")
+        labels = np.arange(bank.shape[0]) if self.bank_labels is None else np.asarray(self.bank_labels)
+        if labels.shape != (bank.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"relation bank_labels must be ({bank.shape[0]},) integers, got shape "
+                             f"{labels.shape} of {labels.dtype}")
+        if self.same_relation is not None and (isinstance(self.same_relation, bool)
+                                               or not -1.0 <= float(self.same_relation) <= 1.0):
+            raise ValueError(f"relation same_relation must be a cosine in [-1, 1] or None, "
+                             f"got {self.same_relation!r}")
         object.__setattr__(self, "mu", mu)
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "bank_labels", labels.astype(np.int64))
 
     # ------------------------------------------------------------------ fitting
     @classmethod
     def fit(cls, base: BaseModel, layer: int, *, defer_margin: float | None = None,
             entities_per_kind: int = 10, seed: int = 0, reg: float = 0.1,
             batch_size: int = 32) -> RelationGate:
-        """mu, A and the bank from the masked relation corpus (`entities_per_kind` entities of each
-        kind, every relation in four wordings; relations no benchmark uses)."""
+        """mu, A, the bank and its labels from the masked relation corpus (`entities_per_kind` entities
+        of each kind, every relation in four wordings; relations no benchmark uses), and
+        `same_relation`: the highest cosine between bank rows of two different relations."""
         n_layers = base.n_layers
         if not 0 <= layer < n_layers:
             raise ValueError(f"model.relation_layer must be in 0..{n_layers - 1} for this model, got {layer} "
@@ -132,8 +148,13 @@ class RelationGate:
             subject = max(m[1:] or m, key=len) if m else ""
             texts.append(mask_subject(q, subject) if subject else q)
         pooled = _pool_prompts(base, texts, batch_size, last_layer=layer)       # (n, D)
-        mu, A = fit_within_whitening(pooled, np.asarray(relation_labels(entities_per_kind)), reg=reg)
-        return cls(layer, mu, A, _unit_rows((pooled - mu) @ A), defer_margin)
+        labels = np.asarray(relation_labels(entities_per_kind))
+        mu, A = fit_within_whitening(pooled, labels, reg=reg)
+        bank = _unit_rows((pooled - mu) @ A)                                     # (N, D)
+        S = bank @ bank.T                                                        # (N, N)
+        other = labels[:, None] != labels[None, :]
+        same_relation = float(S[other].max()) if other.any() else None
+        return cls(layer, mu, A, bank, defer_margin, labels, same_relation)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, base: BaseModel, texts: Sequence[str], subjects: Sequence[str]) -> np.ndarray:
@@ -182,17 +203,28 @@ class RelationGate:
         if not asks:
             return routing
         r = self.encode(base, [texts[b] for b, _ in asks], subjects)                   # (n, D)
-        bank_best = (r @ self.bank.T).max(axis=1) if self.defer_margin is not None else None   # (n,)
         drop: list[set[int]] = [set() for _ in routing.expert_ids]
         deferred = 0
-        for n, ((b, js), r_b) in enumerate(zip(asks, r)):
-            best = [float(np.max(routing.experts[b][j].relation.keys.astype(np.float32) @ r_b)) for j in js]
-            win = js[int(np.argmax(best))]
-            keep = bank_best is None or max(best) - float(bank_best[n]) > self.defer_margin
+        for (b, js), r_b in zip(asks, r):
+            keys = [routing.experts[b][j].relation.keys.astype(np.float32) for j in js]   # (m, D) each
+            best = [float(np.max(K @ r_b)) for K in keys]
+            i = int(np.argmax(best))
+            win = js[i]
+            keep = (self.defer_margin is None
+                    or best[i] - self.other_relations_best(r_b, keys[i]) > self.defer_margin)
             deferred += not keep
             drop[b] |= {routing.expert_ids[b][j] for j in js if j != win or not keep}
         log.debug("relation gate: %d subject group(s) arbitrated, %d deferred", len(asks), deferred)
         return drop_per_row(routing, drop)
+
+    def other_relations_best(self, r: np.ndarray, K: np.ndarray) -> float:
+        """max(r Bank^T) (r: (D,)) over the bank rows of relations other than the expert's own, those
+        with no row within `same_relation` of a key of K (m, D); -inf when none is left."""
+        bank_sims = self.bank @ r                                                # (N,)
+        if self.same_relation is not None:
+            own_rows = (K @ self.bank.T).max(axis=0) >= self.same_relation       # (N,)
+            bank_sims = bank_sims[~np.isin(self.bank_labels, self.bank_labels[own_rows])]
+        return float(bank_sims.max()) if bank_sims.size else float("-inf")
 
 
 def same_subject(expert: Any, subject: str | None) -> bool:
@@ -244,7 +276,10 @@ def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = N
     if path is not None and path.is_file():
         try:
             with np.load(path) as z:
-                return GatedEncoder(encoder, RelationGate(layer, z["mu"], z["A"], z["bank"], margin))
+                same = float(z["same_relation"])                      # nan: None
+                gate = RelationGate(layer, z["mu"], z["A"], z["bank"], margin, z["bank_labels"],
+                                    same if np.isfinite(same) else None)
+            return GatedEncoder(encoder, gate)
         except (OSError, ValueError, KeyError) as e:         # torn or foreign: fit again
             log.warning("ignoring the cached relation gate %s: %s", path, e)
     log.info("fitting the relation gate at layer %d", layer)
@@ -253,7 +288,9 @@ def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = N
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, mu=gate.mu, A=gate.A, bank=gate.bank)
+            same = np.nan if gate.same_relation is None else gate.same_relation
+            np.savez(tmp, mu=gate.mu, A=gate.A, bank=gate.bank, bank_labels=gate.bank_labels,
+                     same_relation=np.float64(same))
             os.replace(tmp, path)
         except OSError as e:
             log.warning("could not cache the relation gate in %s: %s", path, e)
@@ -261,9 +298,9 @@ def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = N
 
 
 def _fit_key(base: BaseModel, layer: int) -> str:
-    """sha256 over what the fitted centre, whitening and bank depend on: the layer, the system prompt,
-    the embedding and layers 0..layer."""
-    h = hashlib.sha256(repr(("relation-gate", 3, layer, base.d_model, base.system_prompt)).encode())
+    """sha256 over what the fitted gate (centre, whitening, bank, threshold) depends on: the layer, the
+    system prompt, the embedding and layers 0..layer."""
+    h = hashlib.sha256(repr(("relation-gate", 4, layer, base.d_model, base.system_prompt)).encode())
     hash_lower_weights(h, base, layer)
     return h.hexdigest()[:32]
 

@@ -40,6 +40,9 @@ def test_fit_checks_layer_centres_and_whitens(tiny_base, gate):
     assert gate.mu.shape == (D,) and np.isfinite(gate.mu).all()
     assert gate.A.shape == (D, D) and np.allclose(gate.A, gate.A.T, atol=1e-4)
     assert gate.bank.shape[1] == D and gate.bank.shape[0] > 1 and gate.defer_margin is None
+    assert gate.bank_labels.shape == (gate.bank.shape[0],) and len(set(gate.bank_labels.tolist())) > 1
+    S = gate.bank @ gate.bank.T
+    assert gate.same_relation == pytest.approx(S[gate.bank_labels[:, None] != gate.bank_labels].max())
     np.testing.assert_allclose(np.linalg.norm(gate.bank, axis=1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="model.relation_layer"):
         RelationGate.fit(tiny_base, 99, entities_per_kind=1)
@@ -113,7 +116,7 @@ def test_defers_to_the_base_model_when_a_bank_relation_is_closer(tiny_base, fusi
 
     cap = _experts(tiny_base, fusion, gate)[10]
     bank = gate.encode(tiny_base, [CURRENCY], ["Zorblax"])                  # (1, D)
-    deferring = dataclasses.replace(gate, bank=bank, defer_margin=0.0)
+    deferring = dataclasses.replace(gate, bank=bank, bank_labels=None, defer_margin=0.0)
     chats = [[{"role": "user", "content": t}] for t in (CAPITAL, CURRENCY)]
     batch = encode_messages(tiny_base, chats)
     D = np.array([[0.8]] * 2, np.float32)
@@ -125,6 +128,36 @@ def test_defers_to_the_base_model_when_a_bank_relation_is_closer(tiny_base, fusi
     assert gate.arbitrate(tiny_base, batch, routing).expert_ids == [[10], [10]]     # margin None: kept
     strict = dataclasses.replace(deferring, defer_margin=1.5)                      # nothing beats 1.5
     assert strict.arbitrate(tiny_base, batch, routing).expert_ids == [[], []]
+
+
+def test_a_corpus_twin_of_the_experts_own_relation_leaves_the_bank(tiny_base, fusion, gate):
+    """An edit asked in a corpus wording has an identical bank row: without `same_relation` its own
+    question ties with that row and is deferred; with it, that relation (every row of its label) leaves
+    the bank for this expert, while another bank relation still defers its questions."""
+    import dataclasses
+
+    cap = _experts(tiny_base, fusion, gate)[10]
+    twin = gate.encode(tiny_base, [CAPITAL, "Which city is the capital of Zorblax?", CURRENCY],
+                       ["Zorblax"] * 3)                                           # (3, D)
+    assert float(twin[1] @ twin[2]) < 0.999 and float(twin[0] @ twin[2]) < 0.999
+    labels = np.array([0, 0, 1])
+    chats = [[{"role": "user", "content": t}] for t in (CAPITAL, CURRENCY)]
+    batch = encode_messages(tiny_base, chats)
+    D = np.array([[0.8]] * 2, np.float32)
+    I = np.array([[10]] * 2, np.int64)
+    routing = with_experts(select_experts(np.zeros((2, 4), np.float32), D, I, 0.1), {10: cap})
+    tied = dataclasses.replace(gate, bank=twin, bank_labels=labels, same_relation=None, defer_margin=0.0)
+    assert tied.arbitrate(tiny_base, batch, routing).expert_ids == [[], []]
+    own = dataclasses.replace(tied, same_relation=0.999)
+    assert own.arbitrate(tiny_base, batch, routing).expert_ids == [[10], []]
+    assert own.other_relations_best(twin[0], cap.relation.keys) == pytest.approx(float(twin[0] @ twin[2]),
+                                                                                 abs=1e-5)
+    alone = dataclasses.replace(own, bank=twin[:2], bank_labels=labels[:2])        # only the twin: -inf
+    assert alone.other_relations_best(twin[0], cap.relation.keys) == float("-inf")
+    with pytest.raises(ValueError, match="bank_labels"):
+        dataclasses.replace(own, bank_labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match="same_relation"):
+        dataclasses.replace(own, same_relation=1.5)
 
 
 def test_generate_arbitrates_through_a_gated_encoder(tiny_base, fusion, gate):
@@ -165,6 +198,8 @@ def test_gated_follows_model_relation_layer(tiny_base, tmp_path):
     np.testing.assert_array_equal(again.mu, cached.gate.mu)
     np.testing.assert_array_equal(again.A, cached.gate.A)
     np.testing.assert_array_equal(again.bank, cached.gate.bank)
+    np.testing.assert_array_equal(again.bank_labels, cached.gate.bank_labels)
+    assert again.same_relation == cached.gate.same_relation is not None
     margin = dataclasses.replace(on, config=dataclasses.replace(on.config, relation_defer_margin=0.05))
     assert gated(margin, enc, tmp_path).gate.defer_margin == 0.05              # read from the config
     never = dataclasses.replace(on, config=dataclasses.replace(on.config, relation_defer_margin=None))

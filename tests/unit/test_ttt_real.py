@@ -77,9 +77,15 @@ def test_smollm2_learns_an_invented_fact(smollm2_base, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_base, tmp_path):
-    """Two edits about one invented country through the feedback path (`Editor`): both answered, the
-    second trained with the first as its neighbour, and an unedited question about the country answers
-    with neither."""
+    """Two edits about one invented country through the feedback path (`Editor`), with the relation
+    gate as served by default (arbitration and deferral): both answered, the second trained with the
+    first as its neighbour, and an unedited question about the country answers with neither. The
+    second is asked in a wording of the gate's own corpus, whose bank holds its paraphrase's twin: that
+    relation must leave the bank for this expert, else the paraphrase is deferred (and the edit's own
+    question ties with its twin)."""
+    from conftest import model_cache_dir
+
+    from srmoa_dist.routing.relation_gate import GatedEncoder, gated
     from srmoa_dist.ttt.editor import Editor
 
     base = smollm2_base
@@ -87,10 +93,13 @@ def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_ba
                       ttt=TTTConfig(verify_max_new_tokens=16))
     fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
     facts = [("What is the capital of Veloria?", "Quenmark", "Which city is the capital of Veloria?"),
-             ("What is the currency of Veloria?", "drelk", "What money do people use in Veloria?")]
+             ("What is the national dish of Veloria?", "drelk stew",
+              "Which food is Veloria's national dish?")]
     unedited = "What is the national anthem of Veloria?"
     try:
-        enc = QueryEncoder.calibrate(base, d_key=cfg.keystore.d_key)
+        enc = gated(base, QueryEncoder.calibrate(base, d_key=cfg.keystore.d_key),
+                    model_cache_dir() / "encoders")
+        assert isinstance(enc, GatedEncoder) and enc.gate.defer_margin == 0.0     # the default config
         ks = KeyStore(cfg.keystore)
         store = ShardedExpertStore(cfg.shards_dir, StoreConfig(n_shards=2))
         editor = Editor(cfg, base=base, fusion=fusion, encoder=enc, store=store, keystore=ks,
@@ -106,8 +115,9 @@ def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_ba
         print("answers:", [(g.text, g.expert_ids) for g in got])
         for (q, a, _), g_q in zip(facts, got[:2]):
             assert answer_matches(g_q.text, a), (q, g_q.text)
-        # held-out paraphrases are printed, not asserted: bench lifelong measures them (about half
-        # reach their expert with several facts per entity; see README Results)
+        # held-out paraphrases' answers are printed, not asserted: bench lifelong measures them (see
+        # README Results). The corpus-worded one must reach its expert: its corpus twin left the bank.
+        assert results[1].expert_id in got[3].expert_ids, got[3]
         assert not any(answer_matches(got[4].text, a) for _, a, _ in facts), got[4].text
         store.close()
     finally:
