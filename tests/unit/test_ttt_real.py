@@ -83,8 +83,7 @@ def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_ba
     second is asked in a wording of the gate's own corpus, whose bank holds its paraphrase's twin: that
     relation must leave the bank for this expert, else the paraphrase is deferred (and the edit's own
     question ties with its twin)."""
-    from conftest import model_cache_dir
-
+    from srmoa_dist.bench.model_cache import shared_model_cache
     from srmoa_dist.routing.relation_gate import GatedEncoder, gated
     from srmoa_dist.ttt.editor import Editor
 
@@ -98,7 +97,7 @@ def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_ba
     unedited = "What is the national anthem of Veloria?"
     try:
         enc = gated(base, QueryEncoder.calibrate(base, d_key=cfg.keystore.d_key),
-                    model_cache_dir() / "encoders")
+                    shared_model_cache() / "encoders")
         assert isinstance(enc, GatedEncoder) and enc.gate.defer_margin == 0.0     # the default config
         ks = KeyStore(cfg.keystore)
         store = ShardedExpertStore(cfg.shards_dir, StoreConfig(n_shards=2))
