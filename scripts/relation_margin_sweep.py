@@ -47,9 +47,9 @@ def sweep(gate: RelationGate, base, entities, n_facts: int) -> dict:
         para_texts |= {mask_subject(p, ent.name) for _, p in paras}
         uned_texts.add(mask_subject(ent.unedited, ent.name))
         for n, (i, _) in enumerate(paras):
-            para_gap.append(float(s[n].max() - bank_best[n]))
-            para_own.append(int(np.argmax(s[n])) == i)
-        uned_gap.append(float(s[-1].max() - bank_best[-1]))
+            para_gap.append(float(s[n, j[n]] - bank_best[n]))
+            para_own.append(int(j[n]) == i)
+        uned_gap.append(float(s[-1, j[-1]] - bank_best[-1]))
     para_gap, para_own, uned_gap = np.array(para_gap), np.array(para_own), np.array(uned_gap)
     rows = [{"margin": m,
              "paraphrase_kept_right": float(((para_gap > m) & para_own).mean()),
