@@ -12,7 +12,9 @@ One run, one process:
    facts edited so far (at most `eval_facts` of them, an even sample):
        reliability     the failing question answered right (answer contained, case-insensitive)
        generalization  the 2 held-out paraphrases answered right (never trained on)
-       locality        generic and near-miss probes whose greedy tokens equal the base model's
+       locality        generic and near-miss probes whose greedy tokens equal the base model's; the
+                       near-misses are questions of the edited relations about real entities and
+                       about `n_strangers` invented entities no edit is about (`locality_invented`)
        leak            unedited questions about edited entities whose answer contains one of that
                        entity's edited answers (lower is better)
    for SR-TTT and, on the same facts, the baselines: `base` (the model alone), `rule_in_context` (the
@@ -89,7 +91,8 @@ class _EvalSet:
         self.answers.append(answers)
 
 
-def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], eval_facts: int) -> _EvalSet:
+def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], eval_facts: int,
+              strangers: Sequence[str] = ()) -> _EvalSet:
     facts = [(e, f) for e in entities for f in e.facts][:n_done]
     if len(facts) > eval_facts:                                     # an even sample, the same every run
         pick = np.linspace(0, len(facts) - 1, eval_facts).round().astype(int)
@@ -107,6 +110,8 @@ def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], ev
             es.add(e.unedited, "unedited", tuple(done))
     for p in probes:
         es.add(p, "probe")
+    for p in strangers:
+        es.add(p, "stranger")
     return es
 
 
@@ -125,15 +130,16 @@ def _check_confirmation(gens_of: Callable[..., list[Any]], es: _EvalSet) -> dict
 
 
 def _metrics(es: _EvalSet, gens: Sequence[Any], base_ids: dict[str, list[int]]) -> dict[str, Any]:
-    got: dict[str, list[bool]] = {k: [] for k in ("trained", "held_out", "probe", "unedited")}
+    got: dict[str, list[bool]] = {k: [] for k in ("trained", "held_out", "probe", "stranger", "unedited")}
     for chat, kind, ans, g in zip(es.chats, es.kinds, es.answers, gens):
-        if kind == "probe":
+        if kind in ("probe", "stranger"):
             got[kind].append(list(g.token_ids) == base_ids[chat[-1]["content"]])
         else:
             got[kind].append(any(contains_answer(g.text, a) for a in ans))
     mean = lambda xs: float(np.mean(xs)) if xs else None
     return {"reliability": mean(got["trained"]), "generalization": mean(got["held_out"]),
-            "locality": mean(got["probe"]), "leak": mean(got["unedited"]),
+            "locality": mean(got["probe"] + got["stranger"]), "leak": mean(got["unedited"]),
+            "locality_invented": mean(got["stranger"]),
             "n": {k: len(v) for k, v in got.items()}}
 
 
@@ -196,6 +202,7 @@ def run_lifelong_bench(
     eval_facts: int = 300,
     n_probes: int = 20,
     n_near_miss: int = 8,
+    n_strangers: int = 8,
     serve_queries: int = 20_000,
     max_new_tokens: int = 24,
     batch_size: int = 16,
@@ -219,6 +226,8 @@ def run_lifelong_bench(
 
     if n_edits <= 0:
         raise ValueError(f"n_edits must be positive, got {n_edits}")
+    if isinstance(n_strangers, bool) or not isinstance(n_strangers, int) or n_strangers < 0:
+        raise ValueError(f"n_strangers must be a non-negative integer, got {n_strangers!r}")
     unknown = set(baselines) - {"base", "rule_in_context", "shared_lora"}
     if unknown:
         raise ValueError(f"baselines: unknown {sorted(unknown)}; known: base, rule_in_context, shared_lora")
@@ -234,7 +243,10 @@ def run_lifelong_bench(
         encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"),
                         shared_model_cache() / "encoders")
         n_entities = -(-n_edits // facts_per_entity)
-        entities = make_entity_facts(n_entities, facts_per_entity, seed)
+        # the same rng stream: the first n_entities are the edited ones, the rest are never edited
+        everyone = make_entity_facts(n_entities + n_strangers, facts_per_entity, seed)
+        entities = everyone[:n_entities]
+        strangers = [e.facts[0].question for e in everyone[n_entities:]]
         facts = [(e, f) for e in entities for f in e.facts][:n_edits]
         probes = make_probes(seed, n_locality=n_probes, n_near_miss=n_near_miss)
         cal = make_facts(max(10, min(n_edits, 50)), seed + 100_003,
@@ -256,8 +268,9 @@ def run_lifelong_bench(
                 base_cache[c[-1]["content"]] = g
             return [base_cache[c[-1]["content"]] for c in chats]
 
-        base_gens([_chat(p) for p in probes.locality])
-        base_ids = {p: list(base_cache[p].token_ids) for p in probes.locality}
+        locality_prompts = [*probes.locality, *strangers]
+        base_gens([_chat(p) for p in locality_prompts])
+        base_ids = {p: list(base_cache[p].token_ids) for p in locality_prompts}
 
         store = ShardedExpertStore(cfg.shards_dir, cfg.store)
         keystore = KeyStore.open(cfg.keystore_dir, cfg.keystore, cfg.gravity)
@@ -279,7 +292,7 @@ def run_lifelong_bench(
             return gens
 
         def evaluate(n_done: int, baselines: Sequence[str] = baselines) -> dict[str, dict[str, Any]]:
-            es = _eval_set(entities, n_done, probes.locality, eval_facts)
+            es = _eval_set(entities, n_done, probes.locality, eval_facts, strangers)
             t = time.perf_counter()
             sr = sr_ttt_gens(es.chats, f"SR-TTT @ {n_done}")
             res = {"sr_ttt": {"edits": n_done, **_metrics(es, sr, base_ids),
@@ -336,11 +349,12 @@ def run_lifelong_bench(
                     curves.setdefault(name, []).append(m)
                 log.info("checkpoint %d: %s", j + 1, curves["sr_ttt"][-1])
         bar.close()
-        check = _check_confirmation(sr_ttt_gens, _eval_set(entities, n_edits, probes.locality, eval_facts))
+        check = _check_confirmation(sr_ttt_gens, _eval_set(entities, n_edits, probes.locality, eval_facts,
+                                                                  strangers))
 
         # consolidation under mixed traffic, then every metric again
         t0 = time.perf_counter()
-        cons = _consolidate_traffic(base, encoder, keystore, router, entities, n_edits, probes.locality,
+        cons = _consolidate_traffic(base, encoder, keystore, router, entities, n_edits, locality_prompts,
                                     serve_queries, cfg, seed)
         cons["seconds"] = time.perf_counter() - t0
         after = evaluate(n_edits, baselines=())          # the baselines do not route: consolidation is moot
@@ -363,7 +377,8 @@ def run_lifelong_bench(
             "peak_rss_mb": peak_rss_mb(), "seconds_total": time.perf_counter() - t_run,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
             "config": {"model": getattr(base, "name", "?"), "seed": seed, "eval_facts": eval_facts,
-                       "n_probes": len(probes.locality), "max_new_tokens": max_new_tokens,
+                       "n_probes": len(probes.locality), "n_strangers": len(strangers),
+                       "max_new_tokens": max_new_tokens,
                        "judge": "answer string contained, case-insensitive", "srmoa": cfg.to_dict()},
             "edits": edits,
             "outputs": last_outputs,

@@ -21,7 +21,7 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
     out = tmp_path / "lifelong.json"
     said: list[str] = []
     doc = run_lifelong_bench(4, out, facts_per_entity=2, checkpoints=(2,), data_dir=tmp_path / "d", cfg=cfg,
-                             base=base, tau=0.2, n_probes=4, n_near_miss=1, serve_queries=300,
+                             base=base, tau=0.2, n_probes=4, n_near_miss=1, n_strangers=2, serve_queries=300,
                              max_new_tokens=4, batch_size=8, say=said.append)
     on_disk = json.loads(out.read_text())
     assert on_disk["n_edits"] == 4 and on_disk["facts_per_entity"] == 2
@@ -30,11 +30,14 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
         assert [c["edits"] for c in on_disk["baselines"][name]] == [2, 4]
     base_c = on_disk["baselines"]["base"][-1]
     assert base_c["locality"] == 1.0                              # the base model against itself
-    assert base_c["n"] == {"trained": 4, "held_out": 8, "probe": 4, "unedited": 2}
+    assert base_c["n"] == {"trained": 4, "held_out": 8, "probe": 4, "stranger": 2, "unedited": 2}
+    assert base_c["locality_invented"] == 1.0
     kinds = {"reliability": "trained", "generalization": "held_out", "locality": "probe", "leak": "unedited"}
     for c in on_disk["checkpoints"] + [on_disk["after_consolidation"]["sr_ttt"]]:
+        n = {**c["n"], "probe": c["n"]["probe"] + c["n"]["stranger"]}     # locality: both kinds of probe
         for m, kind in kinds.items():                      # a share of that kind's prompts
-            assert c[m] in {i / c["n"][kind] for i in range(c["n"][kind] + 1)}, (m, c)
+            assert c[m] in {i / n[kind] for i in range(n[kind] + 1)}, (m, c)
+        assert c["locality_invented"] in {i / 2 for i in range(3)}
     # the latest evaluation (after consolidation) recomputed from the outputs the document keeps
     from srmoa_dist.bench.ttt_bench import contains_answer
 
@@ -44,7 +47,7 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
         hits = [any(contains_answer(o["text"], a) for a in o["answers"]) for o in rows]
         assert last[m] == sum(hits) / len(hits), m
     cons = on_disk["after_consolidation"]["consolidation"]
-    assert cons["queries"] == 300 and cons["pool"] == 4 * 2 + 2 + 4
+    assert cons["queries"] == 300 and cons["pool"] == 4 * 2 + 2 + 4 + 2
     assert on_disk["edit_seconds_p50"] > 0 and on_disk["edit_seconds_p90"] >= on_disk["edit_seconds_p50"]
     assert sum(on_disk["edits_summary"].values()) == 4
     assert set(on_disk["phase_seconds_p50"]) >= {"train_s", "commit_s"}
@@ -54,3 +57,12 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
     assert (tmp_path / "lifelong.png").stat().st_size > 0
     assert said and said[0] == format_summary(on_disk)
     assert doc["tau"] == 0.2
+    # the invented near-misses ask the benchmark's relations about entities no edit is about
+    edited = {f["entity"] for f in on_disk["edits"]}
+    strangers = [o["prompt"] for o in on_disk["outputs"] if o["kind"] == "stranger"]
+    assert len(strangers) == 2 and not [q for q in strangers for e in edited if e in q]
+
+
+def test_lifelong_bench_rejects_a_negative_stranger_count(tmp_path):
+    with pytest.raises(ValueError, match="n_strangers"):
+        run_lifelong_bench(1, tmp_path / "x.json", n_strangers=-1)

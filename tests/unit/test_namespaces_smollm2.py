@@ -1,11 +1,11 @@
-"""Tenants on the real SmolLM2, with 20 real SR-TTT edits: namespace A's edits change none of namespace
+"""Tenants on the real SmolLM2, with 10 real SR-TTT edits: namespace A's edits change none of namespace
 B's answers (free generation) and B's searches never return A's experts, while an edit made in the
 shared namespace reaches both.
 
 The edits run the code path of `POST /v1/feedback` in a tenant's namespace (`runtime.edit_context`):
 `ttt.Editor` over a `routing.namespaces.NamespaceView` of a real `KeyStore`, real LMDB expert shards
 under tmp_path, one ledger, verification on (each edit re-asked, its neighbours re-checked, locality
-probes compared; a failing edit is rolled back). A's 20 edits are queued feedback jobs trained in
+probes compared; a failing edit is rolled back). A's 10 edits are queued feedback jobs trained in
 batches (`Editor.run_many`, as the trainer actor drains its queue with `ttt.batch_edits`).
 
 The config is a fast one for this test only (`FAST_TTT`, `FAST_EXPERT`): this is a test of namespace
@@ -14,14 +14,17 @@ defaults), but the edits must be real ones, so the control asserts they took:
 - adapters on the last 3 of the 30 layers (`first_layer=27`): each step runs only those (the layers
   below are computed once, `ttt.trainer.AnswerLoss`), not the default's 23;
 - 6 AdamW steps at lr 8e-2 (default 16 at 2e-2);
-- all 20 queued requests may share a batch (`batch_edits=20`) and the neighbour margin is 0 (only
-  questions scoring >= tau against each other go to separate batches): 20 edits train in 4 batches
-  (12, 5, 2, 1), each verified in one batched generation; at most 2 guard rows per edit;
+- all 10 queued requests may share a batch (`batch_edits=10`) and the neighbour margin is 0 (only
+  questions scoring >= tau against each other go to separate batches): 10 edits train in 3 batches
+  (8, 1, 1), each verified in one batched generation; at most 2 guard rows per edit;
 - no contrast rows (each costs one base-model generation per edit), 2 locality probes instead of 4,
   16 verification tokens (enough for the taught sentence's answer).
-Measured (2 shared cores, one torch thread, another benchmark running beside it): 161 s, of which the
-20 edits 123 s (training 85 s, verification 30 s), the shared edit 10 s, the base answers 9 s and the
-routed asks from A and B 19 s; 18/20 edits verified, 18/20 taught answers asked from A.
+The encoder has the default relation gate: the shared edit ("What is Pozix Myzhaekim's profession?")
+routes near A's "What is Xaexath Saepekre's profession?", and only the gate (an edit leaves questions
+that do not name its subject) keeps B's answer to it the base model's.
+Measured (2 shared cores, one torch thread): 59 s, of which the 10 edits 33 s (training 18 s,
+verification 11 s), the shared edit 5 s, the base answers 4 s and the routed asks from A and B 11 s;
+8/10 edits verified, 8/10 taught answers asked from A.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from srmoa_dist.model.generation import GenerationParams, generate, queries
 from srmoa_dist.routing.encoder_cache import calibrated
 from srmoa_dist.routing.keystore import KeyStore
 from srmoa_dist.routing.namespaces import NamespaceView
+from srmoa_dist.routing.relation_gate import gated
 from srmoa_dist.runtime.edit_context import LOCALITY_PROMPTS
 from srmoa_dist.ttt.detect import answer_matches
 from srmoa_dist.ttt.edit import make_fetch
@@ -46,9 +50,9 @@ from srmoa_dist.ttt.editor import Editor
 from srmoa_dist.ttt.ledger import EditLedger
 
 TAU = 0.55      # deferral threshold; a store calibrates it (query_encoder.calibrate_tau), fixed here
-N_A = 20
-VERIFIED_MIN = 15     # of A's 20 edits verified (18 measured)
-TAUGHT_MIN = 15       # of A's 20 questions answered with the taught answer when asked from A (18 measured)
+N_A = 10
+VERIFIED_MIN = 7      # of A's 10 edits verified (8 measured)
+TAUGHT_MIN = 7        # of A's 10 questions answered with the taught answer when asked from A (8 measured)
 FAST_TTT = TTTConfig(steps=6, lr=8e-2, batch_edits=N_A, neighbour_margin=0.0, max_guard_prompts=2,
                      contrast_prompts=0, locality_probes=2, verify_max_new_tokens=16)
 FAST_EXPERT = ExpertConfig(first_layer=27)
@@ -64,7 +68,7 @@ def _request(fact, response):
 
 
 @pytest.mark.slow
-def test_twenty_edits_in_namespace_a_never_reach_namespace_b(smollm2_base, smollm2_cache_dir, tmp_path,
+def test_edits_in_namespace_a_never_reach_namespace_b(smollm2_base, smollm2_cache_dir, tmp_path,
                                                              one_torch_thread):
     base = smollm2_base
     cfg = SrmoaConfig(data_dir=str(tmp_path), expert=FAST_EXPERT, ttt=FAST_TTT,
@@ -72,12 +76,14 @@ def test_twenty_edits_in_namespace_a_never_reach_namespace_b(smollm2_base, smoll
     fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
     store = ShardedExpertStore(cfg.shards_dir, StoreConfig(n_shards=2))
     try:
-        enc = calibrated(base, cfg.keystore.d_key, smollm2_cache_dir)
+        # the default relation gate: an edit leaves questions that do not name its subject
+        enc = gated(base, calibrated(base, cfg.keystore.d_key, smollm2_cache_dir),
+                    smollm2_cache_dir / "encoders")
         ks = KeyStore(cfg.keystore)
         ledger = EditLedger(cfg.ledger_dir)
         facts = make_facts(N_A + 1, seed=7)
         a_facts, shared_fact = facts[:N_A], facts[N_A]
-        chats = _chats([f.train[0] for f in facts])             # A's 20 questions, then the shared one
+        chats = _chats([f.train[0] for f in facts])             # A's questions, then the shared one
         params = GenerationParams(max_new_tokens=cfg.ttt.verify_max_new_tokens,
                                   gate_temperature=cfg.keystore.temperature)
         t = time.perf_counter()
@@ -124,7 +130,7 @@ def test_twenty_edits_in_namespace_a_never_reach_namespace_b(smollm2_base, smoll
         _, I_a = ks.search(Q[:N_A], cfg.keystore.k, tau=-np.inf, namespaces=[{"a", "shared"}] * N_A)
         own = [r.expert_id if r.status == "verified" else None for r in results]
         assert sum(e in row for row, e in zip(I_a.tolist(), own)) >= TAUGHT_MIN     # the same, from A
-        # ... and B's free generation is the base model's, token for token, on all 20 questions
+        # ... and B's free generation is the base model's, token for token, on all of A's questions
         from_b = ask({"b", "shared"})
         t_ask = time.perf_counter() - t
         assert not a_ids & {i for g in from_b for i in g.expert_ids}
@@ -136,11 +142,11 @@ def test_twenty_edits_in_namespace_a_never_reach_namespace_b(smollm2_base, smoll
         _, I_b = ks.search(Q, cfg.keystore.k, tau=-np.inf, namespaces=[{"b"}] * len(chats))
         assert (I_b == -1).all()                                 # B alone holds no key at all
         batches = {r.timings["train_s"]: (r.batch_size, r.timings["verify_s"]) for r in results}
-        print(f"\nnamespaces on SmolLM2, 20 real edits in A in {len(batches)} batches "
+        print(f"\nnamespaces on SmolLM2, {N_A} real edits in A in {len(batches)} batches "
               f"({sorted(b for b, _ in batches.values())}): {len(verified)}/{N_A} verified, {taught}/{N_A} "
               f"taught answers asked from A; from B none of A's keys searched, {N_A}/{N_A} answers "
               f"token-identical to the base model; the shared edit reaches A and B.\n  seconds: shared "
-              f"edit {t_shared:.1f}, A's 20 edits {t_a:.1f} (training {sum(batches):.1f}, verification "
+              f"edit {t_shared:.1f}, A's {N_A} edits {t_a:.1f} (training {sum(batches):.1f}, verification "
               f"{sum(v for _, v in batches.values()):.1f}), base answers {t_plain:.1f}, asks {t_ask:.1f}")
     finally:
         store.close()

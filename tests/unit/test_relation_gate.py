@@ -130,6 +130,24 @@ def test_defers_to_the_base_model_when_a_bank_relation_is_closer(tiny_base, fusi
     assert strict.arbitrate(tiny_base, batch, routing).expert_ids == [[], []]
 
 
+def test_with_deferral_an_edit_leaves_questions_that_do_not_name_its_subject(tiny_base, fusion, gate):
+    """Same relation, another subject: with deferral on, Zorblax's capital expert leaves the question
+    about Quuxland's capital (a plain expert, with no relation, stays); margin None: as the router chose."""
+    import dataclasses
+
+    experts = _experts(tiny_base, fusion, gate)
+    chats = [[{"role": "user", "content": t}] for t in ("What is the capital of Quuxland?", CAPITAL)]
+    batch = encode_messages(tiny_base, chats)
+    D = np.array([[0.8, 0.7]] * 2, np.float32)
+    I = np.array([[10, 12]] * 2, np.int64)
+    routing = with_experts(select_experts(np.zeros((2, 4), np.float32), D, I, 0.1), experts)
+    never = dataclasses.replace(gate, defer_margin=-1.9)              # the bank defers nothing
+    out = never.arbitrate(tiny_base, batch, routing)
+    assert out.expert_ids == [[12], [10, 12]]
+    assert out.gates[0] == [1.0]
+    assert gate.arbitrate(tiny_base, batch, routing).expert_ids == [[10, 12], [10, 12]]
+
+
 def test_a_corpus_twin_of_the_experts_own_relation_leaves_the_bank(tiny_base, fusion, gate):
     """An edit asked in a corpus wording has an identical bank row: without `same_relation` its own
     question ties with that row and is deferred; with it, that relation (every row of its label) leaves
