@@ -7,8 +7,10 @@ One local Ray cluster and the app on a fresh store (`srmoa serve` as a new user 
    POST to the verified (or rolled back) edit, and the phase timings the job result reports;
 2. queued (`--queued N`): N more facts posted at once, then waited for: the time until all are done;
 3. free greedy generation through `/v1/chat/completions` of every trained question, held-out
-   paraphrase and unedited question about an edited entity, and the probes (their answers before any
-   edit are the reference): reliability, generalization, locality, leak (as `bench lifelong`).
+   paraphrase and unedited question about an edited entity, and the probes with `n_strangers`
+   questions about invented entities no edit is about (their answers before any edit are the
+   reference): reliability, generalization, locality (`locality_invented`: the strangers' alone), leak
+   (as `bench lifelong`).
 
 The JSON has `edit_seconds_p50` / `edit_seconds_p90` (sequential), `queued` (count, seconds), the
 metrics, and every edit's record.
@@ -66,7 +68,8 @@ def _job_record(job: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3, queued: int = 0,
-                       model: str = "smollm2", max_tokens: int = 24, n_probes: int = 12, seed: int = 0,
+                       model: str = "smollm2", max_tokens: int = 24, n_probes: int = 12,
+                       n_strangers: int = 6, seed: int = 0,
                        data_dir: Path | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); write the JSON to `out` and return it."""
     import dataclasses
@@ -74,6 +77,8 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     from srmoa_dist.runtime.store_init import load_config
     from srmoa_dist.serve import local
 
+    if isinstance(n_strangers, bool) or not isinstance(n_strangers, int) or n_strangers < 0:
+        raise ValueError(f"n_strangers must be a non-negative integer, got {n_strangers!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="srmoa-bench-feedback-")) if data_dir is None else None
@@ -82,7 +87,9 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, name_or_path=model))
     link_shared_model_cache(data_dir, model)
     n_ent = -(-(edits + queued) // facts_per_entity)
-    entities = make_entity_facts(n_ent, facts_per_entity, seed)
+    everyone = make_entity_facts(n_ent + n_strangers, facts_per_entity, seed)   # the rest: never edited
+    entities = everyone[:n_ent]
+    strangers = [e.facts[0].question for e in everyone[n_ent:]]
     facts = [(e, f) for e in entities for f in e.facts][: edits + queued]
     probes = list(make_probes(seed, n_locality=n_probes, n_near_miss=n_probes // 3).locality)
     app = local.start(cfg, host="127.0.0.1", port=0, say=say)
@@ -94,7 +101,8 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     try:
         with httpx.Client(base_url=app.url, timeout=1200) as c:
             mid = c.get("/v1/models").json()["data"][0]["id"]
-            before = {p: _chat(c, mid, p, max_tokens)["choices"][0]["message"]["content"] for p in probes}
+            before = {p: _chat(c, mid, p, max_tokens)["choices"][0]["message"]["content"]
+                      for p in [*probes, *strangers]}
             records = []
             for i, (e, f) in enumerate(facts[:edits]):
                 wrong = _chat(c, mid, f.question, max_tokens)["choices"][0]["message"]["content"]
@@ -123,7 +131,7 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
                 doc["queued"] = {"count": queued, "seconds": time.monotonic() - t0,
                                  "records": [_job_record(j, float("nan")) for j in done]}
                 say(f"{queued} queued edits done in {doc['queued']['seconds']:.0f} s")
-            doc["metrics"] = _evaluate(c, mid, entities, facts, probes, before, max_tokens)
+            doc["metrics"] = _evaluate(c, mid, entities, facts, probes, strangers, before, max_tokens)
             doc["stats"] = c.get("/v1/stats").json()
     finally:
         local.stop(app)
@@ -136,8 +144,10 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
 
 
 def _evaluate(c: httpx.Client, mid: str, entities: Sequence[Entity], facts: Sequence[tuple[Entity, Any]],
-              probes: Sequence[str], before: dict[str, str], max_tokens: int) -> dict[str, Any]:
-    """Free greedy generation through the API: reliability, generalization, locality, leak."""
+              probes: Sequence[str], strangers: Sequence[str], before: dict[str, str],
+              max_tokens: int) -> dict[str, Any]:
+    """Free greedy generation through the API: reliability, generalization, locality (the probes and
+    the strangers' questions: about invented entities no edit is about, also on their own), leak."""
     ask = lambda t: _chat(c, mid, t, max_tokens)["choices"][0]["message"]["content"]
     done = {f.fact_id for _, f in facts}
     rel = [contains_answer(ask(f.question), f.answer) for _, f in facts]
@@ -149,9 +159,12 @@ def _evaluate(c: httpx.Client, mid: str, entities: Sequence[Entity], facts: Sequ
             text = ask(e.unedited)
             leak.append(any(contains_answer(text, a) for a in answers))
     loc = [ask(p) == before[p] for p in probes]
+    inv = [ask(p) == before[p] for p in strangers]
     mean = lambda xs: float(np.mean(xs)) if xs else None
-    return {"reliability": mean(rel), "generalization": mean(gen), "locality": mean(loc), "leak": mean(leak),
-            "n": {"trained": len(rel), "held_out": len(gen), "probe": len(loc), "unedited": len(leak)}}
+    return {"reliability": mean(rel), "generalization": mean(gen), "locality": mean(loc + inv),
+            "leak": mean(leak), "locality_invented": mean(inv),
+            "n": {"trained": len(rel), "held_out": len(gen), "probe": len(loc), "stranger": len(inv),
+                  "unedited": len(leak)}}
 
 
 __all__ = ["run_feedback_bench"]

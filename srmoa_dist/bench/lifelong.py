@@ -12,9 +12,10 @@ One run, one process:
    facts edited so far (at most `eval_facts` of them, an even sample):
        reliability     the failing question answered right (answer contained, case-insensitive)
        generalization  the 2 held-out paraphrases answered right (never trained on)
-       locality        generic and near-miss probes whose greedy tokens equal the base model's; the
-                       near-misses are questions of the edited relations about real entities and
-                       about `n_strangers` invented entities no edit is about (`locality_invented`)
+       locality        probes whose greedy tokens equal the base model's: generic prompts, near-misses
+                       about real entities (`bench.facts.make_probes`) and questions of this
+                       benchmark's relations about `n_strangers` invented entities no edit is about
+                       (also on their own: `locality_invented`)
        leak            unedited questions about edited entities whose answer contains one of that
                        entity's edited answers (lower is better)
    for SR-TTT and, on the same facts, the baselines: `base` (the model alone), `rule_in_context` (the
