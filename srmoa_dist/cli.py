@@ -494,6 +494,7 @@ def bench_lifelong(
     baselines: str = typer.Option("base,rule_in_context,shared_lora", help="Baselines measured beside."),
     serve_queries: int = typer.Option(20_000, min=0, help="Routed queries consolidated after the edits."),
     eval_facts: int = typer.Option(300, min=1, help="Facts evaluated at a checkpoint at most (even sample)."),
+    strangers: int = typer.Option(8, min=0, help="Locality probes about invented entities no edit is about."),
     tau: float | None = typer.Option(None, min=-1.0, max=1.0,
                                      help="Deferral threshold (default: calibrated on held-apart facts)."),
     config: Path | None = typer.Option(None, help="A YAML config to start from (default: the defaults)."),
@@ -510,8 +511,8 @@ def bench_lifelong(
     run_lifelong_bench(edits, out, facts_per_entity=facts_per_entity, cfg=cfg,
                        checkpoints=_ints(checkpoints, "--checkpoints"),
                        baselines=[b.strip() for b in baselines.split(",") if b.strip()],
-                       serve_queries=serve_queries, eval_facts=eval_facts, tau=tau, data_dir=data_dir,
-                       seed=seed, say=_say)
+                       serve_queries=serve_queries, eval_facts=eval_facts, n_strangers=strangers, tau=tau,
+                       data_dir=data_dir, seed=seed, say=_say)
 
 
 @bench_app.command("feedback")
@@ -519,6 +520,7 @@ def bench_feedback(
     edits: int = typer.Option(24, min=1, help="Sequential edits through POST /v1/feedback."),
     facts_per_entity: int = typer.Option(3, min=1, help="Edited facts about each invented entity (1..4)."),
     queued: int = typer.Option(0, min=0, help="Then this many edits posted at once and waited for."),
+    strangers: int = typer.Option(6, min=0, help="Locality probes about invented entities no edit is about."),
     out: Path = typer.Option(Path("results/bench_feedback.json"), help="JSON file for the figures."),
     model: str = typer.Option("smollm2", help="Base model of the served app."),
     data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
@@ -530,7 +532,7 @@ def bench_feedback(
 
     _logging(verbose)
     run_feedback_bench(out, edits=edits, facts_per_entity=facts_per_entity, queued=queued, model=model,
-                       data_dir=data_dir, seed=seed, say=_say)
+                       n_strangers=strangers, data_dir=data_dir, seed=seed, say=_say)
 
 
 @bench_app.command("chaos")
