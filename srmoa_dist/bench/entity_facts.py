@@ -177,4 +177,15 @@ def make_entity_facts(n_entities: int, facts_per_entity: int, seed: int = 0) -> 
     return out
 
 
-__all__ = ["ENTITY_RELATIONS", "Entity", "make_entity_facts", "relations_of"]
+def entities_and_strangers(n_entities: int, n_strangers: int, facts_per_entity: int, seed: int = 0
+                           ) -> tuple[list[Entity], list[str]]:
+    """The n_entities of `make_entity_facts(n_entities, ...)` (a benchmark edits them) and the first
+    question of `n_strangers` more entities of the same draw, about whom no edit is: locality probes
+    for routing between invented names."""
+    if isinstance(n_strangers, bool) or not isinstance(n_strangers, int) or n_strangers < 0:
+        raise ValueError(f"n_strangers must be a non-negative integer, got {n_strangers!r}")
+    everyone = make_entity_facts(n_entities + n_strangers, facts_per_entity, seed)   # one rng stream
+    return everyone[:n_entities], [e.facts[0].question for e in everyone[n_entities:]]
+
+
+__all__ = ["ENTITY_RELATIONS", "Entity", "entities_and_strangers", "make_entity_facts", "relations_of"]

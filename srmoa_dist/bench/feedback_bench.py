@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from srmoa_dist.bench.entity_facts import Entity, make_entity_facts
+from srmoa_dist.bench.entity_facts import Entity, entities_and_strangers
 from srmoa_dist.bench.facts import make_probes
 from srmoa_dist.bench.model_cache import link_shared_model_cache
 from srmoa_dist.bench.ttt_bench import contains_answer
@@ -77,8 +77,8 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     from srmoa_dist.runtime.store_init import load_config
     from srmoa_dist.serve import local
 
-    if isinstance(n_strangers, bool) or not isinstance(n_strangers, int) or n_strangers < 0:
-        raise ValueError(f"n_strangers must be a non-negative integer, got {n_strangers!r}")
+    n_ent = -(-(edits + queued) // facts_per_entity)
+    entities, strangers = entities_and_strangers(n_ent, n_strangers, facts_per_entity, seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="srmoa-bench-feedback-")) if data_dir is None else None
@@ -86,10 +86,6 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     cfg = load_config(data_dir)
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, name_or_path=model))
     link_shared_model_cache(data_dir, model)
-    n_ent = -(-(edits + queued) // facts_per_entity)
-    everyone = make_entity_facts(n_ent + n_strangers, facts_per_entity, seed)   # the rest: never edited
-    entities = everyone[:n_ent]
-    strangers = [e.facts[0].question for e in everyone[n_ent:]]
     facts = [(e, f) for e in entities for f in e.facts][: edits + queued]
     probes = list(make_probes(seed, n_locality=n_probes, n_near_miss=n_probes // 3).locality)
     app = local.start(cfg, host="127.0.0.1", port=0, say=say)

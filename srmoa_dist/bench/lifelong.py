@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from srmoa_dist.bench.entity_facts import Entity, make_entity_facts
+from srmoa_dist.bench.entity_facts import Entity, entities_and_strangers
 from srmoa_dist.bench.facts import make_facts, make_probes
 from srmoa_dist.bench.model_cache import shared_model_cache
 from srmoa_dist.bench.ttt_bench import (
@@ -227,8 +227,8 @@ def run_lifelong_bench(
 
     if n_edits <= 0:
         raise ValueError(f"n_edits must be positive, got {n_edits}")
-    if isinstance(n_strangers, bool) or not isinstance(n_strangers, int) or n_strangers < 0:
-        raise ValueError(f"n_strangers must be a non-negative integer, got {n_strangers!r}")
+    n_entities = -(-n_edits // facts_per_entity)
+    entities, strangers = entities_and_strangers(n_entities, n_strangers, facts_per_entity, seed)
     unknown = set(baselines) - {"base", "rule_in_context", "shared_lora"}
     if unknown:
         raise ValueError(f"baselines: unknown {sorted(unknown)}; known: base, rule_in_context, shared_lora")
@@ -243,11 +243,6 @@ def run_lifelong_bench(
         fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
         encoder = gated(base, calibrated(base, cfg.keystore.d_key, shared_model_cache() / "encoders"),
                         shared_model_cache() / "encoders")
-        n_entities = -(-n_edits // facts_per_entity)
-        # the same rng stream: the first n_entities are the edited ones, the rest are never edited
-        everyone = make_entity_facts(n_entities + n_strangers, facts_per_entity, seed)
-        entities = everyone[:n_entities]
-        strangers = [e.facts[0].question for e in everyone[n_entities:]]
         facts = [(e, f) for e in entities for f in e.facts][:n_edits]
         probes = make_probes(seed, n_locality=n_probes, n_near_miss=n_near_miss)
         cal = make_facts(max(10, min(n_edits, 50)), seed + 100_003,
