@@ -6,7 +6,8 @@ One local Ray cluster and the app on a fresh store (as `srmoa serve` starts it).
   or a dropped connection is retried (up to `RETRIES` times), as an OpenAI client does;
 - a stream of feedback edits: one fact at a time through `POST /v1/feedback`, polled until done;
 - every `kill_interval_s` (a uniform draw) a `kill -9` of one component, the kinds taken in turn in a
-  shuffled order so every kind is hit: a shard actor, the key-store actor, the trainer actor, or the
+  shuffled order so every kind is hit (a run too short for one kill of each goes on until each was
+  killed once): a shard actor, the key-store actor, the trainer actor, or the
   ModelServer replica's process. Its PID comes from the component itself (`ShardActor.info`,
   `KeyStoreActor.info`, `TrainerActor.stats`, the replica's pid in `GET /readyz`); its recovery time
   is from the kill until it answers from a new process and `/readyz` is 200 again (for the trainer:
@@ -57,6 +58,7 @@ TARGETS = {"lost_experts": 0, "lost_keys": 0, "orphaned_slots": 0, "non_json_rep
 KINDS = ("shard", "keystore", "trainer", "replica")
 RETRIES = 8
 RECOVERY_TIMEOUT_S = 180.0
+MAX_OVERRUN_S = 300.0       # how long past `minutes` a short run may go on to hit every kind once
 CHAT = "Tell me one short fact about the number {i}."
 
 
@@ -212,18 +214,22 @@ class ChaosRun:
     def _kill_loop(self) -> None:
         t_end = self.replies.t0 + self.minutes * 60
         order: list[str] = []
+        first_cycle = set(KINDS)     # a short run overruns `minutes` until every kind was hit once
         bar = tqdm(total=int(self.minutes * 60), unit="s", desc="chaos", disable=None)
         try:
             while True:
                 wait = self.rng.uniform(*self.kill_interval_s)
-                if time.monotonic() + wait >= t_end:
+                over = time.monotonic() + wait >= t_end
+                if over and (not first_cycle or time.monotonic() > t_end + MAX_OVERRUN_S):
                     self._sleep_until(t_end, bar)
                     return
                 self._sleep_until(time.monotonic() + wait, bar)
                 if not order:
                     order = list(KINDS)
                     self.rng.shuffle(order)
-                self._kill_and_recover(order.pop())
+                kind = order.pop()
+                if self._kill_and_recover(kind):
+                    first_cycle.discard(kind)
                 bar.set_postfix(kills=len(self.kills))
         finally:
             bar.close()
@@ -234,18 +240,19 @@ class ChaosRun:
             bar.n = min(bar.total, int(time.monotonic() - self.replies.t0))
             bar.refresh()
 
-    def _kill_and_recover(self, kind: str) -> None:
+    def _kill_and_recover(self, kind: str) -> bool:
+        """Kill one `kind` and wait for its recovery; False when there was nothing to kill."""
         victim = self._victim(kind)
         if victim is None:
             self.say(f"no {kind} to kill (it did not answer); skipped")
-            return
+            return False
         name, pid, alive = victim
         t = time.monotonic()
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             self.say(f"{name} (pid {pid}) was already gone; skipped")
-            return
+            return False
         rec: dict[str, Any] = {"t": t - self.replies.t0, "kind": kind, "target": name, "pid": pid}
         while time.monotonic() - t < RECOVERY_TIMEOUT_S:
             new = alive()
@@ -258,6 +265,7 @@ class ChaosRun:
         self.kills.append(rec)
         got = f"back in {rec['recovery_s']:.1f} s" if rec["recovery_s"] is not None else "NOT back"
         self.say(f"kill -9 {name} (pid {pid}) at {rec['t']:.0f} s: {got}")
+        return True
 
     def _victim(self, kind: str) -> tuple[str, int, Callable[[], int | None]] | None:
         """(name, pid now, a function giving the pid of the live process or None)."""

@@ -1,7 +1,8 @@
-"""`srmoa bench chaos` for 60 seconds in a subprocess (its own local Ray cluster, the tiny random
+"""`srmoa bench chaos` for 30 seconds (and on until every kind was killed once) in a subprocess (its own local Ray cluster, the tiny random
 Llama): kills of every kind (shard, key store, trainer, model replica) under chat load and edits, then
 the invariants on the files. The run is short, so kills come every 4-8 s; each kind is hit at least
-once (the kinds are taken in a shuffled cycle)."""
+once (the kinds are taken in a shuffled cycle, and a run too short for a whole cycle goes on until it
+is done: 3 of 4 kinds in 60 s once failed CI)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_chaos_bench_short_run(tmp_path, e2e_tiny_model_dir):
     out = tmp_path / "chaos.json"
     env = own_cluster_env(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
                           TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run([sys.executable, "-m", "srmoa_dist.cli", "bench", "chaos", "--minutes", "1.0",
+    r = subprocess.run([sys.executable, "-m", "srmoa_dist.cli", "bench", "chaos", "--minutes", "0.5",
                         "--config", str(cfg), "--out", str(out), "--kill-min-s", "4", "--kill-max-s", "8"],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
