@@ -190,6 +190,7 @@ class ModelConfig:
     encoder_corpus_entities: int = 20 # invented entities per kind in the discriminant's corpus
     relation_layer: int | None = 12   # the relation gate's layer (`routing.relation_gate`); None = off
     relation_defer_margin: float | None = 0.0  # the gate defers to the base model below this margin
+    relation_bank_edits: bool = False  # the gate also weighs the relations other edits asked (relation_bank)
     #                                   (None = never; ignored with the gate off)
 
     def __post_init__(self) -> None:
@@ -209,6 +210,9 @@ class ModelConfig:
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not -2.0 < m < 2.0:
                 raise ValueError(f"model.relation_defer_margin must be a number in (-2, 2) or null, "
                                  f"got {m!r}")
+        if not isinstance(self.relation_bank_edits, bool):
+            raise ValueError(f"model.relation_bank_edits must be true or false, "
+                             f"got {self.relation_bank_edits!r}")
         if not isinstance(self.encoder_corpus_entities, int) or self.encoder_corpus_entities < 1:
             raise ValueError(f"model.encoder_corpus_entities must be a positive integer, "
                              f"got {self.encoder_corpus_entities!r}")

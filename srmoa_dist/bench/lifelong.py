@@ -216,7 +216,7 @@ def run_lifelong_bench(
     from srmoa_dist.model.loading import load_base_model
     from srmoa_dist.routing.encoder_cache import calibrated
     from srmoa_dist.routing.keystore import KeyStore
-    from srmoa_dist.routing.relation_gate import gated
+    from srmoa_dist.routing.relation_gate import gated, sync_edited
     from srmoa_dist.runtime.edit_context import LOCALITY_PROMPTS
     from srmoa_dist.ttt.detect import explicit_failure
     from srmoa_dist.ttt.diversify import diversify
@@ -279,6 +279,7 @@ def run_lifelong_bench(
         seen: dict[str, list[int]] = {}       # SR-TTT's latest output of each eval prompt (what to confirm)
 
         def sr_ttt_gens(chats: Sequence[Chat], desc: str, confirm: bool = True) -> list[Any]:
+            sync_edited(encoder, keystore, store)
             known = [seen.get(c[-1]["content"], base_ids.get(c[-1]["content"])) for c in chats]
             expected = [expected_output(k, max_new_tokens) if k is not None else None for k in known]
             gens = _generate_all(base, fusion, encoder, chats, params=params, router_for=lambda rows: router,

@@ -200,6 +200,13 @@ def decode_expert(buf: Buffer, *, expert_id: int | None = None, where: str = "")
                                  _relation(header, expert_id, where))
 
 
+def decode_relation(buf: Buffer, *, expert_id: int | None = None, where: str = "") -> ExpertRelation | None:
+    """The relation of a record (its header only: no payload read, no crc of the payload); None when the
+    expert has none (seed, imported)."""
+    header, _ = read_header(buf, expert_id=expert_id, where=where)
+    return _relation(header, expert_id, where)
+
+
 def restamp(buf: Buffer, version: int, *, expert_id: int | None = None, where: str = "") -> bytes:
     """A copy of a record with its expert version set to `version` (header re-encoded, payload kept)."""
     header, off = read_header(buf, expert_id=expert_id, where=where)

@@ -52,12 +52,13 @@ from srmoa_dist.experts.codec import (
     Buffer,
     CorruptExpertError,
     decode_expert,
+    decode_relation,
     encode_expert,
     read_header,
     restamp,
     verify_record,
 )
-from srmoa_dist.experts.expert import LoRAExpert
+from srmoa_dist.experts.expert import ExpertRelation, LoRAExpert
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +474,20 @@ class ExpertShard:
         if missing:
             raise MissingExpertError(missing, self._where)
         return vers  # type: ignore[return-value]
+
+    def relations(self, ids: Sequence[int]) -> list[ExpertRelation | None]:
+        """Each id's relation (`decode_relation`, headers only), None for an id this shard does not hold
+        or an expert without one."""
+        keys = _keys(ids)
+
+        def run(txn: lmdb.Transaction) -> list[ExpertRelation | None]:
+            out: list[ExpertRelation | None] = []
+            for i, k in zip(ids, keys, strict=True):
+                v = txn.get(k, db=self._db)
+                out.append(None if v is None else decode_relation(v, expert_id=int(i), where=self._where))
+            return out
+
+        return self._read(run)
 
     def contains(self, ids: Sequence[int]) -> list[bool]:
         keys = _keys(ids)

@@ -23,7 +23,7 @@ import numpy as np
 
 from srmoa_dist.config import StoreConfig
 from srmoa_dist.experts.codec import Buffer
-from srmoa_dist.experts.expert import LoRAExpert
+from srmoa_dist.experts.expert import ExpertRelation, LoRAExpert
 from srmoa_dist.experts.placement import shard_of
 from srmoa_dist.experts.shard import ExpertShard, MissingExpertError, ShardFullError, expert_key
 
@@ -185,6 +185,10 @@ class ShardedExpertStore:
 
     def contains(self, ids: Sequence[int]) -> list[bool]:
         return self._gather(ids, "contains")
+
+    def relations(self, ids: Sequence[int]) -> list[ExpertRelation | None]:
+        """Each id's relation (headers only); None for a missing id or an expert without one."""
+        return self._gather(ids, "relations")
 
     def delete(self, ids: Sequence[int], *, missing_ok: bool = True) -> int:
         n = 0

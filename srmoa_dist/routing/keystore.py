@@ -225,6 +225,14 @@ class KeyStore:
         ids = self.active_ids()
         return ids, self._keys[ids]
 
+    def pinned_versions(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(ids (n,) int64, key versions (n,) int64, namespaces) of the active pinned (edited) slots: what
+        `routing.relation_bank.EditedRelations.sync` diffs against (an edit's commit and its rollback
+        both write the key, so a new version means a new expert record)."""
+        ids = self.active_ids()
+        ids = ids[self._pinned[ids]]
+        return ids, self._versions[ids].astype(np.int64), [self.namespaces.name(c) for c in self._ns[ids]]
+
     def add(self, keys: np.ndarray, *, pinned: bool | np.ndarray = False,
             namespace: str = DEFAULT) -> np.ndarray:
         """Add keys (n, d_key) (norms clamped to <= 1) to `namespace`; returns their slot ids, freed

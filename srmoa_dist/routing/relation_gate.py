@@ -50,12 +50,13 @@ Shapes: B sequences, T tokens, D model width, m relation keys of an expert, N ba
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,7 @@ from srmoa_dist.experts.expert import ExpertRelation
 from srmoa_dist.routing.discriminant import fit_within_whitening
 from srmoa_dist.routing.encoder_cache import hash_lower_weights
 from srmoa_dist.routing.query_encoder import _pool_prompts
+from srmoa_dist.routing.relation_bank import EditedRelations, PinnedSource, RelationSource, unit_rows
 from srmoa_dist.routing.relation_corpus import make_relation_corpus, relation_labels
 
 if TYPE_CHECKING:
@@ -101,6 +103,7 @@ class RelationGate:
     defer_margin: float | None = None   # None: arbitrate only; else also defer (module docstring)
     bank_labels: np.ndarray | None = None   # (N,) int64: each bank row's corpus relation; None: its own
     same_relation: float | None = None      # a bank relation this near an expert's key is its own; None: none
+    edited: EditedRelations | None = field(default=None, compare=False, repr=False)   # other edits' relations
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -155,7 +158,7 @@ class RelationGate:
         pooled = _pool_prompts(base, texts, batch_size, last_layer=layer)       # (n, D)
         labels = np.asarray(relation_labels(entities_per_kind))
         mu, A = fit_within_whitening(pooled, labels, reg=reg)
-        bank = _unit_rows((pooled - mu) @ A)                                     # (N, D)
+        bank = unit_rows((pooled - mu) @ A)                                     # (N, D)
         S = bank @ bank.T                                                        # (N, N)
         other = labels[:, None] != labels[None, :]
         same_relation = float(S[other].max()) if other.any() else None
@@ -169,7 +172,7 @@ class RelationGate:
         if not texts:
             return np.zeros((0, self.mu.shape[0]), np.float32)
         masked = [mask_subject(t, s) for t, s in zip(texts, subjects)]
-        return _unit_rows((_pool_prompts(base, masked, 32, last_layer=self.layer) - self.mu) @ self.A)
+        return unit_rows((_pool_prompts(base, masked, 32, last_layer=self.layer) - self.mu) @ self.A)
 
     def relation_of(self, base: BaseModel, question: str, subject: str | None,
                     earlier: ExpertRelation | None = None) -> ExpertRelation | None:
@@ -221,20 +224,25 @@ class RelationGate:
             i = int(np.argmax(best))
             win = js[i]
             keep = (self.defer_margin is None
-                    or best[i] - self.other_relations_best(r_b, keys[i]) > self.defer_margin)
+                    or best[i] - self.other_relations_best(r_b, keys[i], routing.expert_ids[b][win])
+                    > self.defer_margin)
             deferred += not keep
             drop[b] |= {routing.expert_ids[b][j] for j in js if j != win or not keep}
         log.debug("relation gate: %d subject group(s) arbitrated, %d deferred", len(asks), deferred)
         return drop_per_row(routing, drop)
 
-    def other_relations_best(self, r: np.ndarray, K: np.ndarray) -> float:
+    def other_relations_best(self, r: np.ndarray, K: np.ndarray, expert_id: int | None = None) -> float:
         """max(r Bank^T) (r: (D,)) over the bank rows of relations other than the expert's own, those
-        with no row within `same_relation` of a key of K (m, D); -inf when none is left."""
+        with no row within `same_relation` of a key of K (m, D), and, with `edited` and `expert_id`,
+        over other edits' relations too (`EditedRelations.best_other`); -inf when none is left."""
         bank_sims = self.bank @ r                                                # (N,)
         if self.same_relation is not None:
             own_rows = (K @ self.bank.T).max(axis=0) >= self.same_relation       # (N,)
             bank_sims = bank_sims[~np.isin(self.bank_labels, self.bank_labels[own_rows])]
-        return float(bank_sims.max()) if bank_sims.size else float("-inf")
+        best = float(bank_sims.max()) if bank_sims.size else float("-inf")
+        if self.edited is not None and expert_id is not None:
+            best = max(best, self.edited.best_other(r, expert_id, K, self.same_relation))
+        return best
 
 
 def same_subject(expert: Any, subject: str | None) -> bool:
@@ -260,9 +268,20 @@ class GatedEncoder:
         return self.gate.arbitrate(base, batch, routing)
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """`x` (n, D) with each row scaled to unit length, float32."""
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+def edited_of(encoder: Any) -> EditedRelations | None:
+    """The mirror of edited relations of `encoder`'s relation gate; None without one."""
+    return encoder.gate.edited if isinstance(encoder, GatedEncoder) else None
+
+
+def sync_edited(encoder: Any, keystore: PinnedSource, store: RelationSource, *, force: bool = True
+                ) -> int | None:
+    """Sync the mirror of edited relations of `encoder`'s gate (`EditedRelations.sync`), every time with
+    `force`, else only when due; None when there is no such mirror (no gate, or `model.relation_bank_edits`
+    off) or it was not due."""
+    bank = edited_of(encoder)
+    if bank is None or not (force or bank.due()):
+        return None
+    return bank.sync(keystore, store)
 
 
 def _user_texts(base: BaseModel, batch: ChatBatch) -> list[str]:
@@ -275,25 +294,27 @@ def _user_texts(base: BaseModel, batch: ChatBatch) -> list[str]:
 
 def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = None) -> Any:
     """`encoder` with a relation gate fitted on `base` when `model.relation_layer` is set, else as is;
-    the gate defers by `model.relation_defer_margin`. With `cache_dir`, the fitted centre, whitening
-    and bank are kept there (keyed by the weights they depend on), so a restarted replica does not fit
-    them again."""
+    the gate defers by `model.relation_defer_margin`, and with `model.relation_bank_edits` weighs other
+    edits' relations too (a mirror its callers keep in sync: `sync_edited`). With `cache_dir`, the
+    fitted centre, whitening and bank are kept there (keyed by the weights they depend on), so a
+    restarted replica does not fit them again."""
     layer = getattr(base.config, "relation_layer", None)
     margin = getattr(base.config, "relation_defer_margin", None)
     if layer is None or encoder is None or isinstance(encoder, GatedEncoder):
         return encoder
     path = Path(cache_dir) / f"relation-{_fit_key(base, layer)}.npz" if cache_dir is not None else None
+    edited = EditedRelations() if getattr(base.config, "relation_bank_edits", False) else None
     if path is not None and path.is_file():
         try:
             with np.load(path) as z:
                 same = float(z["same_relation"])                      # nan: None
                 gate = RelationGate(layer, z["mu"], z["A"], z["bank"], margin, z["bank_labels"],
-                                    same if np.isfinite(same) else None)
+                                    same if np.isfinite(same) else None, edited)
             return GatedEncoder(encoder, gate)
         except (OSError, ValueError, KeyError) as e:         # torn or foreign: fit again
             log.warning("ignoring the cached relation gate %s: %s", path, e)
     log.info("fitting the relation gate at layer %d", layer)
-    gate = RelationGate.fit(base, layer, defer_margin=margin)
+    gate = dataclasses.replace(RelationGate.fit(base, layer, defer_margin=margin), edited=edited)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,4 +336,5 @@ def _fit_key(base: BaseModel, layer: int) -> str:
     return h.hexdigest()[:32]
 
 
-__all__ = ["PLACEHOLDER", "GatedEncoder", "RelationGate", "gated", "mask_subject", "names", "same_subject"]
+__all__ = ["PLACEHOLDER", "GatedEncoder", "RelationGate", "gated", "mask_subject", "names", "same_subject",
+           "edited_of", "sync_edited"]

@@ -214,6 +214,17 @@ class ExpertStoreClient:
             vmap.update(zip(sub, vs))
         return [vmap[i] for i in ids]
 
+    def relations(self, ids: Sequence[int]) -> list[Any]:
+        """Each id's `ExpertRelation` (record headers only, no cache); None for an id the store does not
+        hold or an expert without one."""
+        ids = [int(i) for i in ids]
+        groups = self._group(ids)
+        refs = [self.shards[s].relations.remote(sub) for s, sub in groups.items()]
+        rmap: dict[int, Any] = {}
+        for sub, rs in zip(groups.values(), self._get(refs)):
+            rmap.update(zip(sub, rs))
+        return [rmap[i] for i in ids]
+
     def contains(self, ids: Sequence[int]) -> list[bool]:
         ids = [int(i) for i in ids]
         groups = self._group(ids)

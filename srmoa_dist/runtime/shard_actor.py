@@ -74,6 +74,11 @@ class ShardActor:
     def contains(self, ids: Sequence[int]) -> list[bool]:
         return [bool(b) for b in self._shard.contains([int(i) for i in ids])]
 
+    def relations(self, ids: Sequence[int]) -> list[Any]:
+        """Each id's `ExpertRelation` (record headers only), None where this shard holds no record or
+        the expert has none."""
+        return self._shard.relations([int(i) for i in ids])
+
     def size(self) -> int:
         return len(self._shard)
 

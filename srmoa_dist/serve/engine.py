@@ -66,6 +66,7 @@ class Engine:
         from srmoa_dist.model.fusion import ExpertFusion
         from srmoa_dist.model.loading import load_base_model
         from srmoa_dist.model.sampling_defaults import sampling_defaults
+        from srmoa_dist.runtime.keystore_proxy import KeyStoreProxy
         from srmoa_dist.runtime.store_init import ensure_encoder
         from srmoa_dist.serve.engine_metrics import EngineMetrics
 
@@ -79,6 +80,8 @@ class Engine:
         self.metrics = EngineMetrics()
         self.client = runtime.client() if runtime is not None else None
         self.keystore = runtime.keystore if runtime is not None else None
+        self.keystore_calls = (KeyStoreProxy(self.keystore, cfg.keystore, cfg.runtime.search_timeout_s)
+                               if self.keystore is not None else None)      # what the relation mirror reads
         self.tau = cfg.keystore.tau
         self.requests = 0
         self.batches = 0
@@ -217,6 +220,7 @@ class Engine:
                     return no_routing(xq, degraded=found)
             else:
                 D, I, stamp = found
+                self._sync_relations()
         D, I = apply(plans, None if D is None else np.asarray(D), None if I is None else np.asarray(I),
                      ks.k, self.tau)
         routing = select_experts(xq, D, I, ks.temperature)
@@ -229,6 +233,17 @@ class Engine:
         if stamp is not None:
             self._record(routing, stamp, [p.searches for p in plans])
         return routing
+
+    def _sync_relations(self) -> None:
+        """The relation gate's mirror of the store's edited relations, synced when due
+        (`routing.relation_bank`); a store that does not answer leaves the mirror as it was."""
+        from srmoa_dist.routing.relation_gate import sync_edited
+
+        try:
+            sync_edited(self.encoder, self.keystore_calls, self.client, force=False)
+        except Exception as err:           # the bank only sharpens deferral: serve on with the old one
+            log.warning("could not sync the edited relations (%s: %s); routing uses the last copy",
+                        type(err).__name__, err)
 
     def _search(self, xq: np.ndarray, k: int | None = None, tau: float | None = None,
                 namespaces: list[Any] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, int]] | str:
@@ -289,11 +304,15 @@ class Engine:
     # -- stats ----------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        from srmoa_dist.routing.relation_gate import edited_of
+
+        bank = edited_of(self.encoder)
         return {"requests": self.requests, "batches": self.batches, "routed": self.routed,
                 "deferred": self.deferred, "degraded_batches": self.degraded,
                 "skipped_requests": self.skipped, "model": self.base.name, "load_seconds": self.load_seconds,
                 "namespaces": {k: dict(v) for k, v in self.by_namespace.items()},
-                "cache": self.client.cache_stats() if self.client is not None else None}
+                "cache": self.client.cache_stats() if self.client is not None else None,
+                "edited_relations": bank.stats() if bank is not None else None}
 
 
 @dataclass(frozen=True)

@@ -194,12 +194,20 @@ class EditEnv:
         """The tenant namespace the edit writes into: a `routing.namespaces.NamespaceView`'s own one."""
         return str(getattr(self.keystore, "own", None) or "default")
 
+    def sync_relations(self) -> None:
+        """Bring the relation gate's mirror of other edits' relations up to date (when it has one), so
+        routing here decides as serving's will."""
+        from srmoa_dist.routing.relation_gate import sync_edited
+
+        sync_edited(self.encoder, self.keystore, self.store)
+
     def generate(self, chats: Sequence[Messages]) -> list[Any]:
         """Routed greedy generations (verification length), as serving would answer them."""
         from srmoa_dist.model.generation import GenerationParams, generate
 
         if not chats:
             return []
+        self.sync_relations()
         params = GenerationParams(max_new_tokens=self.cfg.ttt.verify_max_new_tokens,
                                   gate_temperature=self.cfg.keystore.temperature)
         return generate(self.base, self.fusion, self.encoder, [list(c) for c in chats],
@@ -215,6 +223,7 @@ class EditEnv:
         out: list[Any] = [None] * len(chats)
         idx = [j for j, e in enumerate(expected) if e is not None]
         if idx and self.cfg.ttt.confirm_greedy:
+            self.sync_relations()
             step = make_route_step(make_router(self.keystore, self.cfg.keystore.k), make_fetch(self.store),
                                    self.cfg.keystore.temperature)
             got = confirm_greedy(self.base, self.fusion, self.encoder, [list(chats[j]) for j in idx],

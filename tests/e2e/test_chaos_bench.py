@@ -1,8 +1,8 @@
-"""`srmoa bench chaos` for 30 seconds (and on until every kind was killed once) in a subprocess (its own local Ray cluster, the tiny random
-Llama): kills of every kind (shard, key store, trainer, model replica) under chat load and edits, then
-the invariants on the files. The run is short, so kills come every 4-8 s; each kind is hit at least
-once (the kinds are taken in a shuffled cycle, and a run too short for a whole cycle goes on until it
-is done: 3 of 4 kinds in 60 s once failed CI)."""
+"""`srmoa bench chaos` for 30 seconds (and on until every kind was killed once) in a subprocess (its
+own local Ray cluster, the tiny random Llama): kills of every kind (shard, key store, trainer, model
+replica) under chat load and edits, then the invariants on the files. The run is short, so kills come
+every 4-8 s; each kind is hit at least once (the kinds are taken in a shuffled cycle, and a run too
+short for a whole cycle goes on until it is done: 3 of 4 kinds in 60 s once failed CI)."""
 
 from __future__ import annotations
 

@@ -205,3 +205,25 @@ def test_a_client_behind_the_invalidation_log_drops_its_whole_cache(ray_cluster,
         assert reader.cache_stats()["invalidation_gaps"] == 1 and reader.cache_stats()["size"] == 2
     finally:
         rt.kill_actors()
+
+
+def test_the_edited_relation_mirror_syncs_through_the_actors(ray_cluster, store_runtime):
+    """`EditedRelations.sync` over Ray as a replica runs it: the pinned slots and key versions from the
+    key-store actor (the proxy's generic `call`), the relations from the shard actors' record headers."""
+    from srmoa_dist.experts.expert import ExpertRelation, LoRAExpert
+    from srmoa_dist.routing.relation_bank import EditedRelations
+    from srmoa_dist.runtime.keystore_proxy import KeyStoreProxy
+
+    ks, client = store_runtime.keystore, store_runtime.client()
+    ids = ray_cluster.get(ks.add.remote(_unit(np.ones((3, 16))), True)).tolist()
+    rel = ExpertRelation("Zorblax", np.eye(6, dtype=np.float32)[:2])
+    e = LoRAExpert.random({"layers.1.mlp": (8, 8)}, rank=2, alpha=4.0, seed=1)
+    client.put_many({ids[0]: e.with_relation(rel), ids[1]: e})           # ids[2]: pinned, no record yet
+    proxy = KeyStoreProxy(ks, store_runtime.cfg.keystore)
+    got_ids, versions, namespaces = proxy.pinned_versions()
+    assert got_ids.tolist() == ids and len(versions) == 3 and namespaces == ["default"] * 3
+    assert [r is None for r in client.relations(ids)] == [False, True, True]
+    bank = EditedRelations()
+    assert bank.sync(proxy, client) == 3 and bank.stats()["rows"] == 2
+    ray_cluster.get(ks.pin.remote([ids[0]], False))
+    assert bank.sync(proxy, client) == 1 and len(bank) == 0

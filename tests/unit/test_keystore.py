@@ -286,3 +286,15 @@ def test_hold_keeps_candidate_keys_still_while_consolidation_moves_the_rest():
     assert not np.allclose(ks.get([1]), x[1:2])                          # released: it moves again
     with pytest.raises(ValueError, match="ttl_s"):
         ks.hold([0], ttl_s=0)
+
+
+def test_pinned_versions_lists_the_edited_slots():
+    ks = store()
+    ids = ks.add(unit(np.ones((4, D), np.float32)), pinned=np.array([True, False, True, True]))
+    ks.set_namespace([ids[3]], "tenant-b")
+    before = ks.pinned_versions()
+    assert before[0].tolist() == [0, 2, 3] and before[2] == ["default", "default", "tenant-b"]
+    ks.update([2], unit(np.arange(D, dtype=np.float32))[None])
+    ks.free([3])
+    got, versions, _ = ks.pinned_versions()
+    assert got.tolist() == [0, 2] and versions[1] == before[1][1] + 1 and versions[0] == before[1][0]

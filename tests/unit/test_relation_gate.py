@@ -228,3 +228,39 @@ def test_gated_follows_model_relation_layer(tiny_base, tmp_path):
     with pytest.raises(ValueError, match="model.relation_defer_margin"):
         dataclasses.replace(on.config, relation_defer_margin=3.0)
     assert dataclasses.replace(tiny_base.config, relation_defer_margin=0.5).relation_layer is None
+
+
+def test_another_edits_relation_defers_a_question_it_asks(tiny_base, fusion, gate, tmp_path):
+    """With the mirror of edited relations (`model.relation_bank_edits`), Zorblax's capital expert leaves
+    the currency question about Zorblax once another subject's currency was edited (a real key store and
+    LMDB store, synced), and keeps its own capital question; without the mirror both keep it."""
+    import dataclasses
+
+    from srmoa_dist.config import KeyStoreConfig, StoreConfig
+    from srmoa_dist.experts.store import ShardedExpertStore
+    from srmoa_dist.routing.keystore import KeyStore
+    from srmoa_dist.routing.relation_bank import EditedRelations
+    from srmoa_dist.routing.relation_gate import edited_of, sync_edited
+
+    cap = _experts(tiny_base, fusion, gate)[10]
+    r_cur = gate.encode(tiny_base, [CURRENCY], ["Zorblax"])                 # (1, D)
+    far = dataclasses.replace(gate, bank=-r_cur, bank_labels=None, defer_margin=0.0, same_relation=0.999)
+    chats = [[{"role": "user", "content": t}] for t in (CAPITAL, CURRENCY)]
+    batch = encode_messages(tiny_base, chats)
+    routing = with_experts(select_experts(np.zeros((2, 4), np.float32), np.array([[0.8]] * 2, np.float32),
+                                          np.array([[10]] * 2, np.int64), 0.1), {10: cap})
+    assert far.arbitrate(tiny_base, batch, routing).expert_ids == [[10], [10]]
+
+    ks = KeyStore(KeyStoreConfig(d_key=4, tau=0.1))
+    store = ShardedExpertStore(tmp_path / "shards", StoreConfig(n_shards=1, map_size_mb=4))
+    quux = gate.relation_of(tiny_base, CURRENCY.replace("Zorblax", "Quuxland"), "Quuxland")
+    [eid] = ks.add(np.eye(4, dtype=np.float32)[:1], pinned=True).tolist()
+    store.put_many({eid: LoRAExpert.random(fusion.target_shapes(), 4, 8.0, seed=4).with_relation(quux)})
+    mirrored = dataclasses.replace(far, edited=EditedRelations())
+    enc = GatedEncoder(QueryEncoder.calibrate(tiny_base, d_key=4, prompts=["Hi.", "Why?", CAPITAL] * 3),
+                       mirrored)
+    assert edited_of(enc) is mirrored.edited and edited_of(enc.encoder) is None
+    assert sync_edited(enc, ks, store) == 1 and sync_edited(enc, ks, store, force=False) is None   # not due
+    assert sync_edited(enc.encoder, ks, store) is None                                             # no gate
+    assert mirrored.arbitrate(tiny_base, batch, routing).expert_ids == [[10], []]
+    store.close()

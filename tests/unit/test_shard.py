@@ -333,3 +333,15 @@ def test_concurrent_reads_while_the_map_grows(tmp_path):
     assert not errors, errors
     assert s.map_size >= 8 << 20 and len(s) == 130
     s.close()
+
+
+def test_relations_read_from_the_headers(shard):
+    from srmoa_dist.experts.codec import decode_relation
+    from srmoa_dist.experts.expert import ExpertRelation
+
+    rel = ExpertRelation("Zorblax", np.eye(4, dtype=np.float32)[:2])
+    shard.put_many({1: ex(1).with_relation(rel), 2: ex(2)})
+    got = shard.relations([2, 1, 99])
+    assert got[0] is None and got[2] is None                       # no relation; no record
+    assert got[1].subject == "Zorblax" and np.array_equal(got[1].keys, rel.keys)
+    assert decode_relation(encode_expert(ex(3))) is None
