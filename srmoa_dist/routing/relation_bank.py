@@ -80,6 +80,15 @@ class EditedRelations:
         """Pickled empty (a lock does not pickle; the receiving process syncs its own mirror)."""
         return (EditedRelations, (self.interval_s,))
 
+    @classmethod
+    def of(cls, relations: dict[int, np.ndarray], namespace: str = "default") -> EditedRelations:
+        """A mirror holding `relations` (expert id -> its relation keys (m, D)) as they are, for offline
+        analysis (`scripts/relation_margin_sweep.py`); serving syncs from the stores instead."""
+        bank = cls()
+        bank._install({int(i): _Entry(0, namespace, unit_rows(np.atleast_2d(np.asarray(k, np.float32))))
+                       for i, k in relations.items()})
+        return bank
+
     def due(self) -> bool:
         """Whether `interval_s` has passed since the last sync (or its last failed try)."""
         return time.monotonic() - self._last >= self.interval_s

@@ -32,6 +32,13 @@ of every corpus relation one of whose rows lies within `same_relation` of one of
 (the closest any two corpus relations come, fitted) leave the bank for that expert, else the edit's
 own question would tie with its corpus twin and be deferred.
 
+Edited relations (`model.relation_bank_edits`, `edited`). The corpus bank knows only relations no edit
+asks. The relation keys of the store's other edits (`routing.relation_bank.EditedRelations`, a mirror
+synced from the key store and the records' headers) join the bank for deferral: an unedited "What is
+the population of X?" is then nearer another subject's edited population than X's edited capital, and
+is deferred. Rows of the expert's own relation (within `same_relation` of its keys: the same relation
+edited for another subject) and of other namespaces stay out.
+
 With deferral on, an expert with a relation also leaves every sequence whose text does not name its
 subject: an edit of "What is A's profession?" is not about B, however near "What is B's profession?"
 routes (two invented names read alike to the router; `bench lifelong` measures this as

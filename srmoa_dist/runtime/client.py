@@ -204,35 +204,28 @@ class ExpertStoreClient:
             raise _missing(missing)
         return [got[i] for i in ids]
 
-    def versions(self, ids: Sequence[int]) -> list[int | None]:
-        """Current version of each id; None for an id the store does not hold."""
+    def _per_id(self, method: str, ids: Sequence[int]) -> list[Any]:
+        """A per-id read of the shard actors (`method` takes a list of ids, answers one value each), in
+        the order of `ids`: one call per shard touched, all in flight together."""
         ids = [int(i) for i in ids]
         groups = self._group(ids)
-        refs = [self.shards[s].versions.remote(sub) for s, sub in groups.items()]
-        vmap: dict[int, int] = {}
-        for sub, vs in zip(groups.values(), self._get(refs)):
-            vmap.update(zip(sub, vs))
-        return [vmap[i] for i in ids]
+        refs = [getattr(self.shards[s], method).remote(sub) for s, sub in groups.items()]
+        by_id: dict[int, Any] = {}
+        for sub, vals in zip(groups.values(), self._get(refs)):
+            by_id.update(zip(sub, vals))
+        return [by_id[i] for i in ids]
+
+    def versions(self, ids: Sequence[int]) -> list[int | None]:
+        """Current version of each id; None for an id the store does not hold."""
+        return self._per_id("versions", ids)
 
     def relations(self, ids: Sequence[int]) -> list[Any]:
         """Each id's `ExpertRelation` (record headers only, no cache); None for an id the store does not
         hold or an expert without one."""
-        ids = [int(i) for i in ids]
-        groups = self._group(ids)
-        refs = [self.shards[s].relations.remote(sub) for s, sub in groups.items()]
-        rmap: dict[int, Any] = {}
-        for sub, rs in zip(groups.values(), self._get(refs)):
-            rmap.update(zip(sub, rs))
-        return [rmap[i] for i in ids]
+        return self._per_id("relations", ids)
 
     def contains(self, ids: Sequence[int]) -> list[bool]:
-        ids = [int(i) for i in ids]
-        groups = self._group(ids)
-        refs = [self.shards[s].contains.remote(sub) for s, sub in groups.items()]
-        cmap: dict[int, bool] = {}
-        for sub, cs in zip(groups.values(), self._get(refs)):
-            cmap.update(zip(sub, cs))
-        return [cmap[i] for i in ids]
+        return self._per_id("contains", ids)
 
     def __len__(self) -> int:
         return int(sum(self._get([s.size.remote() for s in self.shards])))

@@ -119,3 +119,10 @@ def test_pickles_as_an_empty_mirror_and_validates(st):
     assert len(back) == 0 and back.interval_s == 3.0
     with pytest.raises(ValueError, match="interval_s"):
         EditedRelations(interval_s=-1)
+
+
+def test_of_holds_given_relations():
+    bank = EditedRelations.of({3: [E0, E1], 4: 2 * E2})
+    assert len(bank) == 3 and bank.stats()["experts"] == 2
+    assert bank.best_other(E2, 3, E0[None], None) == pytest.approx(1.0)     # 4's row, unit length
+    assert bank.best_other(E2, 4, E2[None], None) == pytest.approx(0.0)
