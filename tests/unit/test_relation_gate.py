@@ -222,11 +222,16 @@ def test_gated_follows_model_relation_layer(tiny_base, tmp_path):
     assert gated(margin, enc, tmp_path).gate.defer_margin == 0.05              # read from the config
     never = dataclasses.replace(on, config=dataclasses.replace(on.config, relation_defer_margin=None))
     assert gated(never, enc, tmp_path).gate.defer_margin is None
-    assert back.d_key == enc.d_key and back.gate.layer == 2
+    assert g.gate.edited is not None and again.edited is not None and again.edited is not g.gate.edited
+    alone = dataclasses.replace(on, config=dataclasses.replace(on.config, relation_bank_edits=False))
+    assert gated(alone, enc, tmp_path).gate.edited is None                      # corpus bank only
+    assert back.d_key == enc.d_key and back.gate.layer == 2 and len(back.gate.edited) == 0
     with pytest.raises(ValueError, match="model.relation_layer"):
         dataclasses.replace(tiny_base.config, relation_layer=-1)
     with pytest.raises(ValueError, match="model.relation_defer_margin"):
         dataclasses.replace(on.config, relation_defer_margin=3.0)
+    with pytest.raises(ValueError, match="model.relation_bank_edits"):
+        dataclasses.replace(on.config, relation_bank_edits="yes")
     assert dataclasses.replace(tiny_base.config, relation_defer_margin=0.5).relation_layer is None
 
 

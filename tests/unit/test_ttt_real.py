@@ -78,13 +78,14 @@ def test_smollm2_learns_an_invented_fact(smollm2_base, tmp_path):
 @pytest.mark.slow
 def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_base, tmp_path):
     """Two edits about one invented country through the feedback path (`Editor`), with the relation
-    gate as served by default (arbitration and deferral): both answered, the second trained with the
-    first as its neighbour, and an unedited question about the country answers with neither. The
-    second is asked in a wording of the gate's own corpus, whose bank holds its paraphrase's twin: that
-    relation must leave the bank for this expert, else the paraphrase is deferred (and the edit's own
-    question ties with its twin)."""
+    gate as served by default (arbitration, deferral, other edits' relations): both answered, the second
+    trained with the first as its neighbour, and an unedited question about the country answers with
+    neither and reaches neither expert: another country's anthem was edited too, and that edit's
+    relation is what the unedited anthem question is nearest. The second is asked in a wording of the
+    gate's own corpus, whose bank holds its paraphrase's twin: that relation must leave the bank for this
+    expert, else the paraphrase is deferred (and the edit's own question ties with its twin)."""
     from srmoa_dist.bench.model_cache import shared_model_cache
-    from srmoa_dist.routing.relation_gate import GatedEncoder, gated
+    from srmoa_dist.routing.relation_gate import GatedEncoder, gated, sync_edited
     from srmoa_dist.ttt.editor import Editor
 
     base = smollm2_base
@@ -93,31 +94,37 @@ def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_ba
     fusion = ExpertFusion(base.model, cfg.expert, query_layer=base.query_layer)
     facts = [("What is the capital of Veloria?", "Quenmark", "Which city is the capital of Veloria?"),
              ("What is the national dish of Veloria?", "drelk stew",
-              "Which food is Veloria's national dish?")]
+              "Which food is Veloria's national dish?"),
+             ("What is the national anthem of Brosnia?", "Dawn of Brosnia",
+              "Which song is the national anthem of Brosnia?")]
     unedited = "What is the national anthem of Veloria?"
     try:
         enc = gated(base, QueryEncoder.calibrate(base, d_key=cfg.keystore.d_key),
                     shared_model_cache() / "encoders")
-        assert isinstance(enc, GatedEncoder) and enc.gate.defer_margin == 0.0     # the default config
+        assert isinstance(enc, GatedEncoder) and enc.gate.defer_margin == -0.1    # the default config
+        assert enc.gate.edited is not None
         ks = KeyStore(cfg.keystore)
         store = ShardedExpertStore(cfg.shards_dir, StoreConfig(n_shards=2))
         editor = Editor(cfg, base=base, fusion=fusion, encoder=enc, store=store, keystore=ks,
                         ledger=EditLedger(cfg.ledger_dir), locality_prompts=UNRELATED)
         results = [editor.run({"prompt": q, "correct_answer": a}, exclude=[h]) for q, a, h in facts]
         print("\nedits:", [(r.status, r.steps, round(r.timings["total_s"], 1)) for r in results])
-        assert [r.status for r in results] == ["verified", "verified"], [r.reason for r in results]
+        assert [r.status for r in results] == ["verified"] * 3, [r.reason for r in results]
         assert results[1].neighbours == (results[0].edit_id,)          # the second saw the first as neighbour
+        assert sync_edited(enc, ks, store) == 0                         # the editor synced before verifying
+        assert enc.gate.edited.stats()["experts"] == 3
         router, fetch = make_router(ks, cfg.keystore.k), make_fetch(store)
         params = GenerationParams(max_new_tokens=16, gate_temperature=cfg.keystore.temperature)
         asks = [q for q, _, _ in facts] + [h for _, _, h in facts] + [unedited]
         got = [generate(base, fusion, enc, _chat(p), router, fetch, params)[0] for p in asks]
         print("answers:", [(g.text, g.expert_ids) for g in got])
-        for (q, a, _), g_q in zip(facts, got[:2]):
+        for (q, a, _), g_q in zip(facts, got[:3]):
             assert answer_matches(g_q.text, a), (q, g_q.text)
         # held-out paraphrases' answers are printed, not asserted: bench lifelong measures them (see
         # README Results). The corpus-worded one must reach its expert: its corpus twin left the bank.
-        assert results[1].expert_id in got[3].expert_ids, got[3]
-        assert not any(answer_matches(got[4].text, a) for _, a, _ in facts), got[4].text
+        assert results[1].expert_id in got[4].expert_ids, got[4]
+        assert not any(answer_matches(got[6].text, a) for _, a, _ in facts), got[6].text
+        assert not {r.expert_id for r in results[:2]} & set(got[6].expert_ids), got[6]
         store.close()
     finally:
         fusion.remove()
