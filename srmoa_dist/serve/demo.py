@@ -138,6 +138,9 @@ def _script(c: httpx.Client, model_id: str, say: Callable[[str], None], max_toke
     ]
     for line in lines:
         say(line)
+    mirror = (c.get("/v1/stats").json().get("server") or {}).get("edited_relations")
+    if mirror is not None:          # the relation gate's view of the store's edits, on the model server
+        say(f"relation gate: {mirror['experts']} edited relation(s) mirrored on the model server")
     ok = verified and ok_q and ok_un
     say("the edit worked" if ok else "the edit did NOT work")
     return ok

@@ -122,6 +122,9 @@ class ServerStats(OpenModel):
     routed: int | None = None
     deferred: int | None = None
     cache: dict[str, Any] | None = None
+    edited_relations: dict[str, int] | None = Field(
+        default=None, description="the relation gate's mirror of the store's edited relations: experts, "
+        "rows, syncs (routing/relation_bank.py); null without one")
     error: str | None = None
 
 

@@ -24,3 +24,4 @@ def test_demo_teaches_an_invented_fact(tmp_path, smollm2_cache_dir):
     assert r.returncode == 0, out[-4000:]
     assert "the edit worked" in out
     assert "RIGHT" in out and "UNCHANGED" in out
+    assert "relation gate: 1 edited relation(s) mirrored on the model server" in out   # synced after the edit
