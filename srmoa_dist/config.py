@@ -190,8 +190,8 @@ class ModelConfig:
     encoder_corpus_entities: int = 20 # invented entities per kind in the discriminant's corpus
     relation_layer: int | None = 12   # the relation gate's layer (`routing.relation_gate`); None = off
     relation_defer_margin: float | None = -0.1  # the gate defers to the base model below this margin
-    relation_bank_edits: bool = True  # the gate also weighs the relations other edits asked (relation_bank)
     #                                   (None = never; ignored with the gate off)
+    relation_bank_edits: bool = True  # the gate also weighs the relations other edits asked (relation_bank)
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
