@@ -40,21 +40,21 @@ MARGINS = [round(m, 2) for m in np.arange(-0.20, 0.151, 0.025)]
 
 def sweep(gate: RelationGate, base, entities, n_facts: int, edited: bool = False) -> dict:
     """Per margin: the share of paraphrases kept and picking their own fact, of unedited kept. With
-    `edited`, fact i of entity x is expert 8 x + i, and the gate also holds every other entity's keys."""
+    `edited`, fact i of entity x is expert n_facts x + i; the gate also holds the other entities' keys."""
     para_gap, para_own, uned_gap = [], [], []
     para_texts, uned_texts = set(), set()
     keys = [gate.encode(base, [f.question for f in ent.facts[:n_facts]], [ent.name] * n_facts)
             for ent in entities]                                                          # (F, D) each
     if edited:
         gate = dataclasses.replace(gate, edited=EditedRelations.of(
-            {8 * x + i: K[i] for x, K in enumerate(keys) for i in range(n_facts)}))
+            {n_facts * x + i: K[i] for x, K in enumerate(keys) for i in range(n_facts)}))
     for x, (ent, K) in enumerate(zip(entities, keys)):
         facts = ent.facts[:n_facts]
         paras = [(i, p) for i, f in enumerate(facts) for p in f.held_out]
         r = gate.encode(base, [p for _, p in paras] + [ent.unedited], [ent.name] * (len(paras) + 1))
         s = r @ K.T                                                                       # (P+1, F)
         j = s.argmax(axis=1)                                                              # (P+1,)
-        bank_best = [gate.other_relations_best(r_n, K[j_n:j_n + 1], 8 * x + int(j_n))
+        bank_best = [gate.other_relations_best(r_n, K[j_n:j_n + 1], n_facts * x + int(j_n))
                      for r_n, j_n in zip(r, j)]
         para_texts |= {mask_subject(p, ent.name) for _, p in paras}
         uned_texts.add(mask_subject(ent.unedited, ent.name))

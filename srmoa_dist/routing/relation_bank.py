@@ -13,9 +13,10 @@ The store's own edits are the best supply of other relations: they are the ones 
 Sync (`sync(keystore, store)`): the key store lists the pinned slots and their key versions
 (`KeyStore.pinned_versions`); an edit's commit and its rollback both write the key, so a slot whose
 version moved has a new expert record. Only those records' relations are read (`store.relations`,
-headers only); slots no longer pinned leave. Callers sync before they route: a model replica at most
-every `interval_s` (an edit reaches other replicas' banks that much later; the bank only sharpens
-deferral, so a late row costs nothing but a deferral missed meanwhile), the trainer before each job.
+headers only); slots no longer pinned leave. Callers sync before they route: a model replica once as
+it starts (the bulk of the reads) and then at most every `interval_s` (an edit reaches other replicas'
+banks that much later; the bank only sharpens deferral, so a late row costs nothing but a deferral
+missed meanwhile), the editor before each routed check.
 
 Offline (SmolLM2-135M, `bench.entity_facts` seed 0, 3 facts an entity; the README has the sweep): at
 margin 0, with 180 edits (60 entities) the share of unedited questions about an edited entity that the

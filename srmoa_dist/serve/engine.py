@@ -90,6 +90,8 @@ class Engine:
         self.degraded = 0                      # batches answered by the base model: no key-store answer
         self.skipped = 0                       # requests answered without a routed expert (not in the store)
         self.by_namespace: dict[str, dict[str, int]] = {}   # namespace -> requests / routed / deferred
+        if self.keystore is not None:     # the bulk of the mirror read here, not in the first request
+            self._sync_relations()
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: model %s, d_key %d", self.load_seconds, self.base.name,
                  self.encoder.d_key)

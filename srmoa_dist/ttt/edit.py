@@ -203,11 +203,17 @@ class EditEnv:
 
     def generate(self, chats: Sequence[Messages]) -> list[Any]:
         """Routed greedy generations (verification length), as serving would answer them."""
+        if not chats:
+            return []
+        self.sync_relations()
+        return self._decode(chats)
+
+    def _decode(self, chats: Sequence[Messages]) -> list[Any]:
+        """`generate` without the sync (its caller synced)."""
         from srmoa_dist.model.generation import GenerationParams, generate
 
         if not chats:
             return []
-        self.sync_relations()
         params = GenerationParams(max_new_tokens=self.cfg.ttt.verify_max_new_tokens,
                                   gate_temperature=self.cfg.keystore.temperature)
         return generate(self.base, self.fusion, self.encoder, [list(c) for c in chats],
@@ -221,9 +227,11 @@ class EditEnv:
         from srmoa_dist.model.greedy_check import confirm_greedy
 
         out: list[Any] = [None] * len(chats)
+        if not chats:
+            return out
+        self.sync_relations()                     # once for the confirmed and the decoded chats alike
         idx = [j for j, e in enumerate(expected) if e is not None]
         if idx and self.cfg.ttt.confirm_greedy:
-            self.sync_relations()
             step = make_route_step(make_router(self.keystore, self.cfg.keystore.k), make_fetch(self.store),
                                    self.cfg.keystore.temperature)
             got = confirm_greedy(self.base, self.fusion, self.encoder, [list(chats[j]) for j in idx],
@@ -231,7 +239,7 @@ class EditEnv:
             for j, g in zip(idx, got):
                 out[j] = g
         todo = [j for j, g in enumerate(out) if g is None]
-        for j, g in zip(todo, self.generate([chats[j] for j in todo])):
+        for j, g in zip(todo, self._decode([chats[j] for j in todo])):
             out[j] = g
         return out
 

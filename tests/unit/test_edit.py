@@ -86,14 +86,14 @@ def test_verified_edit_then_rollback(world, tmp_path):
 def test_confirmed_verification_equals_decoding(world, tmp_path, monkeypatch, case):
     """ttt.confirm_greedy: the same outcome as decoding every re-ask, with fewer chats decoded."""
     decoded: dict[bool, list[int]] = {True: [], False: []}
-    real = edit_mod.EditEnv.generate
+    real = edit_mod.EditEnv._decode                # every decoding, `generate`'s and `reask`'s
     out = {}
     for confirm in (False, True):
         def spy(self, chats, _c=confirm):
             decoded[_c].append(len(chats))
             return real(self, chats)
 
-        monkeypatch.setattr(edit_mod.EditEnv, "generate", spy)
+        monkeypatch.setattr(edit_mod.EditEnv, "_decode", spy)
         extra = dict(tau=-1.0, keys=np.zeros((0, D_KEY), np.float32)) if case == "locality_break" else {}
         env = Env(tmp_path / str(confirm), world[1], confirm_greedy=confirm, **extra)
         out[confirm] = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
