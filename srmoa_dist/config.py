@@ -192,6 +192,8 @@ class ModelConfig:
     relation_defer_margin: float | None = -0.1  # the gate defers to the base model below this margin
     #                                   (None = never; ignored with the gate off)
     relation_bank_edits: bool = True  # the gate also weighs the relations other edits asked (relation_bank)
+    relation_named_slack: float = 0.0 # an edit whose subject the question names may score this much under
+    #                                   tau and still reach the gate (needs the defer margin; 0 = off)
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -213,6 +215,9 @@ class ModelConfig:
         if not isinstance(self.relation_bank_edits, bool):
             raise ValueError(f"model.relation_bank_edits must be true or false, "
                              f"got {self.relation_bank_edits!r}")
+        s = self.relation_named_slack
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            raise ValueError(f"model.relation_named_slack must be a number in [0, 1), got {s!r}")
         if not isinstance(self.encoder_corpus_entities, int) or self.encoder_corpus_entities < 1:
             raise ValueError(f"model.encoder_corpus_entities must be a positive integer, "
                              f"got {self.encoder_corpus_entities!r}")

@@ -216,7 +216,7 @@ def run_lifelong_bench(
     from srmoa_dist.model.loading import load_base_model
     from srmoa_dist.routing.encoder_cache import calibrated
     from srmoa_dist.routing.keystore import KeyStore
-    from srmoa_dist.routing.relation_gate import gated, sync_edited
+    from srmoa_dist.routing.relation_gate import gated, search_slack, sync_edited
     from srmoa_dist.runtime.edit_context import LOCALITY_PROMPTS
     from srmoa_dist.ttt.detect import explicit_failure
     from srmoa_dist.ttt.diversify import diversify
@@ -274,7 +274,8 @@ def run_lifelong_bench(
         editor = Editor(cfg, base=base, fusion=fusion, encoder=encoder, store=store, keystore=keystore,
                         ledger=ledger, locality_prompts=LOCALITY_PROMPTS[: cfg.ttt.locality_probes])
         shared = SharedLoRA(base, fusion, encoder, cfg, seed) if "shared_lora" in baselines else None
-        router, fetch = make_router(keystore, cfg.keystore.k), make_fetch(store)
+        router = make_router(keystore, cfg.keystore.k, cfg.keystore.tau, search_slack(encoder))   # as served
+        fetch = make_fetch(store)
 
         seen: dict[str, list[int]] = {}       # SR-TTT's latest output of each eval prompt (what to confirm)
 
@@ -400,7 +401,7 @@ def _consolidate_traffic(base: Any, encoder: Any, keystore: Any, router: Any, en
                          seed: int, batch: int = 256) -> dict[str, Any]:
     """Route `n_queries` queries drawn from a mixed pool and consolidate their activations, as serving
     does."""
-    from srmoa_dist.model.generation import GenerationParams, queries, route
+    from srmoa_dist.model.generation import GenerationParams, drop_per_row, queries, route, under_tau
     from srmoa_dist.routing.gravity import Activations
 
     pool = [h for e in entities for f in e.facts if f.fact_id < n_done for h in f.held_out]
@@ -417,6 +418,7 @@ def _consolidate_traffic(base: Any, encoder: Any, keystore: Any, router: Any, en
                   disable=None):
         xq = Q[rng.integers(0, len(pool), min(batch, n_queries - s))]          # (b, d)
         r = route(xq, router, gp)
+        r = drop_per_row(r, under_tau(r))            # as serving records: candidates at or over tau only
         k = max(1, max(len(i) for i in r.expert_ids))
         ids = np.full((len(xq), k), -1, np.int64)
         gates = np.zeros((len(xq), k), np.float32)

@@ -294,7 +294,7 @@ def run_ttt_bench(
     from srmoa_dist.model.loading import load_base_model
     from srmoa_dist.routing.encoder_cache import calibrated
     from srmoa_dist.routing.keystore import KeyStore
-    from srmoa_dist.routing.relation_gate import gated
+    from srmoa_dist.routing.relation_gate import gated, search_slack
     from srmoa_dist.ttt.detect import explicit_failure
     from srmoa_dist.ttt.diversify import diversify
     from srmoa_dist.ttt.edit import apply_edit, make_fetch, make_router
@@ -401,7 +401,7 @@ def run_ttt_bench(
         # 5. after all edits: routed generation, then the rule variants --------------------------------
         t0 = time.perf_counter()
         fetch = make_fetch(store)
-        router = make_router(keystore, cfg.keystore.k)
+        router = make_router(keystore, cfg.keystore.k, cfg.keystore.tau, search_slack(encoder))   # as served
         sr_gens = _generate_all(base, fusion, encoder, chats, params=params, router_for=lambda rows: router,
                                 fetch=fetch, batch_size=batch_size, desc="SR-TTT")
         top1 = [g.expert_ids[0] if g.expert_ids else None for g in sr_gens]

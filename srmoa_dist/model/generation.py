@@ -4,7 +4,9 @@
     query:          encoder.encode_hidden(h_Lq, user_mask)            -> xq (B, d_key)
     route step:     route_step(xq) -> BatchRouting: the kept experts (fetched), scores and gates
                     (built from a router and a fetch by `route_step`, or handed down by the serving engine)
-      router:       router(xq) -> D, I (B, k); keep I >= 0 (-1: none or deferred); g = softmax(D / T_g)
+      router:       router(xq) -> D, I (B, k); keep I >= 0 (-1: none or deferred); g = softmax(D / T_g);
+                    a router with a `tau` attribute searched under it: candidates scored under `tau`
+                    stay only where the encoder's arbitration vouches for them (`BatchRouting.tau`)
       fetch:        fetch(unique ids) -> {id: LoRAExpert}; an id it lacks is skipped
     prefill_upper:  under fusion.routing(...): layers[Lq+1..] -> norm -> lm_head   (cache of those layers)
     decode:         HF forward with the KV cache, one token per step, routing fixed per sequence,
@@ -98,6 +100,9 @@ class BatchRouting:
     skipped: list[list[int]] | None = None  # per sequence, routed experts the store did not hold
     experts: list[list[ExpertLike]] | None = None  # per sequence, the fetched experts (None: not fetched)
     degraded: str | None = None  # why the batch got no routing (the router did not answer), if so
+    tau: list[float] | None = None  # per sequence, the deferral threshold when the search went under it:
+    #                                 a candidate scored under it stays only if the encoder's arbitration
+    #                                 keeps it (the relation gate's named subjects); None: all passed tau
 
     def gate_tensor(self) -> torch.Tensor:
         """(B, K) gates, zero-padded."""
@@ -251,8 +256,11 @@ def queries(
 
 
 # ----------------------------------------------------------------------------- routing
-def select_experts(xq: np.ndarray, D: np.ndarray, I: np.ndarray, gate_temperature: float) -> BatchRouting:
-    """The deferral rule on a search's answer D, I (B, k): keep id >= 0, best first; g = softmax(s / T)."""
+def select_experts(xq: np.ndarray, D: np.ndarray, I: np.ndarray, gate_temperature: float,
+                   tau: float | Sequence[float] | None = None) -> BatchRouting:
+    """The deferral rule on a search's answer D, I (B, k): keep id >= 0, best first; g = softmax(s / T).
+    `tau` (one, or one per sequence): the threshold the arbitration enforces when the search went under
+    it (`BatchRouting.tau`)."""
     B = xq.shape[0]
     D, I = np.asarray(D, dtype=np.float32), np.asarray(I, dtype=np.int64)
     if D.shape != I.shape or D.ndim != 2 or D.shape[0] != B:
@@ -270,7 +278,8 @@ def select_experts(xq: np.ndarray, D: np.ndarray, I: np.ndarray, gate_temperatur
         ids.append([int(x) for x in i])
         scores.append([float(x) for x in s])
         gates.append([float(x) for x in g])
-    return BatchRouting(ids, scores, gates, xq)
+    taus = None if tau is None else [float(t) for t in np.broadcast_to(np.asarray(tau, np.float64), (B,))]
+    return BatchRouting(ids, scores, gates, xq, tau=taus)
 
 
 def no_routing(xq: np.ndarray, degraded: str | None = None) -> BatchRouting:
@@ -286,7 +295,7 @@ def route(xq: np.ndarray, router: Router | None, params: GenerationParams) -> Ba
     if router is None:
         return no_routing(xq)
     D, I = router(xq)
-    return select_experts(xq, D, I, params.gate_temperature)
+    return select_experts(xq, D, I, params.gate_temperature, getattr(router, "tau", None))
 
 
 def fetch_experts(routing: BatchRouting, fetch: Fetch | None) -> BatchRouting:
@@ -324,6 +333,14 @@ def make_route_step(router: Router | None, fetch: Fetch | None, gate_temperature
         return fetch_experts(route(xq, router, GenerationParams(gate_temperature=gate_temperature)), fetch)
 
     return step
+
+
+def under_tau(routing: BatchRouting) -> list[set[int]]:
+    """Per sequence, the ids scored under its `routing.tau` (none when the search did not go under it)."""
+    if routing.tau is None:
+        return [set() for _ in routing.expert_ids]
+    return [{i for i, s in zip(i_b, s_b) if s < t}
+            for i_b, s_b, t in zip(routing.expert_ids, routing.scores, routing.tau)]
 
 
 def drop_per_row(routing: BatchRouting, drop: Sequence[set[int]]) -> BatchRouting:

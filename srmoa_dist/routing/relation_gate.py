@@ -44,6 +44,14 @@ subject: an edit of "What is A's profession?" is not about B, however near "What
 routes (two invented names read alike to the router; `bench lifelong` measures this as
 `locality_invented`).
 
+Named subjects under tau (`named_slack`, `model.relation_named_slack`; needs deferral). An edit's key is
+trained on its failing question's wording, so a paraphrase ("X has its capital in which city?") can
+score under tau and never reach the gate, though it names the subject and asks the relation. Routers
+then search down to tau - named_slack (`search_slack`), and a candidate scored under tau (the routing's
+`tau`, per sequence) stays only when it carries a relation whose subject the text names, and then only
+through the deferral above; every other candidate under tau leaves. What tau guards against, queries
+about something else, is what the subject check and the deferral decide for those candidates.
+
 Measured offline (SmolLM2-135M, 60 invented entities x 3 facts of `bench.entity_facts`, the key from the
 failing question only, Lr 12): a held-out paraphrase picks its own fact among its subject's three 0.98
 of the time with A (reg 0.1), 0.89 centred only, and 0.60 with the routing query. An absolute threshold
@@ -111,6 +119,7 @@ class RelationGate:
     bank_labels: np.ndarray | None = None   # (N,) int64: each bank row's corpus relation; None: its own
     same_relation: float | None = None      # a bank relation this near an expert's key is its own; None: none
     edited: EditedRelations | None = field(default=None, compare=False, repr=False)   # other edits' relations
+    named_slack: float = 0.0                # named subjects may score this much under tau (module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -139,6 +148,10 @@ class RelationGate:
                                                or not -1.0 <= float(self.same_relation) <= 1.0):
             raise ValueError(f"relation same_relation must be a cosine in [-1, 1] or None, "
                              f"got {self.same_relation!r}")
+        if (isinstance(self.named_slack, bool) or not isinstance(self.named_slack, (int, float))
+                or not 0.0 <= self.named_slack < 1.0):
+            raise ValueError(f"model.relation_named_slack must be a number in [0, 1), "
+                             f"got {self.named_slack!r}")
         object.__setattr__(self, "mu", mu)
         object.__setattr__(self, "A", A)
         object.__setattr__(self, "bank", bank)
@@ -196,12 +209,14 @@ class RelationGate:
     def arbitrate(self, base: BaseModel, batch: ChatBatch, routing: BatchRouting) -> BatchRouting:
         """The routing with, per sequence and per subject its text names, only the candidate whose
         relation keys best match the text, and with `defer_margin` set not even that one unless it
-        matches better than every bank relation by the margin, and no candidate about a subject the
-        text does not name (see the module docstring)."""
-        from srmoa_dist.model.generation import drop_per_row
+        matches better than every bank relation by the margin, no candidate about a subject the text
+        does not name, and none scored under the routing's tau but such a named one (see the module
+        docstring)."""
+        from srmoa_dist.model.generation import drop_per_row, under_tau
 
         least = 1 if self.defer_margin is not None else 2       # group size worth a relation key
-        if routing.experts is None or not any(len(e) >= least for e in routing.experts):
+        under = under_tau(routing)
+        if routing.experts is None or not (any(under) or any(len(e) >= least for e in routing.experts)):
             return routing
         texts = _user_texts(base, batch)
         asks: list[tuple[int, list[int]]] = []                  # (row, candidate positions of a subject)
@@ -211,11 +226,12 @@ class RelationGate:
             groups: dict[str, list[int]] = {}
             for j, e in enumerate(experts):
                 rel = getattr(e, "relation", None)
-                if rel is None:
-                    continue
-                if names(texts[b], rel.subject):
+                named = rel is not None and names(texts[b], rel.subject)
+                if routing.expert_ids[b][j] in under[b] and not (named and self.defer_margin is not None):
+                    drop[b].add(routing.expert_ids[b][j])   # under tau, and not a named subject's edit
+                elif named:
                     groups.setdefault(rel.subject.lower(), []).append(j)
-                elif self.defer_margin is not None:         # an edit about a subject this text never names
+                elif rel is not None and self.defer_margin is not None:   # about a subject never named
                     drop[b].add(routing.expert_ids[b][j])
             for s, js in groups.items():
                 if len(js) >= least:
@@ -275,6 +291,14 @@ class GatedEncoder:
         return self.gate.arbitrate(base, batch, routing)
 
 
+def search_slack(encoder: Any) -> float:
+    """How far under tau a router should search for `encoder`: its gate's `named_slack` when the gate
+    defers (it then vouches for the candidates under tau it keeps), else 0."""
+    if not isinstance(encoder, GatedEncoder) or encoder.gate.defer_margin is None:
+        return 0.0
+    return float(encoder.gate.named_slack)
+
+
 def edited_of(encoder: Any) -> EditedRelations | None:
     """The mirror of edited relations of `encoder`'s relation gate; None without one."""
     return encoder.gate.edited if isinstance(encoder, GatedEncoder) else None
@@ -307,6 +331,7 @@ def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = N
     restarted replica does not fit them again."""
     layer = getattr(base.config, "relation_layer", None)
     margin = getattr(base.config, "relation_defer_margin", None)
+    slack = float(getattr(base.config, "relation_named_slack", 0.0))
     if layer is None or encoder is None or isinstance(encoder, GatedEncoder):
         return encoder
     path = Path(cache_dir) / f"relation-{_fit_key(base, layer)}.npz" if cache_dir is not None else None
@@ -316,12 +341,13 @@ def gated(base: BaseModel, encoder: Any, cache_dir: str | os.PathLike | None = N
             with np.load(path) as z:
                 same = float(z["same_relation"])                      # nan: None
                 gate = RelationGate(layer, z["mu"], z["A"], z["bank"], margin, z["bank_labels"],
-                                    same if np.isfinite(same) else None, edited)
+                                    same if np.isfinite(same) else None, edited, slack)
             return GatedEncoder(encoder, gate)
         except (OSError, ValueError, KeyError) as e:         # torn or foreign: fit again
             log.warning("ignoring the cached relation gate %s: %s", path, e)
     log.info("fitting the relation gate at layer %d", layer)
-    gate = dataclasses.replace(RelationGate.fit(base, layer, defer_margin=margin), edited=edited)
+    gate = dataclasses.replace(RelationGate.fit(base, layer, defer_margin=margin), edited=edited,
+                               named_slack=slack)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,4 +370,4 @@ def _fit_key(base: BaseModel, layer: int) -> str:
 
 
 __all__ = ["PLACEHOLDER", "GatedEncoder", "RelationGate", "gated", "mask_subject", "names", "same_subject",
-           "edited_of", "sync_edited"]
+           "edited_of", "search_slack", "sync_edited"]

@@ -208,15 +208,18 @@ class Engine:
         and slot epoch at search time, so it can drop those of a slot freed and reused since.
         """
         from srmoa_dist.model.generation import no_routing, routed_ids, select_experts, with_experts
-        from srmoa_dist.serve.route_plan import apply, search_args
+        from srmoa_dist.routing.relation_gate import search_slack
+        from srmoa_dist.serve.route_plan import apply, row_taus, search_args
 
         ks = self.cfg.keystore
         if self.keystore is None or not any(p.use for p in plans):   # the base model alone: no search
             return no_routing(xq)
         args = search_args(plans, ks.k, self.tau)
+        slack = search_slack(self.encoder)          # the relation gate vouches for named subjects under tau
         D = I = stamp = None
         if args is not None:
-            found = self._search(xq, *args)
+            k, tau_min, namespaces = args
+            found = self._search(xq, k, tau_min - slack, namespaces)
             if isinstance(found, str):
                 if not any(p.expert_id is not None for p in plans):
                     return no_routing(xq, degraded=found)
@@ -224,8 +227,8 @@ class Engine:
                 D, I, stamp = found
                 self._sync_relations()
         D, I = apply(plans, None if D is None else np.asarray(D), None if I is None else np.asarray(I),
-                     ks.k, self.tau)
-        routing = select_experts(xq, D, I, ks.temperature)
+                     ks.k, self.tau, slack)
+        routing = select_experts(xq, D, I, ks.temperature, row_taus(plans, self.tau) if slack else None)
         wanted = routed_ids(routing)
         t_fetch = time.perf_counter()
         got = self.client.fetch_available(wanted, self.cfg.runtime.search_timeout_s)[0] if wanted else {}
@@ -275,7 +278,11 @@ class Engine:
 
     def _record(self, routing: Any, stamp: tuple[str, int], searched: Sequence[bool]) -> None:
         """Send the activations of the routed, searched sequences to the key store (fire-and-forget;
-        a forced expert was not found by its query, so it must not pull its key)."""
+        a forced expert was not found by its query, so it must not pull its key; candidates under tau,
+        which the relation gate may yet drop, are left out)."""
+        from srmoa_dist.model.generation import drop_per_row, under_tau
+
+        routing = drop_per_row(routing, under_tau(routing))
         rows = [b for b, ids in enumerate(routing.expert_ids) if ids and searched[b]]
         if not rows:
             return

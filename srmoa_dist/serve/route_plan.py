@@ -76,19 +76,25 @@ def search_args(plans: Sequence[RoutePlan], k: int, tau: float
     return k_max, tau_min, (ns if any(n is not None for n in ns) else None)
 
 
-def apply(plans: Sequence[RoutePlan], D: np.ndarray | None, I: np.ndarray | None, k: int, tau: float
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row of the search answer D, I (B, k') cut to its plan (None: there was no search)."""
+def row_taus(plans: Sequence[RoutePlan], tau: float) -> list[float]:
+    """Each row's deferral threshold: its plan's tau, else the server's."""
+    return [tau if p.tau is None else p.tau for p in plans]
+
+
+def apply(plans: Sequence[RoutePlan], D: np.ndarray | None, I: np.ndarray | None, k: int, tau: float,
+          slack: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of the search answer D, I (B, k') cut to its plan (None: there was no search), at its
+    tau less `slack` (the relation gate's named subjects, `routing.relation_gate.search_slack`)."""
     B = len(plans)
     width = max(1, D.shape[1] if D is not None else 1)
     Dout = np.full((B, width), -math.inf, dtype=np.float32)
     Iout = np.full((B, width), -1, dtype=np.int64)
-    for b, p in enumerate(plans):
+    for b, (p, t_b) in enumerate(zip(plans, row_taus(plans, tau))):
+        t = t_b - slack
         if p.expert_id is not None:
             Dout[b, 0], Iout[b, 0] = FORCED_SCORE, p.expert_id
         elif p.use and D is not None:
             kk = min(p.k or k, width)
-            t = tau if p.tau is None else p.tau
             d, i = D[b, :kk], I[b, :kk]
             keep = (i >= 0) & (d >= t)
             Dout[b, :kk] = np.where(keep, d, -math.inf)
@@ -96,4 +102,4 @@ def apply(plans: Sequence[RoutePlan], D: np.ndarray | None, I: np.ndarray | None
     return Dout, Iout
 
 
-__all__ = ["RoutePlan", "search_args", "apply", "FORCED_SCORE"]
+__all__ = ["RoutePlan", "search_args", "apply", "row_taus", "FORCED_SCORE"]

@@ -109,12 +109,25 @@ class EditFailed(RuntimeError):
 # Helpers the Ray layer may reuse
 
 
-def make_router(keystore: Any, k: int,
-                tau: float | None = None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """generation.Router over a key store: top-k ids, -1 under tau (the key store's own tau when None)."""
-    def router(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return keystore.search(np.asarray(xq, dtype=np.float32), k, tau=tau)
-    return router
+@dataclass(frozen=True)
+class KeyRouter:
+    """generation.Router over a key store: top-k ids, -1 under tau - slack (the key store's own tau when
+    tau is None). With a slack, `tau` marks the candidates under it, which only the relation gate's
+    named subjects keep (`routing.relation_gate.search_slack`)."""
+
+    keystore: Any
+    k: int
+    tau: float | None = None
+    slack: float = 0.0
+
+    def __call__(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        floor = None if self.tau is None else self.tau - self.slack
+        return self.keystore.search(np.asarray(xq, dtype=np.float32), self.k, tau=floor)
+
+
+def make_router(keystore: Any, k: int, tau: float | None = None, slack: float = 0.0) -> KeyRouter:
+    """A `KeyRouter` (top-k ids, -1 under tau - slack; tau None: the key store's own, no slack)."""
+    return KeyRouter(keystore, k, tau, slack if tau is not None else 0.0)
 
 
 def make_fetch(store: Any) -> Callable[[list[int]], dict[int, Any]]:
@@ -201,6 +214,13 @@ class EditEnv:
 
         sync_edited(self.encoder, self.keystore, self.store)
 
+    def router(self) -> KeyRouter:
+        """The router serving uses: tau, and the relation gate's slack for named subjects."""
+        from srmoa_dist.routing.relation_gate import search_slack
+
+        ks = self.cfg.keystore
+        return make_router(self.keystore, ks.k, ks.tau, search_slack(self.encoder))
+
     def generate(self, chats: Sequence[Messages]) -> list[Any]:
         """Routed greedy generations (verification length), as serving would answer them."""
         if not chats:
@@ -217,7 +237,7 @@ class EditEnv:
         params = GenerationParams(max_new_tokens=self.cfg.ttt.verify_max_new_tokens,
                                   gate_temperature=self.cfg.keystore.temperature)
         return generate(self.base, self.fusion, self.encoder, [list(c) for c in chats],
-                        make_router(self.keystore, self.cfg.keystore.k), make_fetch(self.store), params)
+                        self.router(), make_fetch(self.store), params)
 
     def reask(self, chats: Sequence[Messages], expected: Sequence[Any]) -> list[Any]:
         """What `generate` answers each chat; where the answer is expected (a `model.greedy_check.Expected`,
@@ -232,8 +252,7 @@ class EditEnv:
         self.sync_relations()                     # once for the confirmed and the decoded chats alike
         idx = [j for j, e in enumerate(expected) if e is not None]
         if idx and self.cfg.ttt.confirm_greedy:
-            step = make_route_step(make_router(self.keystore, self.cfg.keystore.k), make_fetch(self.store),
-                                   self.cfg.keystore.temperature)
+            step = make_route_step(self.router(), make_fetch(self.store), self.cfg.keystore.temperature)
             got = confirm_greedy(self.base, self.fusion, self.encoder, [list(chats[j]) for j in idx],
                                  [expected[j] for j in idx], step)
             for j, g in zip(idx, got):

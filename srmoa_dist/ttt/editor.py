@@ -5,8 +5,13 @@ over in-process stores, so the benchmark measures the code path of the API. A fe
 `FeedbackRequest` fields as a dict) becomes a `Failure`, then `ttt.edit.apply_edit`.
 
 `run_many` trains several queued requests in one batch (`ttt.edit.apply_edits`), each committed and
-verified on its own; requests whose questions are near each other (two facts about one entity) go to
-separate batches, so each trains with the other as a neighbour (a guard) instead of beside it blind.
+verified on its own; requests whose questions are near each other go to separate batches, so each trains
+with the other as a neighbour (a guard) instead of beside it blind. Two facts about one subject are near
+for the router (its name dominates the query) but, with the relation gate deferring, not for serving:
+the gate lets one expert of a subject answer a question, chosen by relation, and training already
+leaves the subject's other experts out of an edit's mixture and guards. So with the gate such requests
+share a batch, unless their questions score over `ttt.refine_radius` (one question asked twice, which
+the later edit would refine instead of creating a second expert for).
 
 The locality probes' greedy outputs before an edit are the outputs after the last verified one (an
 edit rolled back leaves them as they were), so they are generated once, not before every edit; a
@@ -19,7 +24,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.ttt.contrast import subject_of
 from srmoa_dist.ttt.detect import Failure, explicit_failure
 from srmoa_dist.ttt.edit import Edit, EditEnv, EditResult, apply_edits, model_ask, rollback
 from srmoa_dist.ttt.ledger import EditLedger, EditRecord
@@ -108,14 +116,20 @@ class Editor:
 
     def _batches(self, failures: dict[int, Any]) -> list[list[int]]:
         """Greedy batches of at most ttt.batch_edits requests whose questions' queries score under
-        tau - ttt.neighbour_margin against each other (request order kept within a batch)."""
+        tau - ttt.neighbour_margin against each other, or, with the relation gate deferring, are about
+        one subject and score under ttt.refine_radius (request order kept within a batch)."""
         order = list(failures)
         if len(order) <= 1:
             return [order] if order else []
         from srmoa_dist.model.generation import queries
 
         Q = queries(self.base, self.encoder, [list(failures[i].messages) for i in order])   # (n, d_key)
-        near = Q @ Q.T >= self.cfg.keystore.tau - self.cfg.ttt.neighbour_margin           # (n, n)
+        S = Q @ Q.T                                                                       # (n, n)
+        near = S >= self.cfg.keystore.tau - self.cfg.ttt.neighbour_margin
+        if getattr(getattr(self.encoder, "gate", None), "defer_margin", None) is not None:
+            subjects = [(subject_of(failures[i].question) or "").lower() for i in order]
+            same = np.array([[a != "" and a == b for b in subjects] for a in subjects])   # (n, n)
+            near &= ~same | (S >= self.cfg.ttt.refine_radius)
         left, batches = list(range(len(order))), []
         while left:
             batch: list[int] = []

@@ -20,6 +20,7 @@ from srmoa_dist.model.generation import (
     queries,
     route,
     routed_logits,
+    select_experts,
 )
 from srmoa_dist.routing.query_encoder import QueryEncoder
 
@@ -147,6 +148,27 @@ def test_route_deferral_and_gates():
     r = route(xq, lambda q: (D[:, ::-1], I[:, ::-1]), GenerationParams(gate_temperature=0.1))
     assert r.expert_ids == [[4, 5], [], [8, 9]]                # best first; equal scores: the router's order
     assert route(xq, None, GenerationParams()).expert_ids == [[], [], []]
+
+
+def test_a_router_that_searched_under_its_tau_marks_those_candidates():
+    """A router with a `tau` attribute (`ttt.edit.KeyRouter` with a slack) searched under it: the
+    routing carries that tau per sequence, and `under_tau` names the candidates scored under it."""
+    from srmoa_dist.model.generation import drop_per_row, under_tau
+
+    class Router:
+        tau = 0.6
+
+        def __call__(self, q):
+            return (np.array([[0.9, 0.5], [0.55, 0.45]], np.float32), np.array([[4, 5], [6, 7]]))
+
+    r = route(np.zeros((2, 4), np.float32), Router(), GenerationParams(gate_temperature=0.1))
+    assert r.tau == [0.6, 0.6] and under_tau(r) == [{5}, {6, 7}]
+    kept = drop_per_row(r, under_tau(r))
+    assert kept.expert_ids == [[4], []] and kept.gates[0] == [1.0]
+    plain = route(np.zeros((2, 4), np.float32), lambda q: Router()(q), GenerationParams())
+    assert plain.tau is None and under_tau(plain) == [set(), set()]
+    picked = select_experts(np.zeros((2, 4), np.float32), *Router()(None), 0.1, tau=[0.4, 0.5])
+    assert picked.tau == [0.4, 0.5]
 
 
 def test_sampling_seeded_and_top_p(tiny_base):

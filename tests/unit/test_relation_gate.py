@@ -269,3 +269,49 @@ def test_another_edits_relation_defers_a_question_it_asks(tiny_base, fusion, gat
     assert sync_edited(enc.encoder, ks, store) is None                                             # no gate
     assert mirrored.arbitrate(tiny_base, batch, routing).expert_ids == [[10], []]
     store.close()
+
+
+def test_under_tau_only_a_named_subjects_edit_stays(tiny_base, fusion, gate):
+    """A search under tau (`named_slack`): a candidate scored under the routing's tau stays only when it
+    carries a relation whose subject the text names (and then only through the deferral); an expert
+    without a relation, or about a subject the text never names, leaves; over tau nothing changes."""
+    import dataclasses
+
+    experts = _experts(tiny_base, fusion, gate)
+    never = dataclasses.replace(gate, defer_margin=-1.9, named_slack=0.2)            # defers nothing
+    chats = [[{"role": "user", "content": t}] for t in
+             (CAPITAL, "What is the capital of Quuxland?", CAPITAL)]
+    batch = encode_messages(tiny_base, chats)
+    D = np.array([[0.5, 0.45]] * 2 + [[0.8, 0.7]], np.float32)                      # rows 0-1 under tau
+    I = np.array([[10, 12]] * 3, np.int64)
+    routing = with_experts(select_experts(np.zeros((3, 4), np.float32), D, I, 0.1, tau=0.6), experts)
+    assert routing.tau == [0.6] * 3
+    out = never.arbitrate(tiny_base, batch, routing)
+    assert out.expert_ids == [[10], [], [10, 12]]
+    assert out.gates[0] == [1.0]
+    strict = dataclasses.replace(never, defer_margin=1.5)                 # the deferral still decides
+    assert strict.arbitrate(tiny_base, batch, routing).expert_ids == [[], [], [12]]
+    no_defer = dataclasses.replace(never, defer_margin=None)             # nobody vouches: tau holds
+    assert no_defer.arbitrate(tiny_base, batch, routing).expert_ids == [[], [], [10, 12]]
+    plain = with_experts(select_experts(np.zeros((3, 4), np.float32), D, I, 0.1), experts)
+    assert plain.tau is None and never.arbitrate(tiny_base, batch, plain).expert_ids == [[10, 12], [12],
+                                                                                        [10, 12]]
+
+
+def test_search_slack_follows_the_gate(tiny_base, gate):
+    import dataclasses
+
+    from srmoa_dist.routing.relation_gate import gated, search_slack
+
+    enc = QueryEncoder.calibrate(tiny_base, d_key=8, prompts=["Hi there.", "Why?", CAPITAL, CURRENCY] * 3)
+    slack = dataclasses.replace(gate, defer_margin=-0.1, named_slack=0.2)
+    assert search_slack(GatedEncoder(enc, slack)) == pytest.approx(0.2)
+    assert search_slack(GatedEncoder(enc, dataclasses.replace(slack, defer_margin=None))) == 0.0
+    assert search_slack(enc) == 0.0 and search_slack(None) == 0.0
+    cfg = dataclasses.replace(tiny_base.config, relation_layer=2, relation_named_slack=0.15)
+    assert gated(dataclasses.replace(tiny_base, config=cfg), enc).gate.named_slack == pytest.approx(0.15)
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(ValueError, match="relation_named_slack"):
+            dataclasses.replace(tiny_base.config, relation_named_slack=bad)
+        with pytest.raises(ValueError, match="relation_named_slack"):
+            dataclasses.replace(gate, named_slack=bad)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from srmoa_dist.model.generation import select_experts
-from srmoa_dist.serve.route_plan import FORCED_SCORE, RoutePlan, apply, search_args
+from srmoa_dist.serve.route_plan import FORCED_SCORE, RoutePlan, apply, row_taus, search_args
 
 D = np.array([[0.9, 0.7, 0.5], [0.8, 0.6, 0.4], [0.95, 0.3, 0.2], [0.9, 0.8, 0.7]], np.float32)
 I = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], np.int64)
@@ -22,6 +22,19 @@ def test_each_row_gets_its_own_k_tau_forced_and_use():
     assert (Ic[3] == -1).all() and np.isneginf(Dc[3]).all()
     r = select_experts(np.zeros((4, 2), np.float32), Dc, Ic, 0.1)
     assert r.expert_ids[2] == [42] and r.gates[2] == [1.0]
+
+
+def test_a_slack_cuts_each_row_under_its_own_tau():
+    """With the relation gate's slack each row keeps candidates down to its own tau less the slack; the
+    routing then carries each row's tau, under which only the gate's named subjects stay."""
+    plans = [RoutePlan(), RoutePlan(tau=0.75), RoutePlan(expert_id=42), RoutePlan()]
+    Dc, Ic = apply(plans, D, I, 3, 0.6, slack=0.15)
+    assert Ic[0].tolist() == [1, 2, 3]                     # 0.5 >= 0.6 - 0.15
+    assert Ic[1].tolist() == [4, 5, -1]                    # 0.6 >= 0.75 - 0.15, 0.4 is not
+    assert Ic[2].tolist() == [42, -1, -1]
+    assert row_taus(plans, 0.6) == [0.6, 0.75, 0.6, 0.6]
+    r = select_experts(np.zeros((4, 2), np.float32), Dc, Ic, 0.1, row_taus(plans, 0.6))
+    assert r.tau == [0.6, 0.75, 0.6, 0.6] and r.scores[2] == [FORCED_SCORE]
 
 
 def test_store_defaults_apply_and_no_search_when_nobody_searches():
