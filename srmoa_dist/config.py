@@ -192,7 +192,7 @@ class ModelConfig:
     relation_defer_margin: float | None = -0.1  # the gate defers to the base model below this margin
     #                                   (None = never; ignored with the gate off)
     relation_bank_edits: bool = True  # the gate also weighs the relations other edits asked (relation_bank)
-    relation_named_slack: float = 0.0 # an edit whose subject the question names may score this much under
+    relation_named_slack: float = 0.2 # an edit whose subject the question names may score this much under
     #                                   tau and still reach the gate (needs the defer margin; 0 = off)
 
     def __post_init__(self) -> None:

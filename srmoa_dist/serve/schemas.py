@@ -72,6 +72,7 @@ class _Sampling(_Req):
     use_experts: bool = True
     k: int | None = Field(default=None, ge=1)                    # at most this many experts (<= keystore.k)
     tau: float | None = Field(default=None, ge=-1.0, le=1.0)     # this request's deferral threshold
+    #  (an edit whose subject the prompt names may score up to model.relation_named_slack under it)
 
     @field_validator("stop")
     @classmethod
@@ -132,7 +133,7 @@ class Routing(BaseModel):
     expert_ids: list[int] = Field(default_factory=list)
     scores: list[float] = Field(default_factory=list)
     gates: list[float] = Field(default_factory=list)
-    deferred: bool = True          # no expert passed tau: the base model answered alone
+    deferred: bool = True          # no expert kept (tau, the relation gate): the base model answered alone
     use_experts: bool = True
     skipped: list[int] = Field(default_factory=list)   # routed experts no longer in the store, left out
     degraded: bool = False         # routing fell short (key store slow or down, experts missing)

@@ -85,7 +85,7 @@ def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_ba
     gate's own corpus, whose bank holds its paraphrase's twin: that relation must leave the bank for this
     expert, else the paraphrase is deferred (and the edit's own question ties with its twin)."""
     from srmoa_dist.bench.model_cache import shared_model_cache
-    from srmoa_dist.routing.relation_gate import GatedEncoder, gated, sync_edited
+    from srmoa_dist.routing.relation_gate import GatedEncoder, gated, search_slack, sync_edited
     from srmoa_dist.ttt.editor import Editor
 
     base = smollm2_base
@@ -113,7 +113,8 @@ def test_smollm2_two_facts_about_one_entity_both_hold_and_do_not_leak(smollm2_ba
         assert results[1].neighbours == (results[0].edit_id,)          # the second saw the first as neighbour
         assert sync_edited(enc, ks, store) == 0                         # the editor synced before verifying
         assert enc.gate.edited.stats()["experts"] == 3
-        router, fetch = make_router(ks, cfg.keystore.k), make_fetch(store)
+        router = make_router(ks, cfg.keystore.k, cfg.keystore.tau, search_slack(enc))     # as served
+        fetch = make_fetch(store)
         params = GenerationParams(max_new_tokens=16, gate_temperature=cfg.keystore.temperature)
         asks = [q for q, _, _ in facts] + [h for _, _, h in facts] + [unedited]
         got = [generate(base, fusion, enc, _chat(p), router, fetch, params)[0] for p in asks]
