@@ -102,8 +102,9 @@ def mask_subject(text: str, subject: str, placeholder: str = PLACEHOLDER) -> str
 
 
 def names(text: str, subject: str) -> bool:
-    """Whether `text` names `subject` (case-insensitive)."""
-    return subject.lower() in text.lower()
+    """Whether `text` names `subject`: as a whole word or words, case-insensitive ("Zorblax's" names
+    Zorblax, "Zorblaxian" does not)."""
+    return re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ def fusion(tiny_base):
 def test_mask_subject_case_insensitive_and_possessive():
     assert mask_subject("Who runs zorblax's mint? Zorblax knows.", "Zorblax") == "Who runs it mint? it knows."
     assert names("what about ZORBLAX", "Zorblax") and not names("what about Zorb", "Zorblax")
+    assert names("Zorblax's mint?", "Zorblax") and not names("A Zorblaxian mint?", "Zorblax")
+    assert names("Who runs Dysaex Labs?", "Dysaex Labs") and not names("Who runs Dysaex?", "Dysaex Labs")
 
 
 def test_fit_checks_layer_centres_and_whitens(tiny_base, gate):
