@@ -66,6 +66,20 @@ def _config(data_dir: Path, config: Path | None, model: str | None = None, **ser
         raise typer.BadParameter(str(e)) from None
 
 
+def _bench_config(config: Path | None) -> Any:
+    """The YAML config a benchmark starts from (None: the defaults); a bad file is a usage error."""
+    from srmoa_dist.config import SrmoaConfig
+
+    if config is None:
+        return None
+    try:
+        return SrmoaConfig.load_yaml(config)
+    except OSError as e:
+        raise typer.BadParameter(f"--config {config}: {e.strerror}") from None
+    except ValueError as e:
+        raise typer.BadParameter(f"--config {config}: {e}") from None
+
+
 def _read_key(path: Path | None, option: str) -> str | None:
     """A key from a secret file (stripped), None without a path; a bad file is a usage error."""
     if path is None:
@@ -504,10 +518,9 @@ def bench_lifelong(
 ) -> None:
     """Reliability, generalization, locality and same-entity leak at checkpoints, beside baselines."""
     from srmoa_dist.bench.lifelong import run_lifelong_bench
-    from srmoa_dist.config import SrmoaConfig
 
     _logging(verbose)
-    cfg = SrmoaConfig.load_yaml(config) if config is not None else None
+    cfg = _bench_config(config)
     run_lifelong_bench(edits, out, facts_per_entity=facts_per_entity, cfg=cfg,
                        checkpoints=_ints(checkpoints, "--checkpoints"),
                        baselines=[b.strip() for b in baselines.split(",") if b.strip()],
@@ -523,6 +536,8 @@ def bench_feedback(
     strangers: int = typer.Option(6, min=0, help="Locality probes about invented entities no edit is about."),
     out: Path = typer.Option(Path("results/bench_feedback.json"), help="JSON file for the figures."),
     model: str = typer.Option("smollm2", help="Base model of the served app."),
+    config: Path | None = typer.Option(None, help="A YAML config a fresh store starts from (default: the "
+                                                  "defaults; a store's own config.yaml wins)."),
     data_dir: Path | None = typer.Option(None, help="Store directory (default: a fresh temp dir)."),
     seed: int = typer.Option(0),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -531,8 +546,9 @@ def bench_feedback(
     from srmoa_dist.bench.feedback_bench import run_feedback_bench
 
     _logging(verbose)
+    cfg = _bench_config(config)
     run_feedback_bench(out, edits=edits, facts_per_entity=facts_per_entity, queued=queued, model=model,
-                       n_strangers=strangers, data_dir=data_dir, seed=seed, say=_say)
+                       n_strangers=strangers, data_dir=data_dir, seed=seed, cfg=cfg, say=_say)
 
 
 @bench_app.command("chaos")
@@ -551,12 +567,11 @@ def bench_chaos(
     """kill -9 of shards, the key store, the trainer and the model replica under chat load and edits;
     then every edit invariant checked on the files, recovery times and every reply's body."""
     from srmoa_dist.bench.chaos import run_chaos_bench
-    from srmoa_dist.config import SrmoaConfig
 
     _logging(verbose)
     if kill_max_s < kill_min_s:
         raise typer.BadParameter(f"--kill-max-s ({kill_max_s}) must be >= --kill-min-s ({kill_min_s})")
-    cfg = SrmoaConfig.load_yaml(config) if config is not None else None
+    cfg = _bench_config(config)
     doc = run_chaos_bench(out, minutes, cfg=cfg, model=model, data_dir=data_dir,
                           kill_interval_s=(kill_min_s, kill_max_s), chat_workers=chat_workers, seed=seed,
                           say=_say)

@@ -37,6 +37,7 @@ from srmoa_dist.bench.entity_facts import Entity, entities_and_strangers
 from srmoa_dist.bench.facts import make_probes
 from srmoa_dist.bench.model_cache import link_shared_model_cache
 from srmoa_dist.bench.ttt_bench import contains_answer
+from srmoa_dist.config import SrmoaConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,10 @@ def _job_record(job: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3, queued: int = 0,
                        model: str = "smollm2", max_tokens: int = 24, n_probes: int = 12,
-                       n_strangers: int = 6, seed: int = 0,
-                       data_dir: Path | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark (see the module docstring); write the JSON to `out` and return it."""
+                       n_strangers: int = 6, seed: int = 0, data_dir: Path | None = None,
+                       cfg: SrmoaConfig | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); write the JSON to `out` and return it. `cfg`: the
+    config a fresh store starts from (a store's own config.yaml wins; None: the defaults)."""
     import dataclasses
 
     from srmoa_dist.runtime.store_init import load_config
@@ -83,7 +85,7 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="srmoa-bench-feedback-")) if data_dir is None else None
     data_dir = Path(tmp or data_dir)
-    cfg = load_config(data_dir)
+    cfg = load_config(data_dir, default=cfg)
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, name_or_path=model))
     link_shared_model_cache(data_dir, model)
     facts = [(e, f) for e in entities for f in e.facts][: edits + queued]

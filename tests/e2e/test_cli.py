@@ -26,6 +26,23 @@ def test_help_on_every_command(cmd):
     assert "Usage" in r.output
 
 
+@pytest.mark.parametrize("bench", ["lifelong", "feedback", "chaos"])
+def test_a_bad_bench_config_is_a_usage_error(bench, tmp_path):
+    """`srmoa bench ... --config`: a missing, malformed or invalid file names the option and the
+    problem (exit 2, no traceback) before anything starts."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {relation_named_slack: 2}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [\n")
+    for path, what in ((tmp_path / "missing.yaml", "No such file"), (bad, "model.relation_named_slack"),
+                       (broken, "not valid YAML")):
+        out = str(tmp_path / "o.json")
+        r = CliRunner().invoke(app, ["bench", bench, "--config", str(path), "--out", out])
+        assert r.exit_code == 2, r.output
+        assert "--config" in r.output and what in " ".join(r.output.split()), r.output
+        assert "Traceback" not in r.output
+
+
 def _srmoa(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "srmoa_dist.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
