@@ -401,7 +401,7 @@ def _consolidate_traffic(base: Any, encoder: Any, keystore: Any, router: Any, en
                          seed: int, batch: int = 256) -> dict[str, Any]:
     """Route `n_queries` queries drawn from a mixed pool and consolidate their activations, as serving
     does."""
-    from srmoa_dist.model.generation import GenerationParams, drop_per_row, queries, route, under_tau
+    from srmoa_dist.model.generation import GenerationParams, at_or_over_tau, queries, route
     from srmoa_dist.routing.gravity import Activations
 
     pool = [h for e in entities for f in e.facts if f.fact_id < n_done for h in f.held_out]
@@ -417,8 +417,7 @@ def _consolidate_traffic(base: Any, encoder: Any, keystore: Any, router: Any, en
     for s in tqdm(range(0, n_queries, batch), desc="consolidation traffic", unit="batch", leave=False,
                   disable=None):
         xq = Q[rng.integers(0, len(pool), min(batch, n_queries - s))]          # (b, d)
-        r = route(xq, router, gp)
-        r = drop_per_row(r, under_tau(r))            # as serving records: candidates at or over tau only
+        r = at_or_over_tau(route(xq, router, gp))     # as serving records them
         k = max(1, max(len(i) for i in r.expert_ids))
         ids = np.full((len(xq), k), -1, np.int64)
         gates = np.zeros((len(xq), k), np.float32)

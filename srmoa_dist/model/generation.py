@@ -343,6 +343,12 @@ def under_tau(routing: BatchRouting) -> list[set[int]]:
             for i_b, s_b, t in zip(routing.expert_ids, routing.scores, routing.tau)]
 
 
+def at_or_over_tau(routing: BatchRouting) -> BatchRouting:
+    """The routing without the candidates scored under its `tau` (what gravity records: the relation
+    gate may yet drop those)."""
+    return drop_per_row(routing, under_tau(routing)) if routing.tau is not None else routing
+
+
 def drop_per_row(routing: BatchRouting, drop: Sequence[set[int]]) -> BatchRouting:
     """The routing with the ids `drop[b]` removed from sequence b (gates renormalised, experts kept in
     step); `skipped` is left as it is (these experts were there, and not wanted)."""

@@ -292,12 +292,16 @@ class GatedEncoder:
         return self.gate.arbitrate(base, batch, routing)
 
 
+def defers(encoder: Any) -> bool:
+    """Whether `encoder` has a relation gate that defers (`model.relation_defer_margin` set): it then
+    decides for every edited expert whether a query is about it (subject named, relation nearest)."""
+    return isinstance(encoder, GatedEncoder) and encoder.gate.defer_margin is not None
+
+
 def search_slack(encoder: Any) -> float:
     """How far under tau a router should search for `encoder`: its gate's `named_slack` when the gate
     defers (it then vouches for the candidates under tau it keeps), else 0."""
-    if not isinstance(encoder, GatedEncoder) or encoder.gate.defer_margin is None:
-        return 0.0
-    return float(encoder.gate.named_slack)
+    return float(encoder.gate.named_slack) if defers(encoder) else 0.0
 
 
 def edited_of(encoder: Any) -> EditedRelations | None:
@@ -371,4 +375,4 @@ def _fit_key(base: BaseModel, layer: int) -> str:
 
 
 __all__ = ["PLACEHOLDER", "GatedEncoder", "RelationGate", "gated", "mask_subject", "names", "same_subject",
-           "edited_of", "search_slack", "sync_edited"]
+           "defers", "edited_of", "search_slack", "sync_edited"]

@@ -280,9 +280,9 @@ class Engine:
         """Send the activations of the routed, searched sequences to the key store (fire-and-forget;
         a forced expert was not found by its query, so it must not pull its key; candidates under tau,
         which the relation gate may yet drop, are left out)."""
-        from srmoa_dist.model.generation import drop_per_row, under_tau
+        from srmoa_dist.model.generation import at_or_over_tau
 
-        routing = drop_per_row(routing, under_tau(routing))
+        routing = at_or_over_tau(routing)
         rows = [b for b, ids in enumerate(routing.expert_ids) if ids and searched[b]]
         if not rows:
             return

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.routing.relation_gate import defers
 from srmoa_dist.ttt.contrast import subject_of
 from srmoa_dist.ttt.detect import Failure, explicit_failure
 from srmoa_dist.ttt.edit import Edit, EditEnv, EditResult, apply_edits, model_ask, rollback
@@ -126,7 +127,7 @@ class Editor:
         Q = queries(self.base, self.encoder, [list(failures[i].messages) for i in order])   # (n, d_key)
         S = Q @ Q.T                                                                       # (n, n)
         near = S >= self.cfg.keystore.tau - self.cfg.ttt.neighbour_margin
-        if getattr(getattr(self.encoder, "gate", None), "defer_margin", None) is not None:
+        if defers(self.encoder):
             subjects = [(subject_of(failures[i].question) or "").lower() for i in order]
             same = np.array([[a != "" and a == b for b in subjects] for a in subjects])   # (n, n)
             near &= ~same | (S >= self.cfg.ttt.refine_radius)

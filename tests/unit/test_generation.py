@@ -153,7 +153,7 @@ def test_route_deferral_and_gates():
 def test_a_router_that_searched_under_its_tau_marks_those_candidates():
     """A router with a `tau` attribute (`ttt.edit.KeyRouter` with a slack) searched under it: the
     routing carries that tau per sequence, and `under_tau` names the candidates scored under it."""
-    from srmoa_dist.model.generation import drop_per_row, under_tau
+    from srmoa_dist.model.generation import at_or_over_tau, drop_per_row, under_tau
 
     class Router:
         tau = 0.6
@@ -165,8 +165,9 @@ def test_a_router_that_searched_under_its_tau_marks_those_candidates():
     assert r.tau == [0.6, 0.6] and under_tau(r) == [{5}, {6, 7}]
     kept = drop_per_row(r, under_tau(r))
     assert kept.expert_ids == [[4], []] and kept.gates[0] == [1.0]
+    assert at_or_over_tau(r).expert_ids == kept.expert_ids and at_or_over_tau(r).gates == kept.gates
     plain = route(np.zeros((2, 4), np.float32), lambda q: Router()(q), GenerationParams())
-    assert plain.tau is None and under_tau(plain) == [set(), set()]
+    assert plain.tau is None and under_tau(plain) == [set(), set()] and at_or_over_tau(plain) is plain
     picked = select_experts(np.zeros((2, 4), np.float32), *Router()(None), 0.1, tau=[0.4, 0.5])
     assert picked.tau == [0.4, 0.5]
 

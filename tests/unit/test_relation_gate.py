@@ -303,13 +303,15 @@ def test_under_tau_only_a_named_subjects_edit_stays(tiny_base, fusion, gate):
 def test_search_slack_follows_the_gate(tiny_base, gate):
     import dataclasses
 
-    from srmoa_dist.routing.relation_gate import gated, search_slack
+    from srmoa_dist.routing.relation_gate import defers, gated, search_slack
 
     enc = QueryEncoder.calibrate(tiny_base, d_key=8, prompts=["Hi there.", "Why?", CAPITAL, CURRENCY] * 3)
     slack = dataclasses.replace(gate, defer_margin=-0.1, named_slack=0.2)
     assert search_slack(GatedEncoder(enc, slack)) == pytest.approx(0.2)
     assert search_slack(GatedEncoder(enc, dataclasses.replace(slack, defer_margin=None))) == 0.0
     assert search_slack(enc) == 0.0 and search_slack(None) == 0.0
+    assert defers(GatedEncoder(enc, slack)) and not defers(enc) and not defers(None)
+    assert not defers(GatedEncoder(enc, dataclasses.replace(slack, defer_margin=None)))
     cfg = dataclasses.replace(tiny_base.config, relation_layer=2, relation_named_slack=0.15)
     assert gated(dataclasses.replace(tiny_base, config=cfg), enc).gate.named_slack == pytest.approx(0.15)
     for bad in (-0.1, 1.0, True, "0.2"):
