@@ -346,6 +346,7 @@ def run_lifelong_bench(
                 for name, m in evaluate(j + 1).items():
                     curves.setdefault(name, []).append(m)
                 log.info("checkpoint %d: %s", j + 1, curves["sr_ttt"][-1])
+                _write_partial(out, n_edits, facts_per_entity, float(tau), curves, edits)
         bar.close()
         check = _check_confirmation(sr_ttt_gens, _eval_set(entities, n_edits, probes.locality, eval_facts,
                                                                   strangers))
@@ -427,6 +428,17 @@ def _consolidate_traffic(base: Any, encoder: Any, keystore: Any, router: Any, en
         moved += st.n_moved
     return {"queries": n_queries, "pool": len(pool), "keys_moved": moved, "energy_before": energy0,
             "energy_after": keystore.energy(), "n_active": len(keystore)}
+
+
+def _write_partial(out: Path, n_edits: int, facts_per_entity: int, tau: float,
+                   curves: dict[str, list[dict[str, Any]]], edits: list[dict[str, Any]]) -> None:
+    """Write the checkpoints reached so far to `out` (`"partial": true`): a long run stopped before its
+    end keeps them. The finished run overwrites the file."""
+    doc = {"benchmark": "lifelong", "partial": True, "n_edits": n_edits, "edits_done": len(edits),
+           "facts_per_entity": facts_per_entity, "tau": tau, "checkpoints": curves["sr_ttt"],
+           "baselines": {k: v for k, v in curves.items() if k != "sr_ttt"}, "edits": edits,
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out.write_text(json.dumps(doc, indent=1, default=_json_default))
 
 
 def format_summary(doc: dict[str, Any]) -> str:

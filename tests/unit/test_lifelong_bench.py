@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from srmoa_dist.bench.lifelong import format_summary, run_lifelong_bench
+from srmoa_dist.bench.lifelong import _write_partial, format_summary, run_lifelong_bench
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, SrmoaConfig, StoreConfig, TTTConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,6 +25,7 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
                              max_new_tokens=4, batch_size=8, say=said.append)
     on_disk = json.loads(out.read_text())
     assert on_disk["n_edits"] == 4 and on_disk["facts_per_entity"] == 2
+    assert "partial" not in on_disk                 # the finished run replaced the per-checkpoint file
     assert [c["edits"] for c in on_disk["checkpoints"]] == [2, 4]
     for name in ("base", "rule_in_context", "shared_lora"):
         assert [c["edits"] for c in on_disk["baselines"][name]] == [2, 4]
@@ -61,6 +62,15 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
     edited = {f["entity"] for f in on_disk["edits"]}
     strangers = [o["prompt"] for o in on_disk["outputs"] if o["kind"] == "stranger"]
     assert len(strangers) == 2 and not [q for q in strangers for e in edited if e in q]
+
+
+def test_a_checkpoint_is_on_disk_before_the_run_ends(tmp_path):
+    out = tmp_path / "run.json"
+    curves = {"sr_ttt": [{"edits": 10, "reliability": 1.0}], "base": [{"edits": 10, "reliability": 0.0}]}
+    _write_partial(out, 1000, 3, 0.6, curves, [{"fact": 0, "status": "verified"}] * 10)
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["edits_done"] == 10 and doc["n_edits"] == 1000
+    assert doc["checkpoints"] == curves["sr_ttt"] and doc["baselines"] == {"base": curves["base"]}
 
 
 def test_lifelong_bench_rejects_a_negative_stranger_count(tmp_path):
