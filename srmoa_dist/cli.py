@@ -505,7 +505,9 @@ def bench_lifelong(
     out: Path = typer.Option(Path("results/bench_lifelong.json"), help="JSON file (and a PNG beside)."),
     checkpoints: str = typer.Option(",".join(map(str, (10, 100, 250, 500, 1000))),
                                     help="Edit counts at which every metric is measured (and the last)."),
-    baselines: str = typer.Option("base,rule_in_context,shared_lora", help="Baselines measured beside."),
+    baselines: str = typer.Option("base,rule_in_context,shared_lora",
+                                  help="Baselines measured beside: base, rule_in_context, shared_lora, "
+                                       "grace."),
     serve_queries: int = typer.Option(20_000, min=0, help="Routed queries consolidated after the edits."),
     eval_facts: int = typer.Option(300, min=1, help="Facts evaluated at a checkpoint at most (even sample)."),
     strangers: int = typer.Option(8, min=0, help="Locality probes about invented entities no edit is about."),

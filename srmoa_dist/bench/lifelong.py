@@ -21,10 +21,12 @@ One run, one process:
    for SR-TTT and, on the same facts, the baselines: `base` (the model alone), `rule_in_context` (the
    base model with the rule of the edit routing reaches, from the ledger, before the question: same
    routing as SR-TTT), `shared_lora` (one LoRA of the same geometry fine-tuned sequentially on every
-   edit's 4 prompts at gate 1, no routing: what a user would do instead). SR-TTT's outputs seen at the
-   previous checkpoint (the probes: the base model's) are confirmed in one teacher-forced forward
-   (`model.greedy_check`) and only the others decoded; after the last edit the eval set is also decoded
-   in full, side by side, and `greedy_check` says how many outputs agree and the seconds of each.
+   edit's 4 prompts at gate 1, no routing: what a user would do instead), `grace` (a GRACE-style codebook
+   at one layer, its deferral radius calibrated to tau's false-route rate: `bench.grace`). SR-TTT's
+   outputs seen at the previous checkpoint (the probes: the base model's) are confirmed in one
+   teacher-forced forward (`model.greedy_check`) and only the others decoded; after the last edit the
+   eval set is also decoded in full, side by side, and `greedy_check` says how many outputs agree and
+   the seconds of each.
 4. Consolidation: `serve_queries` mixed queries (held-out paraphrases, probes, unedited same-entity
    questions) are routed and their activations consolidated (gravity on, as serving records them; no
    decoding), then SR-TTT's metrics are measured again (`after_consolidation`).
@@ -50,6 +52,7 @@ from tqdm import tqdm
 
 from srmoa_dist.bench.entity_facts import Entity, entities_and_strangers
 from srmoa_dist.bench.facts import make_facts, make_probes
+from srmoa_dist.bench.grace import GraceCodebook, calibrate_radius, default_layer
 from srmoa_dist.bench.model_cache import shared_model_cache
 from srmoa_dist.bench.ttt_bench import (
     _generate_all,
@@ -68,10 +71,12 @@ log = logging.getLogger(__name__)
 
 Chat = list[dict[str, str]]
 CHECKPOINTS = (10, 100, 250, 500, 1000)
+BASELINES = ("base", "rule_in_context", "shared_lora", "grace")
 METRICS = ("reliability", "generalization", "locality", "leak")
 TARGETS = {"reliability": 0.95, "generalization": 0.90, "locality": 0.99, "leak": 0.02,
            "edit_seconds_p50": 8.0, "edit_seconds_p90": 15.0}
 SHARED_ID = 1 << 40                    # the shared LoRA's id in its own fixed router
+GRACE_STEPS = 40                       # Adam steps on a GRACE value at most (it stops at ttt.converge_loss)
 
 
 def _chat(text: str) -> Chat:
@@ -199,7 +204,7 @@ def run_lifelong_bench(
     cfg: SrmoaConfig | None = None,
     base: Any = None,
     tau: float | None = None,
-    baselines: Sequence[str] = ("base", "rule_in_context", "shared_lora"),
+    baselines: Sequence[str] = ("base", "rule_in_context", "shared_lora"),   # of BASELINES
     eval_facts: int = 300,
     n_probes: int = 20,
     n_near_miss: int = 8,
@@ -229,9 +234,9 @@ def run_lifelong_bench(
         raise ValueError(f"n_edits must be positive, got {n_edits}")
     n_entities = -(-n_edits // facts_per_entity)
     entities, strangers = entities_and_strangers(n_entities, n_strangers, facts_per_entity, seed)
-    unknown = set(baselines) - {"base", "rule_in_context", "shared_lora"}
+    unknown = set(baselines) - set(BASELINES)
     if unknown:
-        raise ValueError(f"baselines: unknown {sorted(unknown)}; known: base, rule_in_context, shared_lora")
+        raise ValueError(f"baselines: unknown {sorted(unknown)}; known: {', '.join(BASELINES)}")
     t_run = time.perf_counter()
     out = Path(out)
     tmp, cfg = bench_store_config("lifelong_bench", out, data_dir, cfg)
@@ -274,6 +279,13 @@ def run_lifelong_bench(
         editor = Editor(cfg, base=base, fusion=fusion, encoder=encoder, store=store, keystore=keystore,
                         ledger=ledger, locality_prompts=LOCALITY_PROMPTS[: cfg.ttt.locality_probes])
         shared = SharedLoRA(base, fusion, encoder, cfg, seed) if "shared_lora" in baselines else None
+        grace, grace_info = None, None
+        if "grace" in baselines:
+            layer = default_layer(base)
+            eps0, grace_info = calibrate_radius(base, layer, cal, probes.calibration,
+                                                cfg.model.false_route_rate)
+            grace = GraceCodebook(base, layer, eps0, steps=GRACE_STEPS, converge_loss=cfg.ttt.converge_loss)
+        grace_seconds: list[float] = []
         router = make_router(keystore, cfg.keystore.k, cfg.keystore.tau, search_slack(encoder))   # as served
         fetch = make_fetch(store)
 
@@ -313,9 +325,11 @@ def run_lifelong_bench(
                     full[i] = ric[r_i]
                 res["rule_in_context"] = {"edits": n_done, **_metrics(es, full, base_ids)}
             if shared is not None and "shared_lora" in baselines:
-                shared_gens = shared.generate(es.chats, params, batch_size)
-                res["shared_lora"] = {"edits": n_done, **_metrics(es, shared_gens,
-                                                                  base_ids)}
+                gens = shared.generate(es.chats, params, batch_size)
+                res["shared_lora"] = {"edits": n_done, **_metrics(es, gens, base_ids)}
+            if grace is not None and "grace" in baselines:
+                gens = grace.generate(es.chats, params, batch_size)
+                res["grace"] = {"edits": n_done, **_metrics(es, gens, base_ids)}
             return res
 
         last_outputs: list[dict[str, Any]] = []                  # SR-TTT's outputs at the latest evaluation
@@ -338,9 +352,15 @@ def run_lifelong_bench(
                 rec.update(status="error", error=f"{type(ex).__name__}: {ex}")
             rec["seconds"] = time.perf_counter() - t0
             edits.append(rec)
-            if shared is not None:
+            if shared is not None or grace is not None:       # the prompts SR-TTT trains on
                 fail = explicit_failure(f.question, wrong, correct_answer=f.answer)
-                shared.train(diversify(fail, reflect(fail, None, cfg.ttt), exclude=f.held_out))
+                prompts = diversify(fail, reflect(fail, None, cfg.ttt), exclude=f.held_out)
+                if shared is not None:
+                    shared.train(prompts)
+                if grace is not None:
+                    t1 = time.perf_counter()
+                    grace.add(_chat(f.question), prompts, f.answer)
+                    grace_seconds.append(time.perf_counter() - t1)
             bar.set_postfix(status=rec["status"], s=f"{rec['seconds']:.1f}")
             if j + 1 in marks:
                 for name, m in evaluate(j + 1).items():
@@ -372,6 +392,9 @@ def run_lifelong_bench(
                                   for k in ("reflect_s", "train_s", "commit_s", "verify_s")
                                   if any(k in x.get("timings", {}) for x in edits)},
             "greedy_check": check,
+            "grace": None if grace is None else {
+                **grace.summary(), "calibration": grace_info,
+                "edit_seconds_p50": float(np.median(grace_seconds)) if grace_seconds else None},
             "targets": TARGETS, "tau": float(tau), "tau_calibration": tau_info,
             "peak_rss_mb": peak_rss_mb(), "seconds_total": time.perf_counter() - t_run,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,

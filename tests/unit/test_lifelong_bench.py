@@ -22,13 +22,16 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
     said: list[str] = []
     doc = run_lifelong_bench(4, out, facts_per_entity=2, checkpoints=(2,), data_dir=tmp_path / "d", cfg=cfg,
                              base=base, tau=0.2, n_probes=4, n_near_miss=1, n_strangers=2, serve_queries=300,
-                             max_new_tokens=4, batch_size=8, say=said.append)
+                             max_new_tokens=4, batch_size=8, say=said.append,
+                             baselines=("base", "rule_in_context", "shared_lora", "grace"))
     on_disk = json.loads(out.read_text())
     assert on_disk["n_edits"] == 4 and on_disk["facts_per_entity"] == 2
     assert "partial" not in on_disk                 # the finished run replaced the per-checkpoint file
     assert [c["edits"] for c in on_disk["checkpoints"]] == [2, 4]
-    for name in ("base", "rule_in_context", "shared_lora"):
+    for name in ("base", "rule_in_context", "shared_lora", "grace"):
         assert [c["edits"] for c in on_disk["baselines"][name]] == [2, 4]
+    assert on_disk["grace"]["entries"] + on_disk["grace"]["expansions"] == 4
+    assert on_disk["grace"]["calibration"]["eps0"] == on_disk["grace"]["eps0"] > 0
     base_c = on_disk["baselines"]["base"][-1]
     assert base_c["locality"] == 1.0                              # the base model against itself
     assert base_c["n"] == {"trained": 4, "held_out": 8, "probe": 4, "stranger": 2, "unedited": 2}
