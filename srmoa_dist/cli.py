@@ -519,13 +519,18 @@ def bench_lifelong(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Reliability, generalization, locality and same-entity leak at checkpoints, beside baselines."""
-    from srmoa_dist.bench.lifelong import run_lifelong_bench
+    from srmoa_dist.bench.lifelong import BASELINES, run_lifelong_bench
 
     _logging(verbose)
     cfg = _bench_config(config)
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise typer.BadParameter(f"unknown {', '.join(unknown)}; known: {', '.join(BASELINES)} "
+                                 f"(or \"\" for none)", param_hint="--baselines")
     run_lifelong_bench(edits, out, facts_per_entity=facts_per_entity, cfg=cfg,
                        checkpoints=_ints(checkpoints, "--checkpoints"),
-                       baselines=[b.strip() for b in baselines.split(",") if b.strip()],
+                       baselines=names,
                        serve_queries=serve_queries, eval_facts=eval_facts, n_strangers=strangers, tau=tau,
                        data_dir=data_dir, seed=seed, say=_say)
 

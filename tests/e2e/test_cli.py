@@ -43,6 +43,15 @@ def test_a_bad_bench_config_is_a_usage_error(bench, tmp_path):
         assert "Traceback" not in r.output
 
 
+def test_an_unknown_lifelong_baseline_is_a_usage_error(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "lifelong", "--baselines", "base,gracee", "--out",
+                                 str(tmp_path / "o.json")])
+    assert r.exit_code == 2, r.output
+    said = " ".join(r.output.split())
+    assert "--baselines" in said and "gracee" in said and "grace" in said, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o.json").exists()
+
+
 def _srmoa(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "srmoa_dist.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
