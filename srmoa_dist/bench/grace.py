@@ -59,11 +59,6 @@ class GraceCodebook:
     def __len__(self) -> int:
         return len(self.answers)
 
-    # ------------------------------------------------------------------ keys
-    def keys(self, chats: Sequence[Chat]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`layer_keys` at this codebook's layer (no entry applied)."""
-        return layer_keys(self.base, self.layer, chats)
-
     def match(self, xq: torch.Tensor) -> torch.Tensor:
         """(B,) the entry each query key (B, F) falls in, -1 for none."""
         if not len(self):
@@ -76,7 +71,7 @@ class GraceCodebook:
     def add(self, question: Chat, prompts: Sequence[Any], answer: str) -> dict[str, Any]:
         """One edit: place the question's key in the codebook (add, split or expand), then train the
         value of its entry on `prompts` (`ttt.diversify.TrainingPrompt`s). Returns what it did."""
-        x, y = self.keys([question])
+        x, y = layer_keys(self.base, self.layer, [question])                       # no entry applied
         k, v0 = x[0], y[0]                                                         # (F,), (D,)
         eps, action = self.eps0, "added"
         if len(self):
