@@ -238,6 +238,8 @@ class TTTConfig:
     #                                   device has bf16 kernels (CUDA, AVX512-BF16/AMX CPUs), else float32
     converge_token_p: float | None = None  # or once every answer token of the edit's prompts has
     #                                   probability >= this (>= 0.5: greedy decoding gives the targets)
+    reask_token_p: float | None = 0.6  # and never before every answer token of the question as asked
+    #                                   (the prompt verification re-asks) has at least this probability
     refine_radius: float = 0.85       # an existing expert scoring above this is refined instead of a new one
     max_rule_chars: int = 400
     locality_probes: int = 4          # unrelated prompts whose greedy output must not change
@@ -272,6 +274,9 @@ class TTTConfig:
         p = self.converge_token_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.5 <= p < 1.0):
             raise ValueError(f"ttt.converge_token_p must be null or in [0.5, 1), got {p!r}")
+        p = self.reask_token_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0):
+            raise ValueError(f"ttt.reask_token_p must be null or in (0, 1), got {p!r}")
         if not -1.0 <= self.refine_radius <= 1.0:
             raise ValueError(f"ttt.refine_radius must be in [-1, 1], got {self.refine_radius!r}")
         _positive("ttt.max_rule_chars", self.max_rule_chars)

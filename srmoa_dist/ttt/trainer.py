@@ -381,6 +381,8 @@ class TrainingJob:
         if relation is not None:
             guards = self._apart_by_relation(guards)
         self.prompts = list(prompts) + [g.prompt for g in guards]                 # R rows
+        # the question as the user asked it: verification re-asks it and decodes greedily
+        self.reask_rows = [r for r, p in enumerate(prompts) if p.structure == "instruction"]
         self.P, self.G = P, len(guards)
         self.guards = list(guards)
         self.queries = queries                                                    # (P, d)
@@ -515,7 +517,10 @@ class TrainingJob:
         """Log one step's losses (per_row, worst: (R,) mean and worst token NLL, detached); mark the job
         done when it has converged: its mean LM loss is under `converge_loss`, or (with
         `converge_token_p`) every answer token of its own prompts is at least that likely, so greedy
-        decoding already gives every target; either way the guard rows must have held."""
+        decoding already gives every target; either way the guard rows must have held, and (with
+        `reask_token_p`) every answer token of the question as asked must be that likely: a mean loss
+        under `converge_loss` can hide one unlikely token, on which greedy decoding takes another path
+        (a two-piece invented name repeated in a loop) and verification rolls the edit back."""
         lm = float(per_row[: self.P].mean())
         self.lm_losses.append(lm)
         if self.G:
@@ -525,7 +530,9 @@ class TrainingJob:
         guards_ok = not self.G or self.guard_losses[-1] <= self.guard_losses[0] + self.cfg.guard_loss
         p = self.cfg.converge_token_p
         likely = p is not None and float(worst[: self.P].max()) <= -np.log(p)
-        if (lm < self.cfg.converge_loss or likely) and guards_ok:
+        q = self.cfg.reask_token_p
+        sure = q is None or not self.reask_rows or float(worst[self.reask_rows].max()) <= -np.log(q)
+        if (lm < self.cfg.converge_loss or likely) and guards_ok and sure:
             self.converged = self.done = True
 
     def update(self) -> None:
@@ -626,28 +633,37 @@ class _JointSteps:
     def __init__(self, base: Any, fusion: Any, jobs: Sequence[TrainingJob], cfg: TTTConfig,
                  full_forward: bool) -> None:
         self.base, self.fusion, self.jobs, self.cfg = base, fusion, list(jobs), cfg
-        prompts = [p for j in jobs for p in j.prompts]
-        batch = lm_batch(base.tokenizer, prompts, base.system_prompt, base.device)
-        weights = torch.cat([j.row_weights for j in jobs])                        # (sum R,)
-        self.lm_loss = AnswerLoss(base, batch, full_forward=full_forward, row_weights=weights,
-                                  first_adapted=getattr(fusion, "first_layer", None))
-        bounds = np.cumsum([0] + [j.n_rows for j in jobs])
-        self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.full_forward = full_forward
         self.dtype = train_dtype(cfg.train_dtype, base.device)                 # resolved once, not per step
+
+    def batch_of(self, jobs: Sequence[TrainingJob]) -> tuple[AnswerLoss, list[slice]]:
+        """The answer loss over these jobs' rows (job 0's, then job 1's, ...; padded to the longest of
+        them) and each job's slice of the rows."""
+        prompts = [p for j in jobs for p in j.prompts]
+        batch = lm_batch(self.base.tokenizer, prompts, self.base.system_prompt, self.base.device)
+        weights = torch.cat([j.row_weights for j in jobs])                        # (sum R,)
+        loss = AnswerLoss(self.base, batch, full_forward=self.full_forward, row_weights=weights,
+                          first_adapted=getattr(self.fusion, "first_layer", None))
+        bounds = np.cumsum([0] + [j.n_rows for j in jobs])
+        return loss, [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def amp(self) -> contextlib.AbstractContextManager:
         return train_autocast(self.dtype, self.base.device)
 
     def run(self) -> None:
+        """Step every job until it converges or `steps` run out. A converged job's rows leave the batch
+        (it is rebuilt for the jobs still stepping), so a batch costs what its edits cost one by one."""
         model = self.base.model
         snap = _snapshot(model) if self.cfg.check_isolation else None
         was_training = model.training
         model.eval()                                                              # deterministic steps
         try:
+            live = list(self.jobs)
+            lm_loss, slices = self.batch_of(live)
             for step in range(self.cfg.steps + 1):
                 final = step == self.cfg.steps                                    # only measures the loss
                 with torch.set_grad_enabled(not final):
-                    mixes = [j.mixture() for j in self.jobs]
+                    mixes = [j.mixture() for j in live]
                     rows = [r for _, rs, _ in mixes for r in rs]
                     gates = [g for _, _, gs in mixes for g in gs]
                     K = max(g.shape[0] for g in gates)
@@ -655,21 +671,22 @@ class _JointSteps:
                     # rebuilt each step (A, B, keys move); only the model's forward in train_dtype:
                     # the keys' scores and gates stay float32
                     with self.fusion.routing(rows, G), self.amp():
-                        lm, per_row, worst = self.lm_loss.with_rows()              # (), (sum R,) x2
-                    routers = [j.router_loss(s_t) for j, (s_t, _, _) in zip(self.jobs, mixes)]
-                active = [j for j in self.jobs if not j.done]
-                for j, sl, r in zip(self.jobs, self.slices, routers):
-                    if not j.done:
-                        j.record(per_row[sl], worst[sl], r)
-                live = [j for j in active if not j.done]
-                if final or not live:
+                        lm, per_row, worst = lm_loss.with_rows()                   # (), (sum R,) x2
+                    routers = [j.router_loss(s_t) for j, (s_t, _, _) in zip(live, mixes)]
+                for j, sl, r in zip(live, slices, routers):
+                    j.record(per_row[sl], worst[sl], r)
+                stepping = [j for j in live if not j.done]
+                if final or not stepping:
                     break
-                loss = lm + self.cfg.router_lambda * sum(r for j, r in zip(self.jobs, routers) if not j.done)
-                for j in self.jobs:
+                loss = lm + self.cfg.router_lambda * sum(r for j, r in zip(live, routers) if not j.done)
+                for j in live:
                     j.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                for j in live:
+                for j in stepping:
                     j.update()
+                if len(stepping) < len(live):
+                    live = stepping
+                    lm_loss, slices = self.batch_of(live)
         finally:
             model.train(was_training)
         if snap is not None:

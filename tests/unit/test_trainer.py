@@ -204,7 +204,7 @@ def test_isolation_violation_is_caught(world, tmp_path):
 def test_converges_early_and_validates(world, tmp_path):
     base, fusion, _, prompts, qs = world
     ks, store, _ = _stores(tmp_path, fusion, _random_keys(2))
-    cfg = TTTConfig(steps=8, converge_loss=100.0)
+    cfg = TTTConfig(steps=8, converge_loss=100.0, reask_token_p=None)
     res = train_edit(base, fusion, prompts, qs, ks, store, cfg, ks.cfg, ECFG, new_slot=lambda: 7)
     assert res.converged and res.steps == 0 and len(res.lm_losses) == 1
     with pytest.raises(ValueError, match="queries must be"):
@@ -322,7 +322,7 @@ def test_token_probability_stop(world, tmp_path):
     job.record(torch.full((P,), 0.3), torch.full((P,), at * 0.99), torch.tensor(1.0))
     assert job.done and job.converged and job.lm_losses == [pytest.approx(0.3)] * 2
 
-    off = _job(world, tmp_path / "off", TTTConfig())           # None: the mean-loss test only
+    off = _job(world, tmp_path / "off", TTTConfig(reask_token_p=None))   # the mean-loss test only
     off.record(torch.full((P,), 0.3), torch.zeros(P), torch.tensor(1.0))
     assert not off.done
     off.record(torch.full((P,), 0.04), torch.full((P,), 3.0), torch.tensor(1.0))
@@ -388,3 +388,60 @@ def test_auto_train_dtype_is_bfloat16_only_with_bf16_kernels(monkeypatch, bf16, 
     assert train_dtype("float32", "cpu") == torch.float32          # an explicit choice is kept
     with pytest.raises(ValueError, match="train_dtype"):
         TTTConfig(train_dtype="float16")
+
+
+def test_reask_token_p_holds_the_job_until_the_question_as_asked_is_likely(world, tmp_path):
+    """reask_token_p (0.6 by default): a mean loss under converge_loss is not enough while one answer token
+    of the instruction row (the question as asked, which verification decodes greedily) is less likely;
+    the other rows' worst tokens do not count."""
+    P = len(world[3])
+    job = _job(world, tmp_path, TTTConfig())
+    assert job.reask_rows == [0] and job.prompts[0].structure == "instruction"
+    low = float(-np.log(0.5))                                   # p 0.5 < 0.6
+    worst = torch.tensor([low] + [0.1] * (P - 1))
+    job.record(torch.full((P,), 0.04), worst, torch.tensor(1.0))
+    assert not job.done                                         # mean loss 0.04 < 0.05, but one token at 0.5
+    job.record(torch.full((P,), 0.04), torch.tensor([0.4] + [5.0] * (P - 1)), torch.tensor(1.0))
+    assert job.done and job.converged                           # p 0.67 on the asked row; others ignored
+    for bad in (0.0, 1.0, True):
+        with pytest.raises(ValueError, match="reask_token_p"):
+            TTTConfig(reask_token_p=bad)
+
+
+def test_jobs_trained_together_match_each_trained_alone(world, tmp_path, monkeypatch):
+    """train_jobs: each job's losses and expert are what training it alone gives, and a job that has
+    converged leaves the batch (the rows are rebuilt for the jobs still stepping)."""
+    from srmoa_dist.ttt import trainer as trainer_mod
+    from srmoa_dist.ttt.trainer import TrainingJob, train_jobs
+
+    base, fusion, enc, prompts, qs = world
+    other = diversify(explicit_failure("What is the currency of Peru?", "Euro", correct_answer="Sol"),
+                      "The currency of Peru is the Sol.")
+    q_other = queries(base, enc, [list(p.messages) for p in other])
+    ks, store, _ = _stores(tmp_path, fusion, _random_keys(2))
+    long = TTTConfig(steps=4, converge_loss=0.0, reask_token_p=None, train_dtype="float32")
+
+    def job(ps, q, cfg, slot):
+        return TrainingJob(base, fusion, ps, q, ks, store, cfg, ks.cfg, ECFG, new_slot=lambda: slot, tau=0.3)
+
+    [probe] = train_jobs(base, fusion, [job(prompts, qs, long, 7)], long)
+    losses = probe.lm_losses                                    # 5: one per step and the final measure
+    early = TTTConfig(steps=4, converge_loss=(losses[1] + losses[2]) / 2, reask_token_p=None,
+                      train_dtype="float32")                    # converges after 2 updates
+    alone = [train_jobs(base, fusion, [job(prompts, qs, early, 7)], long)[0],
+             train_jobs(base, fusion, [job(other, q_other, long, 8)], long)[0]]
+    sizes = []
+    real = trainer_mod._JointSteps.batch_of
+    monkeypatch.setattr(trainer_mod._JointSteps, "batch_of",
+                        lambda self, jobs: sizes.append(len(jobs)) or real(self, jobs))
+    together = train_jobs(base, fusion, [job(prompts, qs, early, 7), job(other, q_other, long, 8)], long)
+    assert sizes == [2, 1]                                      # the converged job's rows left the batch
+    assert [r.steps for r in together] == [a.steps for a in alone] == [2, 4]
+    for a, t in zip(alone, together):
+        np.testing.assert_allclose(t.lm_losses, a.lm_losses, rtol=1e-4)
+        np.testing.assert_allclose(t.key, a.key, atol=1e-5)
+        for name, (A, B) in a.expert.targets.items():
+            At, Bt = t.expert.targets[name]
+            np.testing.assert_allclose(At.astype(np.float32), A.astype(np.float32), atol=2e-3)
+            np.testing.assert_allclose(Bt.astype(np.float32), B.astype(np.float32), atol=2e-3)
+    store.close()
