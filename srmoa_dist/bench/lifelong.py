@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from srmoa_dist.bench.entity_facts import Entity, entities_and_strangers
+from srmoa_dist.bench.entity_facts import Entity, entities_and_strangers, make_entity_facts
 from srmoa_dist.bench.facts import make_facts, make_probes
 from srmoa_dist.bench.grace import GraceCodebook, calibrate_radius, default_layer
 from srmoa_dist.bench.model_cache import shared_model_cache
@@ -76,6 +76,7 @@ METRICS = ("reliability", "generalization", "locality", "leak")
 TARGETS = {"reliability": 0.95, "generalization": 0.90, "locality": 0.99, "leak": 0.02,
            "edit_seconds_p50": 8.0, "edit_seconds_p90": 15.0}
 SHARED_ID = 1 << 40                    # the shared LoRA's id in its own fixed router
+CAL_AVOID_ENTITIES = 400              # calibration facts avoid the names of this many entities of the seed
 GRACE_STEPS = 40                       # Adam steps on a GRACE value at most (it stops at ttt.converge_loss)
 
 
@@ -250,8 +251,7 @@ def run_lifelong_bench(
                         shared_model_cache() / "encoders")
         facts = [(e, f) for e in entities for f in e.facts][:n_edits]
         probes = make_probes(seed, n_locality=n_probes, n_near_miss=n_near_miss)
-        cal = make_facts(max(10, min(n_edits, 50)), seed + 100_003,
-                         avoid=[e.name for e in entities] + [f.answer for _, f in facts])
+        cal = calibration_facts(n_edits, n_entities + n_strangers, facts_per_entity, seed)
         if tau is None:
             tau, tau_info = calibrate_deferral(base, encoder, cal, probes.calibration,
                                                cfg.model.false_route_rate)
@@ -451,6 +451,16 @@ def _consolidate_traffic(base: Any, encoder: Any, keystore: Any, router: Any, en
         moved += st.n_moved
     return {"queries": n_queries, "pool": len(pool), "keys_moved": moved, "energy_before": energy0,
             "energy_after": keystore.energy(), "n_active": len(keystore)}
+
+
+def calibration_facts(n_edits: int, n_entities: int, facts_per_entity: int, seed: int) -> list[Any]:
+    """The held-apart facts tau (and GRACE's radius) are calibrated on: their names and answers are none
+    of the first max(n_entities, CAL_AVOID_ENTITIES) entities' of the seed, so every run of up to that
+    many entities (1,200 edits at 3 facts each) and at least 50 edits gets the same facts, so the same
+    tau, whatever its size."""
+    pool = make_entity_facts(max(n_entities, CAL_AVOID_ENTITIES), facts_per_entity, seed)
+    avoid = [e.name for e in pool] + [f.answer for e in pool for f in e.facts]
+    return make_facts(max(10, min(n_edits, 50)), seed + 100_003, avoid=avoid)
 
 
 def _write_partial(out: Path, n_edits: int, facts_per_entity: int, tau: float,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from srmoa_dist.config import SrmoaConfig
@@ -115,18 +116,24 @@ class EditContext:
                 locality_prompts=base.locality_prompts, invalidate=self.invalidate)
         return self._ns_editors[key]
 
-    def run_feedback_many(self, requests: list[dict[str, Any]], *, job_ids: list[str]) -> list[Any]:
+    def run_feedback_many(self, requests: list[dict[str, Any]], *, job_ids: list[str],
+                          on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
         """Queued feedback requests trained together (`Editor.run_many`), one run per namespace: per
-        request its result as JSON, or the exception its edit raised."""
+        request its result as JSON, or the exception its edit raised; `on_result(i, that)` as soon as
+        request i's batch has settled."""
         groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.get("namespace"), tuple(r.get("reach") or ())), []).append(i)
         out: list[Any] = [None] * len(requests)
         for (ns, reach), idx in groups.items():
-            res = self.ns_editor(ns, reach).run_many([requests[i] for i in idx],
-                                                     job_ids=[job_ids[i] for i in idx])
-            for i, r in zip(idx, res):
+            def settled(j: int, r: Any, idx: list[int] = idx, ns: str | None = ns) -> None:
+                i = idx[j]
                 out[i] = r if isinstance(r, BaseException) else self._catalogued(r.to_json(), ns, requests[i])
+                if on_result is not None:
+                    on_result(i, out[i])
+
+            self.ns_editor(ns, reach).run_many([requests[i] for i in idx], job_ids=[job_ids[i] for i in idx],
+                                               on_result=settled)
         return out
 
     def _catalogued(self, res: dict[str, Any], namespace: str | None, request: dict[str, Any]

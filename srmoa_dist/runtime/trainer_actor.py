@@ -246,25 +246,44 @@ class TrainerActor:
             batch = self._take_batch()
             if not batch:
                 continue
-            try:
-                ctx = self._context()
-                with ctx.edit_lock:
-                    results = ctx.run_feedback_many([self._jobs[j]["request"] for j in batch], job_ids=batch)
-            except Exception as e:                  # the model or the stores are unusable: every job fails
-                log.exception("jobs %s failed", batch)
-                results = [e] * len(batch)
-            failed = {j: r for j, r in zip(batch, results) if isinstance(r, BaseException)}
-            if failed:
-                self._settle_failed(failed)
-            for job_id, r in zip(batch, results):
-                if not isinstance(r, BaseException):
-                    self._set(job_id, status="done", finished=time.time(), result=r)
-                    log.info("job %s done: edit %s %s (expert %s), phases %s", job_id, r.get("edit_id"),
-                             r.get("status"), r.get("expert_id"), r.get("timings"))
-                self._record_metrics(job_id, r)
+            self._run_batch(batch)
             with self._lock:
                 self._current = None
                 self._prune()
+
+    def _run_batch(self, batch: list[str]) -> None:
+        """Run one batch of jobs; each job is settled (done, or failed after recovery)."""
+        done: set[str] = set()
+
+        def settled(i: int, r: Any) -> None:
+            """A job whose edit has settled is answered at once, before the rest of the batch runs;
+            a failed one waits for the recovery after the batch."""
+            if not isinstance(r, BaseException):
+                self._done(batch[i], r)
+                done.add(batch[i])
+
+        try:
+            ctx = self._context()
+            with ctx.edit_lock:
+                results = ctx.run_feedback_many([self._jobs[j]["request"] for j in batch], job_ids=batch,
+                                                on_result=settled)
+        except Exception as e:                  # the model or the stores are unusable: every job fails
+            log.exception("jobs %s failed", batch)
+            results = [e] * len(batch)
+        failed = {j: r for j, r in zip(batch, results) if j not in done and isinstance(r, BaseException)}
+        if failed:
+            self._settle_failed(failed)
+        for job_id, r in zip(batch, results):
+            if job_id in failed:
+                self._record_metrics(job_id, r)
+            elif job_id not in done:
+                self._done(job_id, r)
+
+    def _done(self, job_id: str, r: dict[str, Any]) -> None:
+        self._set(job_id, status="done", finished=time.time(), result=r)
+        log.info("job %s done: edit %s %s (expert %s), phases %s", job_id, r.get("edit_id"),
+                 r.get("status"), r.get("expert_id"), r.get("timings"))
+        self._record_metrics(job_id, r)
 
     def _record_metrics(self, job_id: str, r: Any) -> None:
         """A job of the batch is settled: its final status, its edit's outcome and phase timings."""

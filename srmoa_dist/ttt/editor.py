@@ -69,9 +69,13 @@ class Editor:
 
     def run_many(self, requests: Sequence[dict[str, Any]], *, job_ids: Sequence[str | None] | None = None,
                  excludes: Sequence[Sequence[str]] | None = None,
-                 seeds: Sequence[int] | None = None) -> list[EditResult | BaseException]:
+                 seeds: Sequence[int] | None = None,
+                 on_result: Callable[[int, EditResult | BaseException], None] | None = None,
+                 ) -> list[EditResult | BaseException]:
         """Several requests, in batches of at most ttt.batch_edits non-neighbours; per request its
-        EditResult or the exception its edit raised (one failure takes no other request with it)."""
+        EditResult or the exception its edit raised (one failure takes no other request with it).
+        `on_result(i, result)` is called for each request as soon as its batch has settled, so a caller
+        can answer it before the later batches have run."""
         n = len(requests)
         job_ids = list(job_ids or [None] * n)
         excludes = list(excludes or [()] * n)
@@ -98,6 +102,13 @@ class Editor:
             results = self._apply(env, edits)
             for i, r in zip(idx, results):
                 out[i] = r
+            if on_result is not None:
+                for i in batch:
+                    on_result(i, out[i])
+        if on_result is not None:                   # malformed requests (no batch)
+            for i in range(n):
+                if i not in failures:
+                    on_result(i, out[i])
         return out  # type: ignore[return-value]
 
     def _apply(self, env: EditEnv, edits: list[Edit]) -> list[EditResult | BaseException]:

@@ -45,3 +45,38 @@ def test_with_the_relation_gate_one_subjects_facts_share_a_batch(tiny_base, enco
     assert _batches(tiny_base, gated, tmp_path, batch_edits=1) == [[0], [1], [2], [3]]
     arbitrating = GatedEncoder(encoder, dataclasses.replace(gate, defer_margin=None))   # no deferral
     assert _batches(tiny_base, arbitrating, tmp_path) == [[0], [1], [2], [3]]
+
+
+def test_each_batch_is_answered_as_soon_as_it_settles(make_tiny_world, tmp_path, monkeypatch):
+    """run_many(on_result=...): a request is reported when its own batch has settled, before the next
+    batch trains; a malformed request is reported too (with its error)."""
+    from srmoa_dist.config import ExpertConfig
+    from srmoa_dist.experts.store import ShardedExpertStore
+    from srmoa_dist.routing.keystore import KeyStore
+    from srmoa_dist.ttt import editor as editor_mod
+
+    base, fusion, enc = make_tiny_world(ExpertConfig(rank=4, alpha=8.0), 8)
+    cfg = SrmoaConfig(data_dir=str(tmp_path), expert=ExpertConfig(rank=4, alpha=8.0),
+                      keystore=KeyStoreConfig(tau=-1.0, d_key=8, k=4),     # every pair is near
+                      ttt=TTTConfig(steps=2, contrast_prompts=0, verify_max_new_tokens=4))
+    store = ShardedExpertStore(tmp_path / "shards", cfg.store)
+    editor = Editor(cfg, base=base, fusion=fusion, encoder=enc, store=store, keystore=KeyStore(cfg.keystore),
+                    ledger=EditLedger(cfg.ledger_dir), locality_prompts=())
+    events: list[tuple] = []
+    real = editor_mod.apply_edits
+
+    def spy(env, edits, **kw):
+        events.append(("train", len(edits)))
+        return real(env, edits, **kw)
+
+    monkeypatch.setattr(editor_mod, "apply_edits", spy)
+    requests = [{"prompt": QUESTIONS[0], "correct_answer": "Blip"}, {"correct_answer": "no prompt"},
+                {"prompt": QUESTIONS[2], "correct_answer": "Blop"}]
+    out = editor.run_many(requests, on_result=lambda i, r: events.append(("answered", i, type(r).__name__)))
+    try:
+        assert events == [("train", 1), ("answered", 0, "EditResult"), ("train", 1),
+                          ("answered", 2, "EditResult"), ("answered", 1, "KeyError")], events
+        assert isinstance(out[1], KeyError) and all(isinstance(out[i], editor_mod.EditResult) for i in (0, 2))
+    finally:
+        store.close()
+        fusion.remove()

@@ -79,3 +79,18 @@ def test_a_checkpoint_is_on_disk_before_the_run_ends(tmp_path):
 def test_lifelong_bench_rejects_a_negative_stranger_count(tmp_path):
     with pytest.raises(ValueError, match="n_strangers"):
         run_lifelong_bench(1, tmp_path / "x.json", n_strangers=-1)
+
+
+def test_calibration_facts_do_not_depend_on_the_run_size():
+    """tau is calibrated on the same held-apart facts in a 100- and a 1,000-edit run of one seed, and
+    none of them names an entity or an answer the runs edit."""
+    from srmoa_dist.bench.entity_facts import make_entity_facts
+    from srmoa_dist.bench.lifelong import calibration_facts
+
+    small = calibration_facts(100, 34 + 8, 3, seed=0)
+    large = calibration_facts(1000, 334 + 8, 3, seed=0)
+    assert [f.question for f in small] == [f.question for f in large] and len(small) == 50
+    edited = make_entity_facts(334 + 8, 3, seed=0)
+    names = {e.name for e in edited} | {f.answer for e in edited for f in e.facts}
+    assert not names & ({f.entity for f in large} | {f.answer for f in large})
+    assert [f.question for f in calibration_facts(1000, 342, 3, seed=1)] != [f.question for f in large]
