@@ -240,6 +240,8 @@ class TTTConfig:
     #                                   probability >= this (>= 0.5: greedy decoding gives the targets)
     reask_token_p: float | None = 0.6  # and never before every answer token of the question as asked
     #                                   (the prompt verification re-asks) has at least this probability
+    reask_rows: str = "instruction"   # the rows held to reask_token_p: "instruction" (the question as
+    #                                   asked) or "own" (every training prompt of the edit)
     refine_radius: float = 0.85       # an existing expert scoring above this is refined instead of a new one
     max_rule_chars: int = 400
     locality_probes: int = 4          # unrelated prompts whose greedy output must not change
@@ -294,6 +296,7 @@ class TTTConfig:
         _non_negative("ttt.contrast_weight", self.contrast_weight)
         _non_negative("ttt.neighbour_margin", self.neighbour_margin)
         _choice("ttt.reflect", self.reflect, ("auto", "always", "never"))
+        _choice("ttt.reask_rows", self.reask_rows, ("instruction", "own"))
         _choice("ttt.train_dtype", self.train_dtype, ("auto", "float32", "bfloat16"))
         b = self.batch_edits
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:

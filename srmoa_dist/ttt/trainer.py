@@ -381,8 +381,10 @@ class TrainingJob:
         if relation is not None:
             guards = self._apart_by_relation(guards)
         self.prompts = list(prompts) + [g.prompt for g in guards]                 # R rows
-        # the question as the user asked it: verification re-asks it and decodes greedily
-        self.reask_rows = [r for r, p in enumerate(prompts) if p.structure == "instruction"]
+        # the question as the user asked it (verification re-asks it and decodes greedily), or every
+        # prompt of the edit
+        self.reask_rows = [r for r, p in enumerate(prompts)
+                           if cfg.reask_rows == "own" or p.structure == "instruction"]
         self.P, self.G = P, len(guards)
         self.guards = list(guards)
         self.queries = queries                                                    # (P, d)

@@ -406,6 +406,14 @@ def test_reask_token_p_holds_the_job_until_the_question_as_asked_is_likely(world
     for bad in (0.0, 1.0, True):
         with pytest.raises(ValueError, match="reask_token_p"):
             TTTConfig(reask_token_p=bad)
+    own = _job(world, tmp_path / "own", TTTConfig(reask_rows="own"))
+    assert own.reask_rows == list(range(P))
+    own.record(torch.full((P,), 0.04), torch.tensor([0.4] + [5.0] * (P - 1)), torch.tensor(1.0))
+    assert not own.done                                         # every own row counts
+    own.record(torch.full((P,), 0.04), torch.full((P,), 0.4), torch.tensor(1.0))
+    assert own.done
+    with pytest.raises(ValueError, match="reask_rows"):
+        TTTConfig(reask_rows="all")
 
 
 def test_jobs_trained_together_match_each_trained_alone(world, tmp_path, monkeypatch):
