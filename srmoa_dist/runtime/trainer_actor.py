@@ -2,7 +2,8 @@
 
 `submit(request)` records a job (status "pending") and returns at once; one worker thread takes jobs
 in order and runs each (status "running", then "done" with the edit's result or "failed" with the
-error). Every status change is written to data_dir/jobs/<job_id>.json (temp file + rename) before it
+error). Jobs queued together run as one call (`EditContext.run_feedback_many`: batches of non-neighbour
+edits, one after another), and each job is answered as soon as its own batch has settled. Every status change is written to data_dir/jobs/<job_id>.json (temp file + rename) before it
 is reported. When the actor restarts after a crash (`max_restarts`), its constructor queues the
 pending jobs again, and the worker's first act, before any job, is the edit recovery
 (`ttt.recovery.Recovery`): every edit the crash left in flight is rolled back (an edit counts once
@@ -280,6 +281,7 @@ class TrainerActor:
                 self._done(job_id, r)
 
     def _done(self, job_id: str, r: dict[str, Any]) -> None:
+        """A job whose edit settled (verified or rolled back): recorded "done" with its result."""
         self._set(job_id, status="done", finished=time.time(), result=r)
         log.info("job %s done: edit %s %s (expert %s), phases %s", job_id, r.get("edit_id"),
                  r.get("status"), r.get("expert_id"), r.get("timings"))
