@@ -5,15 +5,16 @@ One local Ray cluster and the app on a fresh store (`srmoa serve` as a new user 
 1. sequential: for each fact, `POST /v1/feedback` (the question, the base model's answer from
    `/v1/chat/completions`, the correct answer), polled until the job is done: the wall time from the
    POST to the verified (or rolled back) edit, and the phase timings the job result reports;
-2. queued (`--queued N`): N more facts posted at once, then waited for: the time until all are done;
+2. queued (`--queued N`): N more facts posted at once, then waited for: the time until all are done,
+   and each job's time from its creation to its answer (a job is answered when its own batch settles);
 3. free greedy generation through `/v1/chat/completions` of every trained question, held-out
    paraphrase and unedited question about an edited entity, and the probes with `n_strangers`
    questions about invented entities no edit is about (their answers before any edit are the
    reference): reliability, generalization, locality (`locality_invented`: the strangers' alone), leak
    (as `bench lifelong`).
 
-The JSON has `edit_seconds_p50` / `edit_seconds_p90` (sequential), `queued` (count, seconds), the
-metrics, and every edit's record.
+The JSON has `edit_seconds_p50` / `edit_seconds_p90` (sequential), `queued` (count, seconds,
+`job_seconds_p50` / `job_seconds_p90`), the metrics, and every edit's record.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ def _job_record(job: dict[str, Any], seconds: float) -> dict[str, Any]:
             "expert_id": res.get("expert_id"), "steps": res.get("steps"),
             "neighbours": len(res.get("neighbours") or []), "reason": res.get("reason"),
             "timings": res.get("timings") or {}, "error": job.get("error")}
+
+
+def _job_seconds(job: dict[str, Any]) -> float:
+    """Seconds from the job's creation to its answer, by the trainer's clock (nan while unfinished)."""
+    if job.get("finished") is None or job.get("created") is None:
+        return float("nan")
+    return float(job["finished"]) - float(job["created"])
 
 
 def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3, queued: int = 0,
@@ -126,9 +134,13 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
                 jobs = [c.post("/v1/feedback", json={"prompt": f.question, "correct_answer": f.answer}).json()
                         for _, f in facts[edits:]]
                 done = [_wait(c, j["job_id"]) for j in jobs]
+                waited = [_job_seconds(j) for j in done]              # posted -> answered, per job
                 doc["queued"] = {"count": queued, "seconds": time.monotonic() - t0,
-                                 "records": [_job_record(j, float("nan")) for j in done]}
-                say(f"{queued} queued edits done in {doc['queued']['seconds']:.0f} s")
+                                 "job_seconds_p50": float(np.nanpercentile(waited, 50)),
+                                 "job_seconds_p90": float(np.nanpercentile(waited, 90)),
+                                 "records": [_job_record(j, w) for j, w in zip(done, waited)]}
+                say(f"{queued} queued edits done in {doc['queued']['seconds']:.0f} s (each answered after "
+                    f"{doc['queued']['job_seconds_p50']:.0f} s p50)")
             doc["metrics"] = _evaluate(c, mid, entities, facts, probes, strangers, before, max_tokens)
             doc["stats"] = c.get("/v1/stats").json()
     finally:

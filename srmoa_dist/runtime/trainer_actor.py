@@ -3,7 +3,8 @@
 `submit(request)` records a job (status "pending") and returns at once; one worker thread takes jobs
 in order and runs each (status "running", then "done" with the edit's result or "failed" with the
 error). Jobs queued together run as one call (`EditContext.run_feedback_many`: batches of non-neighbour
-edits, one after another), and each job is answered as soon as its own batch has settled. Every status change is written to data_dir/jobs/<job_id>.json (temp file + rename) before it
+edits, one after another), and each job is answered as soon as its own batch has settled. Every status
+change is written to data_dir/jobs/<job_id>.json (temp file + rename) before it
 is reported. When the actor restarts after a crash (`max_restarts`), its constructor queues the
 pending jobs again, and the worker's first act, before any job, is the edit recovery
 (`ttt.recovery.Recovery`): every edit the crash left in flight is rolled back (an edit counts once
