@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from srmoa_dist.config import SrmoaConfig
+from srmoa_dist.routing.relation_gate import defers
 from srmoa_dist.ttt.contrast import contrast_questions, first_sentence, relation_questions, subject_of
 from srmoa_dist.ttt.detect import Failure, Messages, answer_matches, as_messages
 from srmoa_dist.ttt.diversify import CONTRAST, TrainingPrompt, diversify
@@ -332,7 +333,7 @@ class Edit:
             self.job = TrainingJob(env.base, env.fusion, rows, rq, env.keystore, env.store, ttt,
                                    ks_cfg, env.cfg.expert, new_slot=self._reserve, may_refine=self.may_refine,
                                    target=target, tau=ks_cfg.tau, seed=self.seed, guards=guards, contrast=cq,
-                                   relation=self._relation())
+                                   relation=self._relation(), named_only=defers(env.encoder))
         except Exception as e:
             raise self.fail(e, "training failed") from e
         self.timings["prepare_s"] = time.perf_counter() - t

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, TTTConfig
-from srmoa_dist.routing.relation_gate import same_subject
+from srmoa_dist.routing.relation_gate import names, same_subject
 from srmoa_dist.ttt.diversify import TrainingPrompt
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class TrainingJob:
                  expert_cfg: ExpertConfig, *, new_slot: Callable[[], int],
                  may_refine: Callable[[int], bool] | None = None, target: Target | None = None,
                  tau: float | None = None, seed: int = 0, guards: Sequence[Guard] = (),
-                 contrast: np.ndarray | None = None, relation: Any = None) -> None:
+                 contrast: np.ndarray | None = None, relation: Any = None, named_only: bool = False) -> None:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         P = len(prompts)
         if queries.ndim != 2 or queries.shape != (P, ks_cfg.d_key):
@@ -378,6 +378,8 @@ class TrainingJob:
         self.target = target
         guards = [g for g in guards if g.expert_id != target.expert_id]
         self.relation = relation                     # an `ExpertRelation` the expert will carry, or None
+        # the relation gate defers: an expert with a relation serves only texts that name its subject
+        self.named_only = named_only
         if relation is not None:
             guards = self._apart_by_relation(guards)
         self.prompts = list(prompts) + [g.prompt for g in guards]                 # R rows
@@ -419,10 +421,15 @@ class TrainingJob:
 
     def _apart_by_relation(self, guards: list[Guard]) -> list[Guard]:
         """The guards whose expert is not about this edit's subject: the relation gate keeps those
-        apart at serving (each question reaches its own relation's expert), so they need no guard row."""
+        apart at serving (each question reaches its own relation's expert), so they need no guard row.
+        When the gate defers (`named_only`), neither do the neighbours' questions that do not name this
+        edit's subject: serving never mixes this edit's expert into them."""
         subject = self.relation.subject
         experts = _present(self.store, sorted({g.expert_id for g in guards if g.expert_id >= 0}))
-        return [g for g in guards if not same_subject(experts.get(g.expert_id), subject)]
+        kept = [g for g in guards if not same_subject(experts.get(g.expert_id), subject)]
+        if self.named_only:
+            kept = [g for g in kept if g.expert_id < 0 or names(_user_text(g.prompt), subject)]
+        return kept
 
     @property
     def n_rows(self) -> int:
@@ -458,6 +465,12 @@ class TrainingJob:
         if self.relation is not None:           # the relation gate takes the subject's others off its rows
             same = [i for i, e in experts.items() if same_subject(e, self.relation.subject)]
             served[: self.P] &= ~np.isin(self.I[: self.P], np.array(same, np.int64))
+        if self.named_only:                     # deferring, it takes off every edit whose subject a row
+            rel = {i: e.relation for i, e in experts.items() if getattr(e, "relation", None) is not None}
+            for r in range(R):                  # does not name
+                text = _user_text(self.prompts[r])
+                unnamed = [i for i, x in rel.items() if not names(text, x.subject)]
+                served[r] &= ~np.isin(self.I[r], np.array(unnamed, np.int64))
         self.te = self.fusion.trainable(self.source)                             # A, B: float32 Parameters
         self.key = nn.Parameter(torch.tensor(self.key0, device=dev))             # (d,)
         self.q = torch.tensor(self.q_all, device=dev)                            # (R, d)
@@ -586,6 +599,11 @@ class TrainingJob:
             guard_losses=tuple(self.guard_losses),
             guard_ids=tuple(sorted({g.expert_id for g in self.guards})),
         )
+
+
+def _user_text(prompt: TrainingPrompt) -> str:
+    """The last user message of a training prompt: the text the relation gate reads at serving."""
+    return next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
 
 
 def _present(store: ExpertGetter, ids: Sequence[int]) -> dict[int, Any]:

@@ -453,3 +453,40 @@ def test_jobs_trained_together_match_each_trained_alone(world, tmp_path, monkeyp
             np.testing.assert_allclose(At.astype(np.float32), A.astype(np.float32), atol=2e-3)
             np.testing.assert_allclose(Bt.astype(np.float32), B.astype(np.float32), atol=2e-3)
     store.close()
+
+
+def test_a_deferring_gate_keeps_edits_about_unnamed_subjects_out_of_the_rows(world, tmp_path):
+    """named_only (the relation gate defers): serving never mixes an edit's expert into a text that does
+    not name its subject, so training leaves such rivals out of every row (experts without a relation
+    stay) and needs no guard row for a neighbour's question that does not name this edit's subject."""
+    from srmoa_dist.experts.expert import ExpertRelation
+    from srmoa_dist.ttt.trainer import Guard, TrainingJob
+
+    base, fusion, enc, prompts, qs = world
+    spain = diversify(explicit_failure("What is the capital of Spain?", "Rome", correct_answer="Madrid"),
+                      "The capital of Spain is Madrid.")
+    q_spain = queries(base, enc, [list(p.messages) for p in spain])
+    ks, store, ids = _stores(tmp_path, fusion, _random_keys(2))
+    about_spain, plain_id = (int(i) for i in ids)
+    rng = np.random.default_rng(0)
+    [e] = store.get_many([about_spain])
+    spanish = ExpertRelation("Spain", _unit(rng.standard_normal((1, 8))))
+    store.put_many({about_spain: e.with_relation(spanish)})
+    guards = [Guard(about_spain, spain[0], q_spain[0])]
+
+    def job(named_only):
+        j = TrainingJob(base, fusion, prompts, qs, ks, store, TTTConfig(steps=2), ks.cfg, ECFG,
+                        new_slot=lambda: 50, target=Target(50, True, float("nan")), tau=-1.0, guards=guards,
+                        relation=ExpertRelation("France", _unit(rng.standard_normal((1, 8)))),
+                        named_only=named_only)
+        j.build()
+        return j
+
+    def subjects(j, r):
+        return sorted(str(getattr(getattr(x, "relation", None), "subject", None)) for x in j.row_rivals[r])
+
+    blind = job(False)
+    assert blind.G == 1 and all(subjects(blind, r) == ["None", "Spain"] for r in range(blind.P))
+    gated = job(True)
+    assert gated.G == 0 and all(subjects(gated, r) == ["None"] for r in range(gated.P))
+    store.close()
