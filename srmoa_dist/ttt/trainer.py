@@ -29,6 +29,11 @@ Loss of one step:
 The deferral column (score tau: "no expert, base model") is there when `TTTConfig.router_defer` is
 on: the target must beat the threshold as well as its rivals, or routing would never reach it.
 
+With the relation gate (`relation`), a row's rivals about the edit's own subject leave it (the gate
+serves one expert of a subject per query); when the gate also defers (`named_only`), so does every rival
+whose relation is about a subject the row's text does not name, and a neighbour's question that does not
+name the edit's subject is no guard row: serving never mixes the new expert into it.
+
 **Compute dtype.** With `ttt.train_dtype` bfloat16 (the default where the device has bf16 kernels) the
 model's forward in each step, and so its backward, runs under `torch.autocast`; the expert's A, B, the
 key, its scores and gates, and AdamW stay float32. Serving and verification stay in the model's dtype, so
