@@ -339,8 +339,9 @@ def train_jobs(base: Any, fusion: Any, jobs: Sequence[TrainingJob], cfg: TTTConf
                check_keys: bool = True, full_forward: bool = False) -> list[TrainResult | BaseException]:
     """Train several edits together: one batched forward per step holds every job's rows, each row
     routed to its own job's target (their parameters are disjoint, so each job's gradient is what it
-    would be alone); a job stops stepping once it converges. Results in job order; a job whose
-    isolation check fails gets its IsolationError instead of a result (the others are unaffected)."""
+    would be alone); a job stops stepping once it converges, and its rows leave the batch. Results in
+    job order; a job whose isolation check fails gets its IsolationError instead of a result (the
+    others are unaffected)."""
     t0 = time.perf_counter()
     held = [j.hold_candidates(check_keys) for j in jobs]
     try:
