@@ -431,11 +431,10 @@ class TrainingJob:
         When the gate defers (`named_only`), neither do the neighbours' questions that do not name this
         edit's subject: serving never mixes this edit's expert into them."""
         subject = self.relation.subject
+        if self.named_only:                      # a text test first: no store read for these
+            guards = [g for g in guards if g.expert_id < 0 or names(g.prompt.user_text, subject)]
         experts = _present(self.store, sorted({g.expert_id for g in guards if g.expert_id >= 0}))
-        kept = [g for g in guards if not same_subject(experts.get(g.expert_id), subject)]
-        if self.named_only:
-            kept = [g for g in kept if g.expert_id < 0 or names(_user_text(g.prompt), subject)]
-        return kept
+        return [g for g in guards if not same_subject(experts.get(g.expert_id), subject)]
 
     @property
     def n_rows(self) -> int:
@@ -474,7 +473,7 @@ class TrainingJob:
         if self.named_only:                     # deferring, it takes off every edit whose subject a row
             rel = {i: e.relation for i, e in experts.items() if getattr(e, "relation", None) is not None}
             for r in range(R):                  # does not name
-                text = _user_text(self.prompts[r])
+                text = self.prompts[r].user_text
                 unnamed = [i for i, x in rel.items() if not names(text, x.subject)]
                 served[r] &= ~np.isin(self.I[r], np.array(unnamed, np.int64))
         self.te = self.fusion.trainable(self.source)                             # A, B: float32 Parameters
@@ -605,11 +604,6 @@ class TrainingJob:
             guard_losses=tuple(self.guard_losses),
             guard_ids=tuple(sorted({g.expert_id for g in self.guards})),
         )
-
-
-def _user_text(prompt: TrainingPrompt) -> str:
-    """The last user message of a training prompt: the text the relation gate reads at serving."""
-    return next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
 
 
 def _present(store: ExpertGetter, ids: Sequence[int]) -> dict[int, Any]:
