@@ -240,8 +240,9 @@ class TTTConfig:
     #                                   probability >= this (>= 0.5: greedy decoding gives the targets)
     reask_token_p: float | None = 0.6  # and never before every answer token of the question as asked
     #                                   (the prompt verification re-asks) has at least this probability
-    reask_rows: str = "instruction"   # the rows held to reask_token_p: "instruction" (the question as
-    #                                   asked) or "own" (every training prompt of the edit)
+    reask_rows: str = "own"           # the rows held to reask_token_p: "own" (every training prompt of
+    #                                   the edit: held-out paraphrases 0.805 vs 0.775 at 100 edits) or
+    #                                   "instruction" (only the question as asked)
     refine_radius: float = 0.85       # an existing expert scoring above this is refined instead of a new one
     max_rule_chars: int = 400
     locality_probes: int = 4          # unrelated prompts whose greedy output must not change

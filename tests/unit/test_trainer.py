@@ -392,10 +392,10 @@ def test_auto_train_dtype_is_bfloat16_only_with_bf16_kernels(monkeypatch, bf16, 
 
 def test_reask_token_p_holds_the_job_until_the_question_as_asked_is_likely(world, tmp_path):
     """reask_token_p (0.6 by default): a mean loss under converge_loss is not enough while one answer token
-    of the instruction row (the question as asked, which verification decodes greedily) is less likely;
-    the other rows' worst tokens do not count."""
+    of a held row is less likely. With reask_rows "instruction" only the question as asked (which
+    verification decodes greedily) counts; with "own" (the default) every prompt of the edit does."""
     P = len(world[3])
-    job = _job(world, tmp_path, TTTConfig())
+    job = _job(world, tmp_path, TTTConfig(reask_rows="instruction"))
     assert job.reask_rows == [0] and job.prompts[0].structure == "instruction"
     low = float(-np.log(0.5))                                   # p 0.5 < 0.6
     worst = torch.tensor([low] + [0.1] * (P - 1))
@@ -406,7 +406,8 @@ def test_reask_token_p_holds_the_job_until_the_question_as_asked_is_likely(world
     for bad in (0.0, 1.0, True):
         with pytest.raises(ValueError, match="reask_token_p"):
             TTTConfig(reask_token_p=bad)
-    own = _job(world, tmp_path / "own", TTTConfig(reask_rows="own"))
+    assert TTTConfig().reask_rows == "own"
+    own = _job(world, tmp_path / "own", TTTConfig())
     assert own.reask_rows == list(range(P))
     own.record(torch.full((P,), 0.04), torch.tensor([0.4] + [5.0] * (P - 1)), torch.tensor(1.0))
     assert not own.done                                         # every own row counts
