@@ -18,6 +18,8 @@ One run, one process:
                        (also on their own: `locality_invented`)
        leak            unedited questions about edited entities whose answer contains one of that
                        entity's edited answers (lower is better)
+   and, for SR-TTT, why the wrong held-out paraphrases were wrong (`held_out_misses`: no expert
+   served them, other experts did, or their own fact's expert did and the answer was still wrong)
    for SR-TTT and, on the same facts, the baselines: `base` (the model alone), `rule_in_context` (the
    base model with the rule of the edit routing reaches, from the ledger, before the question: same
    routing as SR-TTT), `shared_lora` (one LoRA of the same geometry fine-tuned sequentially on every
@@ -91,11 +93,13 @@ class _EvalSet:
     chats: list[Chat]
     kinds: list[str]                    # trained | held_out | probe | unedited
     answers: list[tuple[str, ...]]      # trained/held_out: (answer,); unedited: the entity's answers
+    facts: list[int | None] = dataclasses.field(default_factory=list)   # trained/held_out: the fact_id
 
-    def add(self, text: str, kind: str, answers: tuple[str, ...] = ()) -> None:
+    def add(self, text: str, kind: str, answers: tuple[str, ...] = (), fact: int | None = None) -> None:
         self.chats.append(_chat(text))
         self.kinds.append(kind)
         self.answers.append(answers)
+        self.facts.append(fact)
 
 
 def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], eval_facts: int,
@@ -106,9 +110,9 @@ def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], ev
         facts = [facts[i] for i in sorted(set(pick.tolist()))]
     es = _EvalSet([], [], [])
     for _, f in facts:
-        es.add(f.question, "trained", (f.answer,))
+        es.add(f.question, "trained", (f.answer,), f.fact_id)
         for h in f.held_out:
-            es.add(h, "held_out", (f.answer,))
+            es.add(h, "held_out", (f.answer,), f.fact_id)
     seen = []
     for e, _ in facts:
         if e.name not in seen:
@@ -148,6 +152,25 @@ def _metrics(es: _EvalSet, gens: Sequence[Any], base_ids: dict[str, list[int]]) 
             "locality": mean(got["probe"] + got["stranger"]), "leak": mean(got["unedited"]),
             "locality_invented": mean(got["stranger"]),
             "n": {k: len(v) for k, v in got.items()}}
+
+
+def held_out_misses(es: _EvalSet, gens: Sequence[Any], expert_of: dict[int, int]) -> dict[str, int]:
+    """Why SR-TTT's wrong held-out paraphrases were wrong, by their routing: no expert served them
+    (`unrouted`: under tau, or deferred by the relation gate), experts served them but not the one their
+    fact was trained into (`other_expert`), or their own fact's expert served them and the answer was
+    still wrong (`own_expert`: the expert holds its fact for the trained wordings, not this one).
+    `expert_of`: fact_id -> the expert its edit trained."""
+    out = {"unrouted": 0, "other_expert": 0, "own_expert": 0}
+    for kind, ans, fact, g in zip(es.kinds, es.answers, es.facts, gens):
+        if kind != "held_out" or any(contains_answer(g.text, a) for a in ans):
+            continue
+        if not g.expert_ids:
+            out["unrouted"] += 1
+        elif expert_of.get(fact) in g.expert_ids:
+            out["own_expert"] += 1
+        else:
+            out["other_expert"] += 1
+    return out
 
 
 class SharedLoRA:
@@ -305,8 +328,10 @@ def run_lifelong_bench(
             es = _eval_set(entities, n_done, probes.locality, eval_facts, strangers)
             t = time.perf_counter()
             sr = sr_ttt_gens(es.chats, f"SR-TTT @ {n_done}")
+            expert_of = {x["fact"]: x["expert_id"] for x in edits if x["status"] in ("verified", "committed")}
             res = {"sr_ttt": {"edits": n_done, **_metrics(es, sr, base_ids),
                               "routed_share": float(np.mean([bool(g.expert_ids) for g in sr])),
+                              "held_out_misses": held_out_misses(es, sr, expert_of),
                               "eval_s": time.perf_counter() - t}}
             last_outputs[:] = [{"prompt": c[-1]["content"], "kind": k, "answers": list(a), "text": g.text,
                                 "experts": list(g.expert_ids), "scores": [round(x, 3) for x in g.scores],
@@ -487,6 +512,10 @@ def format_summary(doc: dict[str, Any]) -> str:
     for name, c in rows:
         cells = "".join("-".rjust(16) if c.get(m) is None else f"{c[m]:16.3f}" for m in METRICS)
         lines.append(f"{name:<16}{c['edits']:>6}{cells}")
+    for c in doc["checkpoints"]:
+        if "held_out_misses" in c:
+            lines.append(f"wrong held-out paraphrases at {c['edits']} edits, by routing: "
+                         + ", ".join(f"{k} {v}" for k, v in c["held_out_misses"].items()))
     return "\n".join(lines)
 
 
@@ -515,4 +544,4 @@ def _plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["CHECKPOINTS", "SharedLoRA", "format_summary", "run_lifelong_bench"]
+__all__ = ["CHECKPOINTS", "SharedLoRA", "format_summary", "held_out_misses", "run_lifelong_bench"]

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from srmoa_dist.bench.lifelong import _write_partial, format_summary, run_lifelong_bench
+from srmoa_dist.bench.lifelong import (
+    _EvalSet,
+    _write_partial,
+    format_summary,
+    held_out_misses,
+    run_lifelong_bench,
+)
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, SrmoaConfig, StoreConfig, TTTConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,6 +56,10 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
         rows = [o for o in on_disk["outputs"] if o["kind"] == kinds[m]]
         hits = [any(contains_answer(o["text"], a) for a in o["answers"]) for o in rows]
         assert last[m] == sum(hits) / len(hits), m
+    missed = [o for o in on_disk["outputs"]
+              if o["kind"] == "held_out" and not any(contains_answer(o["text"], a) for a in o["answers"])]
+    assert sum(last["held_out_misses"].values()) == len(missed)      # every wrong paraphrase has one cause
+    assert last["held_out_misses"]["unrouted"] == sum(not o["experts"] for o in missed)
     cons = on_disk["after_consolidation"]["consolidation"]
     assert cons["queries"] == 300 and cons["pool"] == 4 * 2 + 2 + 4 + 2
     assert on_disk["edit_seconds_p50"] > 0 and on_disk["edit_seconds_p90"] >= on_disk["edit_seconds_p50"]
@@ -94,3 +104,28 @@ def test_calibration_facts_do_not_depend_on_the_run_size():
     names = {e.name for e in edited} | {f.answer for e in edited for f in e.facts}
     assert not names & ({f.entity for f in large} | {f.answer for f in large})
     assert [f.question for f in calibration_facts(1000, 342, 3, seed=1)] != [f.question for f in large]
+
+
+def test_held_out_misses_name_the_routing_of_each_wrong_paraphrase():
+    """A wrong held-out paraphrase is unrouted, served by other experts, or served by its own fact's
+    expert; right answers and other kinds of row are not counted."""
+    import numpy as np
+
+    from srmoa_dist.model.generation import Generation
+
+    def gen(text: str, experts: list[int]) -> Generation:
+        return Generation(text=text, expert_ids=experts, scores=[0.9] * len(experts),
+                          gates=[1.0] * len(experts), query=np.zeros(0, np.float32), prompt_tokens=5,
+                          completion_tokens=3, finish_reason="stop")
+
+    es = _EvalSet([], [], [])
+    rows = [("held_out", 0, gen("It is Vask.", [7])),          # right: not a miss
+            ("held_out", 0, gen("No idea.", [])),              # unrouted
+            ("held_out", 0, gen("It is Brol.", [9])),          # another fact's expert
+            ("held_out", 0, gen("It is Va.", [9, 7])),         # its own expert among those served
+            ("held_out", 1, gen("Who knows.", [7])),           # fact 1 was rolled back: no expert of its own
+            ("trained", 0, gen("No idea.", []))]               # not a paraphrase
+    for kind, fact, _ in rows:
+        es.add("q", kind, ("Vask",) if fact == 0 else ("Dorn",), fact)
+    assert held_out_misses(es, [g for *_, g in rows], {0: 7}) == {
+        "unrouted": 1, "other_expert": 2, "own_expert": 1}
