@@ -238,8 +238,8 @@ class TTTConfig:
     #                                   device has bf16 kernels (CUDA, AVX512-BF16/AMX CPUs), else float32
     converge_token_p: float | None = None  # or once every answer token of the edit's prompts has
     #                                   probability >= this (>= 0.5: greedy decoding gives the targets)
-    reask_token_p: float | None = 0.6  # and never before every answer token of the question as asked
-    #                                   (the prompt verification re-asks) has at least this probability
+    reask_token_p: float | None = 0.6  # and never before every answer token of the rows `reask_rows`
+    #                                   names has at least this probability
     reask_rows: str = "own"           # the rows held to reask_token_p: "own" (every training prompt of
     #                                   the edit: held-out paraphrases 0.805 vs 0.775 at 100 edits) or
     #                                   "instruction" (only the question as asked)

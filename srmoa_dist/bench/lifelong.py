@@ -18,8 +18,6 @@ One run, one process:
                        (also on their own: `locality_invented`)
        leak            unedited questions about edited entities whose answer contains one of that
                        entity's edited answers (lower is better)
-   and, for SR-TTT, why the wrong held-out paraphrases were wrong (`held_out_misses`: no expert
-   served them, other experts did, or their own fact's expert did and the answer was still wrong)
    for SR-TTT and, on the same facts, the baselines: `base` (the model alone), `rule_in_context` (the
    base model with the rule of the edit routing reaches, from the ledger, before the question: same
    routing as SR-TTT), `shared_lora` (one LoRA of the same geometry fine-tuned sequentially on every
@@ -29,6 +27,9 @@ One run, one process:
    teacher-forced forward (`model.greedy_check`) and only the others decoded; after the last edit the
    eval set is also decoded in full, side by side, and `greedy_check` says how many outputs agree and
    the seconds of each.
+   For SR-TTT each checkpoint also says why its wrong held-out paraphrases were wrong
+   (`held_out_misses`): no expert served them, other experts did, or their own fact's expert did and
+   the answer was still wrong.
 4. Consolidation: `serve_queries` mixed queries (held-out paraphrases, probes, unedited same-entity
    questions) are routed and their activations consolidated (gravity on, as serving records them; no
    decoding), then SR-TTT's metrics are measured again (`after_consolidation`).

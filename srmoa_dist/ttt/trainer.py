@@ -538,9 +538,10 @@ class TrainingJob:
         done when it has converged: its mean LM loss is under `converge_loss`, or (with
         `converge_token_p`) every answer token of its own prompts is at least that likely, so greedy
         decoding already gives every target; either way the guard rows must have held, and (with
-        `reask_token_p`) every answer token of the question as asked must be that likely: a mean loss
-        under `converge_loss` can hide one unlikely token, on which greedy decoding takes another path
-        (a two-piece invented name repeated in a loop) and verification rolls the edit back."""
+        `reask_token_p`) every answer token of the `reask_rows` (every own prompt, or only the question
+        as asked) must be that likely: a mean loss under `converge_loss` can hide one unlikely token, on
+        which greedy decoding takes another path (a two-piece invented name repeated in a loop) and
+        verification rolls the edit back."""
         lm = float(per_row[: self.P].mean())
         self.lm_losses.append(lm)
         if self.G:
