@@ -328,6 +328,8 @@ class RuntimeConfig:
     #                                   (a node advertising srmoa_replica: 1 runs one replica; None: anywhere)
     ingress_resource: str | None = None   # the same for the HTTP Ingress (e.g. srmoa_ingress on the head)
     torch_threads: int = 0            # torch threads in the model server and trainer; 0 = all cores
+    malloc_arenas: int = 256          # glibc MALLOC_ARENA_MAX of the model server and trainer processes
+    #                                   (0 = glibc's 8 per core; see runtime/torch_env.py for why more)
     call_timeout_s: float = 30.0      # timeout of one call to a store actor
     search_timeout_s: float = 5.0     # a key-store search slower than this: the request gets the base model
     job_history: int = 1000           # finished feedback jobs the trainer remembers
@@ -347,6 +349,8 @@ class RuntimeConfig:
         for name in ("actor_cpus", "trainer_cpus", "replica_cpus"):
             _non_negative(f"runtime.{name}", getattr(self, name))
         _non_negative("runtime.torch_threads", self.torch_threads)
+        if not isinstance(self.malloc_arenas, int) or self.malloc_arenas < 0:
+            raise ValueError(f"runtime.malloc_arenas must be an integer >= 0, got {self.malloc_arenas!r}")
         _positive("runtime.call_timeout_s", self.call_timeout_s)
         _positive("runtime.search_timeout_s", self.search_timeout_s)
         _positive("runtime.job_history", self.job_history)

@@ -196,7 +196,8 @@ class TrainerActor:
                 "model_loaded": self._ctx is not None, "load_error": self._ctx_error, "pid": os.getpid(),
                 "incarnation": self.incarnation, "recovered": self._recovered.is_set(),
                 "recovery": self._recovery, "edit_phase_seconds": phases,
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}   # as the process started
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),   # as the process started
+                "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}
 
     def list_edits(self) -> list[dict[str, Any]]:
         ctx = self._context(load_model=False)

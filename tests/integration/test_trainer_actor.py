@@ -130,6 +130,7 @@ def test_job_lifecycle_edit_and_rollback(ray_cluster, tmp_path, tiny_model_dir):
 
         # started with OpenMP at its torch threads, not Ray's 1 for a fractional-CPU actor
         assert st["omp_num_threads"] == str(torch_threads(rt.cfg))
+        assert st["malloc_arena_max"] == str(rt.cfg.runtime.malloc_arenas)   # see runtime/torch_env.py
     finally:
         rt.kill_actors()
 
