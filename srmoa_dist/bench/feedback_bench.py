@@ -14,7 +14,8 @@ One local Ray cluster and the app on a fresh store (`srmoa serve` as a new user 
    (as `bench lifelong`).
 
 The JSON has `edit_seconds_p50` / `edit_seconds_p90` (sequential), `queued` (count, seconds,
-`job_seconds_p50` / `job_seconds_p90`), the metrics, and every edit's record.
+`job_seconds_p50` / `job_seconds_p90`), the metrics, every edit's record, and every question's output
+(`outputs`: what was asked, what came back, and its verdict, so a wrong answer or a leak can be traced).
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
                                  "records": [_job_record(j, w) for j, w in zip(done, waited)]}
                 say(f"{queued} queued edits done in {doc['queued']['seconds']:.0f} s (each answered after "
                     f"{doc['queued']['job_seconds_p50']:.0f} s p50)")
-            doc["metrics"] = _evaluate(c, mid, entities, facts, probes, strangers, before, max_tokens)
+            ask = lambda t: _chat(c, mid, t, max_tokens)["choices"][0]["message"]["content"]
+            doc["metrics"], doc["outputs"] = _evaluate(ask, entities, facts, probes, strangers, before)
             doc["stats"] = c.get("/v1/stats").json()
     finally:
         local.stop(app)
@@ -153,28 +155,40 @@ def run_feedback_bench(out: Path, *, edits: int = 24, facts_per_entity: int = 3,
     return doc
 
 
-def _evaluate(c: httpx.Client, mid: str, entities: Sequence[Entity], facts: Sequence[tuple[Entity, Any]],
-              probes: Sequence[str], strangers: Sequence[str], before: dict[str, str],
-              max_tokens: int) -> dict[str, Any]:
-    """Free greedy generation through the API: reliability, generalization, locality (the probes and
-    the strangers' questions: about invented entities no edit is about, also on their own), leak."""
-    ask = lambda t: _chat(c, mid, t, max_tokens)["choices"][0]["message"]["content"]
+def _evaluate(ask: Callable[[str], str], entities: Sequence[Entity], facts: Sequence[tuple[Entity, Any]],
+              probes: Sequence[str], strangers: Sequence[str], before: dict[str, str]
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Free greedy generation (`ask`: a question -> the API's greedy answer): reliability,
+    generalization, locality (the probes and the strangers' questions: about invented entities no edit is
+    about, also on their own), leak. Returns the metrics and every question's output (kind, prompt, the
+    answers judged against or the text expected, the text, and its verdict: answered / unchanged)."""
+    outputs: list[dict[str, Any]] = []
+
+    def answered(kind: str, prompt: str, answers: Sequence[str]) -> bool:
+        text = ask(prompt)
+        ok = any(contains_answer(text, a) for a in answers)
+        outputs.append({"kind": kind, "prompt": prompt, "answers": list(answers), "text": text, "ok": ok})
+        return ok
+
+    def unchanged(kind: str, prompt: str) -> bool:
+        text = ask(prompt)
+        outputs.append({"kind": kind, "prompt": prompt, "expected": before[prompt], "text": text,
+                        "ok": text == before[prompt]})
+        return text == before[prompt]
+
     done = {f.fact_id for _, f in facts}
-    rel = [contains_answer(ask(f.question), f.answer) for _, f in facts]
-    gen = [contains_answer(ask(h), f.answer) for _, f in facts for h in f.held_out]
-    leak = []
-    for e in entities:
-        answers = [f.answer for f in e.facts if f.fact_id in done]
-        if answers:
-            text = ask(e.unedited)
-            leak.append(any(contains_answer(text, a) for a in answers))
-    loc = [ask(p) == before[p] for p in probes]
-    inv = [ask(p) == before[p] for p in strangers]
+    rel = [answered("trained", f.question, [f.answer]) for _, f in facts]
+    gen = [answered("held_out", h, [f.answer]) for _, f in facts for h in f.held_out]
+    leak = [answered("unedited", e.unedited, answers) for e in entities
+            if (answers := [f.answer for f in e.facts if f.fact_id in done])]
+    loc = [unchanged("probe", p) for p in probes]
+    inv = [unchanged("stranger", p) for p in strangers]
     mean = lambda xs: float(np.mean(xs)) if xs else None
-    return {"reliability": mean(rel), "generalization": mean(gen), "locality": mean(loc + inv),
-            "leak": mean(leak), "locality_invented": mean(inv),
-            "n": {"trained": len(rel), "held_out": len(gen), "probe": len(loc), "stranger": len(inv),
-                  "unedited": len(leak)}}
+    metrics = {"reliability": mean(rel), "generalization": mean(gen), "locality": mean(loc + inv),
+               "leak": mean(leak), "locality_invented": mean(inv),
+               "n": {"trained": len(rel), "held_out": len(gen), "probe": len(loc), "stranger": len(inv),
+                     "unedited": len(leak)}}
+    return metrics, outputs
 
 
 __all__ = ["run_feedback_bench"]
