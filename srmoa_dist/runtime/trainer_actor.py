@@ -58,6 +58,7 @@ class TrainerActor:
         self.dir = jobs_dir(cfg)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)     # notified on every job status change
         self._jobs: dict[str, dict[str, Any]] = {}
         self._phases = PhaseTimings()               # recent edits' phase seconds, for /v1/stats
         self._queue: queue.Queue[str] = queue.Queue()
@@ -178,13 +179,16 @@ class TrainerActor:
             return [_public(j) for j in list(self._jobs.values())[-limit:]]
 
     def wait(self, job_id: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
-        """The job once it is finished, or as it is after `timeout_s`."""
+        """The job once it is finished, or as it is after `timeout_s` (woken by the job's status change,
+        not by polling it)."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            j = self.job(job_id)
-            if j is None or j["status"] not in ("pending", "running") or time.monotonic() >= deadline:
-                return j
-            time.sleep(0.05)
+        with self._changed:
+            while True:
+                j = self._jobs.get(job_id)
+                left = deadline - time.monotonic()
+                if j is None or j["status"] not in ("pending", "running") or left <= 0:
+                    return _public(j) if j is not None else None
+                self._changed.wait(left)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -234,10 +238,11 @@ class TrainerActor:
         return self._ctx
 
     def _set(self, job_id: str, **fields: Any) -> None:
-        with self._lock:
+        with self._changed:
             job = self._jobs[job_id]
             job.update(fields)
             self._save(job)
+            self._changed.notify_all()
 
     def _worker(self) -> None:
         from srmoa_dist.model.loading import set_torch_threads
