@@ -349,7 +349,8 @@ class RuntimeConfig:
         for name in ("actor_cpus", "trainer_cpus", "replica_cpus"):
             _non_negative(f"runtime.{name}", getattr(self, name))
         _non_negative("runtime.torch_threads", self.torch_threads)
-        if not isinstance(self.malloc_arenas, int) or self.malloc_arenas < 0:
+        if isinstance(self.malloc_arenas, bool) or not isinstance(self.malloc_arenas, int) \
+                or self.malloc_arenas < 0:
             raise ValueError(f"runtime.malloc_arenas must be an integer >= 0, got {self.malloc_arenas!r}")
         _positive("runtime.call_timeout_s", self.call_timeout_s)
         _positive("runtime.search_timeout_s", self.search_timeout_s)

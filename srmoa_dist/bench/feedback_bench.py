@@ -172,9 +172,9 @@ def _evaluate(ask: Callable[[str], str], entities: Sequence[Entity], facts: Sequ
 
     def unchanged(kind: str, prompt: str) -> bool:
         text = ask(prompt)
-        outputs.append({"kind": kind, "prompt": prompt, "expected": before[prompt], "text": text,
-                        "ok": text == before[prompt]})
-        return text == before[prompt]
+        ok = text == before[prompt]
+        outputs.append({"kind": kind, "prompt": prompt, "expected": before[prompt], "text": text, "ok": ok})
+        return ok
 
     done = {f.fact_id for _, f in facts}
     rel = [answered("trained", f.question, [f.answer]) for _, f in facts]

@@ -22,7 +22,7 @@ def test_runtime_env_sets_openmp_mkl_and_malloc_arenas():
     assert "MALLOC_ARENA_MAX" not in env["env_vars"]        # 0: glibc's own default
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, "64"])
+@pytest.mark.parametrize("bad", [-1, 2.5, "64", True])
 def test_malloc_arenas_must_be_a_non_negative_integer(bad):
     with pytest.raises(ValueError, match="runtime.malloc_arenas"):
         RuntimeConfig(malloc_arenas=bad)
