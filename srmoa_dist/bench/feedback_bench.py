@@ -38,7 +38,7 @@ import numpy as np
 from srmoa_dist.bench.entity_facts import Entity, entities_and_strangers
 from srmoa_dist.bench.facts import make_probes
 from srmoa_dist.bench.model_cache import link_shared_model_cache
-from srmoa_dist.bench.ttt_bench import contains_answer
+from srmoa_dist.bench.ttt_bench import contains_any
 from srmoa_dist.config import SrmoaConfig
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def _evaluate(ask: Callable[[str], str], entities: Sequence[Entity], facts: Sequ
 
     def answered(kind: str, prompt: str, answers: Sequence[str]) -> bool:
         text = ask(prompt)
-        ok = any(contains_answer(text, a) for a in answers)
+        ok = contains_any(text, answers)
         outputs.append({"kind": kind, "prompt": prompt, "answers": list(answers), "text": text, "ok": ok})
         return ok
 

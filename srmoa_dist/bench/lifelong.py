@@ -63,7 +63,7 @@ from srmoa_dist.bench.ttt_bench import (
     _machine,
     bench_store_config,
     calibrate_deferral,
-    contains_answer,
+    contains_any,
     peak_rss_mb,
     with_rule,
 )
@@ -141,18 +141,13 @@ def _check_confirmation(gens_of: Callable[..., list[Any]], es: _EvalSet) -> dict
     return {"rows": len(es.chats), "identical": same, "confirm_s": confirm_s, "decode_s": decode_s}
 
 
-def _answered(g: Any, answers: Sequence[str]) -> bool:
-    """The judge of every answered metric: the generation contains one of the answers."""
-    return any(contains_answer(g.text, a) for a in answers)
-
-
 def _metrics(es: _EvalSet, gens: Sequence[Any], base_ids: dict[str, list[int]]) -> dict[str, Any]:
     got: dict[str, list[bool]] = {k: [] for k in ("trained", "held_out", "probe", "stranger", "unedited")}
     for chat, kind, ans, g in zip(es.chats, es.kinds, es.answers, gens):
         if kind in ("probe", "stranger"):
             got[kind].append(list(g.token_ids) == base_ids[chat[-1]["content"]])
         else:
-            got[kind].append(_answered(g, ans))
+            got[kind].append(contains_any(g.text, ans))
     mean = lambda xs: float(np.mean(xs)) if xs else None
     return {"reliability": mean(got["trained"]), "generalization": mean(got["held_out"]),
             "locality": mean(got["probe"] + got["stranger"]), "leak": mean(got["unedited"]),
@@ -168,7 +163,7 @@ def held_out_misses(es: _EvalSet, gens: Sequence[Any], expert_of: dict[int, int]
     `expert_of`: fact_id -> the expert its edit trained."""
     out = {"unrouted": 0, "other_expert": 0, "own_expert": 0}
     for kind, ans, fact, g in zip(es.kinds, es.answers, es.facts, gens):
-        if kind != "held_out" or _answered(g, ans):
+        if kind != "held_out" or contains_any(g.text, ans):
             continue
         if not g.expert_ids:
             out["unrouted"] += 1

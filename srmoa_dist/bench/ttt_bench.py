@@ -83,6 +83,11 @@ def contains_answer(text: str, answer: str) -> bool:
     return norm(answer) in norm(text)
 
 
+def contains_any(text: str, answers: Sequence[str]) -> bool:
+    """The judge of a question with several accepted answers: one of them is inside the reply."""
+    return any(contains_answer(text, a) for a in answers)
+
+
 def with_rule(chat: Sequence[dict[str, str]], rule: str) -> Chat:
     """The chat with `rule` put before the content of its last user message."""
     out = [dict(m) for m in chat]

@@ -184,10 +184,10 @@ class TrainerActor:
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
-                j = self._jobs.get(job_id)
+                j = self.job(job_id)
                 left = deadline - time.monotonic()
                 if j is None or j["status"] not in ("pending", "running") or left <= 0:
-                    return _public(j) if j is not None else None
+                    return j
                 self._changed.wait(left)
 
     def stats(self) -> dict[str, Any]:
