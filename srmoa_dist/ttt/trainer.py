@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, TTTConfig
+from srmoa_dist.model.training_copy import TrainingCopy, training_copy
 from srmoa_dist.routing.relation_gate import names, same_subject
 from srmoa_dist.ttt.diversify import TrainingPrompt
 
@@ -163,6 +164,12 @@ def answer_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (nll.sum(1) / n).mean()
 
 
+def first_stepped_layer(base: Any, first_adapted: int | None = None) -> int:
+    """The first layer an `AnswerLoss` runs at each step: above the query layer Lq and from the first
+    adapted one on (the layers below carry no adapter, so their output is computed once)."""
+    return max(base.query_layer + 1, first_adapted or 0)
+
+
 class AnswerLoss:
     """The answer-token LM loss of a fixed batch, computed cheaply step after step.
 
@@ -170,14 +177,18 @@ class AnswerLoss:
     runs only layers Lq+1.. (under the active routing), the final norm, and the LM head at the
     positions that predict an answer token (a few of the T; the head is ~20% of a small model's FLOPs).
     `first_adapted` (the fusion's first adapted layer, when above Lq+1): layers Lq+1..first_adapted-1
-    carry no adapter either, so they join the part computed once. `full_forward=True` runs the plain
-    `model(...)` instead (a check of the shortcut)."""
+    carry no adapter either, so they join the part computed once. `upper` (a `TrainingCopy` of the
+    layers stepped, `model.training_copy`): the steps run it instead of the model's own layers and
+    head (for a low-precision compute dtype). `full_forward=True` runs the plain `model(...)` instead
+    (a check of the shortcut)."""
 
     def __init__(self, base: Any, batch: dict[str, torch.Tensor], *, full_forward: bool = False,
-                 row_weights: torch.Tensor | None = None, first_adapted: int | None = None) -> None:
+                 row_weights: torch.Tensor | None = None, first_adapted: int | None = None,
+                 upper: TrainingCopy | None = None) -> None:
         self.base = base
         self.batch = batch
         self.full = full_forward
+        self.upper = None if full_forward else upper
         tg = batch["labels"][:, 1:]                               # (P, T-1) targets of positions 0..T-2
         self.rows, self.cols = torch.nonzero(tg != IGNORE, as_tuple=True)   # (N,), (N,) predicting positions
         self.targets = tg[self.rows, self.cols]                   # (N,)
@@ -190,7 +201,10 @@ class AnswerLoss:
             from srmoa_dist.model.fusion import decoder_layers
             from srmoa_dist.model.generation import prefill_lower
 
-            self.start = max(base.query_layer + 1, first_adapted or 0)        # first layer run each step
+            self.start = first_stepped_layer(base, first_adapted)           # first layer run each step
+            if upper is not None and upper.start != self.start:
+                raise ValueError(f"the training copy starts at layer {upper.start}, "
+                                 f"the steps at {self.start}")
             with torch.no_grad():
                 self.lower = prefill_lower(base, batch["input_ids"], batch["attention_mask"],
                                            batch["position_ids"])
@@ -200,6 +214,8 @@ class AnswerLoss:
                               past_key_values=None, use_cache=False,
                               position_embeddings=lw.position_embeddings)
                 self.frozen_hidden = h                                    # (P, T, D) input of layer start
+                self.mask = (lw.causal_mask if self.upper is None          # the copy's attention is eager
+                             else self.upper.causal_mask(h, lw.attention_mask, lw.position_ids))
 
     def __call__(self) -> torch.Tensor:
         return (self._token_nll() * self.weights).sum()
@@ -227,13 +243,16 @@ class AnswerLoss:
 
         lw = self.lower
         h = self.frozen_hidden                                    # (P, T, D) input of layer start, no grad
-        for layer in decoder_layers(self.base.model)[self.start:]:
-            h = layer(h, attention_mask=lw.causal_mask, position_ids=lw.position_ids, past_key_values=None,
+        layers = decoder_layers(self.base.model)[self.start:] if self.upper is None else self.upper.layers
+        for layer in layers:
+            h = layer(h, attention_mask=self.mask, position_ids=lw.position_ids, past_key_values=None,
                       use_cache=False, position_embeddings=lw.position_embeddings)
-        inner = self.base.model.model
-        hs = inner.norm(h[self.rows, self.cols])                  # (N, D) only where an answer token is next
-        logits = self.base.model.lm_head(hs).float()              # (N, V)
-        return F.cross_entropy(logits, self.targets, reduction="none")   # (N,)
+        h = h[self.rows, self.cols]                               # (N, D) only where an answer token is next
+        if self.upper is None:
+            logits = self.base.model.lm_head(self.base.model.model.norm(h))   # (N, V)
+        else:
+            logits = self.upper.head(h)                           # (N, V)
+        return F.cross_entropy(logits.float(), self.targets, reduction="none")   # (N,)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -663,8 +682,12 @@ class _JointSteps:
         prompts = [p for j in jobs for p in j.prompts]
         batch = lm_batch(self.base.tokenizer, prompts, self.base.system_prompt, self.base.device)
         weights = torch.cat([j.row_weights for j in jobs])                        # (sum R,)
+        first = getattr(self.fusion, "first_layer", None)
+        upper = None
+        if self.dtype != self.base.model.dtype and not self.full_forward:   # weights cast once, not per call
+            upper = training_copy(self.fusion, first_stepped_layer(self.base, first), self.dtype)
         loss = AnswerLoss(self.base, batch, full_forward=self.full_forward, row_weights=weights,
-                          first_adapted=getattr(self.fusion, "first_layer", None))
+                          first_adapted=first, upper=upper)
         bounds = np.cumsum([0] + [j.n_rows for j in jobs])
         return loss, [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
