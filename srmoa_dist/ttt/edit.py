@@ -276,6 +276,19 @@ class EditEnv:
 
         return queries(self.base, self.encoder, [list(c) for c in chats])
 
+    def base_answers_of(self, questions: Sequence[str]) -> dict[str, str]:
+        """The base model's own first sentence (no expert) answering each question, kept across edits
+        (it never changes); the ones not yet known are generated in one batch."""
+        from srmoa_dist.model.generation import GenerationParams, generate
+
+        todo = list(dict.fromkeys(q for q in questions if q not in self.base_answers))
+        if todo:
+            params = GenerationParams(max_new_tokens=self.cfg.ttt.verify_max_new_tokens)
+            gens = generate(self.base, None, None, [[{"role": "user", "content": q}] for q in todo],
+                            params=params)
+            self.base_answers.update((q, first_sentence(g.text)) for q, g in zip(todo, gens))
+        return {q: self.base_answers[q] for q in questions}
+
 
 class Edit:
     """One edit's steps, in the order they run: `prepare` (reflect, diversify, neighbours, target),
@@ -379,25 +392,21 @@ class Edit:
                  self.edit_id, eid, len(self.same_subject))
         return Target(eid, False, score), rows, rq
 
-    def _contrast_rows(self) -> list[Guard]:
-        """Contrast prompts about the failing question's subject, each with the base model's own first
-        sentence as its target (`ttt.contrast`), as guard rows without a router label."""
-        from srmoa_dist.model.generation import GenerationParams, generate
-
-        env, n = self.env, self.env.cfg.ttt.contrast_prompts
+    def contrast_texts(self) -> list[str]:
+        """The generic and relation questions about the failing question's subject that keep the base
+        model's answer (`ttt.contrast_prompts`, `ttt.relation_contrast`), held-out texts left out."""
+        ttt = self.env.cfg.ttt
         held = [" ".join(x.lower().split()) for x in self.exclude]
         q = self.failure.question
-        texts = [t for t in contrast_questions(q, n) + relation_questions(q, env.cfg.ttt.relation_contrast)
-                 if not any(h in t.lower() for h in held)]
-        if not texts:
-            return []
-        todo = [t for t in texts if t not in env.base_answers]    # the base model's answers never change
-        if todo:
-            params = GenerationParams(max_new_tokens=env.cfg.ttt.verify_max_new_tokens)
-            gens = generate(env.base, None, None, [[{"role": "user", "content": t}] for t in todo],
-                            params=params)
-            env.base_answers.update((t, first_sentence(g.text)) for t, g in zip(todo, gens))
-        rows = [([{"role": "user", "content": t}], env.base_answers[t]) for t in texts if env.base_answers[t]]
+        texts = contrast_questions(q, ttt.contrast_prompts) + relation_questions(q, ttt.relation_contrast)
+        return [t for t in texts if not any(h in t.lower() for h in held)]
+
+    def _contrast_rows(self) -> list[Guard]:
+        """The contrast questions, each with the base model's own first sentence as its target, as guard
+        rows without a router label."""
+        env = self.env
+        answers = env.base_answers_of(self.contrast_texts())
+        rows = [([{"role": "user", "content": t}], a) for t, a in answers.items() if a]
         if not rows:
             return []
         q = env.queries([c for c, _ in rows])                                            # (C, d_key)
@@ -630,6 +639,8 @@ def apply_edits(env: EditEnv, edits: Sequence[Edit], *, locality_prompts: Sequen
         locality_before = [g.token_ids for g in env.generate(probes)]
         for e in edits:
             e.timings["locality_before_s"] = time.perf_counter() - t
+    if len(edits) > 1:                    # the base model's contrast answers, in one batch for all
+        env.base_answers_of([t for e in edits for t in e.contrast_texts()])
     for i, e in enumerate(edits):
         try:
             e.prepare()

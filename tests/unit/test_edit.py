@@ -251,6 +251,37 @@ def test_contrast_rows_keep_the_base_answer_about_the_subject(world, tmp_path):
     assert r.status == "committed"
 
 
+def test_a_batchs_contrast_answers_are_generated_in_one_batch(world, tmp_path, monkeypatch):
+    """apply_edits asks the base model (no expert) once for every edit's contrast questions, and each
+    edit then trains on those answers without asking again."""
+    from srmoa_dist.model import generation
+    from srmoa_dist.ttt.edit import Edit, EditEnv, apply_edits
+
+    base, fusion, enc = world
+    env = Env(tmp_path, fusion, contrast_prompts=1)
+    asked = []
+    real = generation.generate
+
+    def generate(base_, fusion_, encoder, chats, *a, **kw):
+        if fusion_ is None:                                   # the base model alone: contrast answers
+            asked.append([c[-1]["content"] for c in chats])
+        return real(base_, fusion_, encoder, chats, *a, **kw)
+
+    monkeypatch.setattr(generation, "generate", generate)
+    ee = EditEnv(base, fusion, enc, env.store, env.ks, env.ledger, env.cfg)
+    other = explicit_failure("What is the capital of Peru?", "Quito", correct_answer="Lima")
+    edits = [Edit(ee, FAILURE), Edit(ee, other)]
+    texts = [t for e in edits for t in e.contrast_texts()]
+    assert len(texts) == 2 and "France" in texts[0] and "Peru" in texts[1]
+    out = apply_edits(ee, edits, verify=False)
+    assert asked == [texts]                                   # one batch, nothing asked twice
+    assert all(r.status == "committed" for r in out)
+    for e, t in zip(edits, texts):
+        [row] = [p for p in e.job.prompts if p.structure == "contrast"]
+        assert row.user_text == t and row.target == ee.base_answers[t]
+    env.store.close()
+
+
 def test_entity_experts_refine_the_subject_expert_and_verify_its_facts(world, tmp_path):
     env = Env(tmp_path, world[1], entity_experts=True, entity_replay_prompts=2)
     r1 = apply_edit(FAILURE, locality_prompts=PROBES, **env.kw(world))
