@@ -264,8 +264,6 @@ class TTTConfig:
     relation_contrast: int = 0        # other relations' questions about the subject kept at the base answer
     reflect: str = "auto"             # auto: ask the model for a rule only when no correct answer is given
     batch_edits: int = 8              # queued feedback jobs trained together in one batch at most
-    batch_window: int = 4             # the trainer takes up to batch_window x batch_edits queued jobs at
-                                      # once and packs them into batches of non-neighbours
 
     def __post_init__(self) -> None:
         if self.key_lr is not None:
@@ -304,9 +302,6 @@ class TTTConfig:
         b = self.batch_edits
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise ValueError(f"ttt.batch_edits must be a positive integer, got {self.batch_edits!r}")
-        w = self.batch_window
-        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
-            raise ValueError(f"ttt.batch_window must be a positive integer, got {self.batch_window!r}")
         if not isinstance(self.verify_max_new_tokens, int) or self.verify_max_new_tokens <= 0:
             raise ValueError(
                 f"ttt.verify_max_new_tokens must be a positive integer, got {self.verify_max_new_tokens!r}"

@@ -327,13 +327,11 @@ class TrainerActor:
                                                                    brief(err, 500)))
 
     def _take_batch(self) -> list[str]:
-        """The next pending job (waiting for one), and up to ttt.batch_window x ttt.batch_edits - 1 more
-        already queued; each marked running. The editor packs them into batches of non-neighbours
-        (`Editor.run_many`): from a window of several batches' worth, fewer batches are left part full
-        by neighbours kept apart, and a batch costs less per edit the fuller it is."""
+        """The next pending job (waiting for one), and up to ttt.batch_edits - 1 more already queued;
+        each marked running."""
         first = self._queue.get()
         ids = [first]
-        while len(ids) < self.cfg.ttt.batch_window * self.cfg.ttt.batch_edits:
+        while len(ids) < self.cfg.ttt.batch_edits:
             try:
                 ids.append(self._queue.get_nowait())
             except queue.Empty:

@@ -12,7 +12,6 @@ from srmoa_dist.config import (
     RuntimeConfig,
     SrmoaConfig,
     StoreConfig,
-    TTTConfig,
 )
 
 
@@ -55,8 +54,6 @@ def test_partial_yaml_fills_defaults(tmp_path):
         (lambda: ModelConfig(device="tpu"), "model.device", "'tpu'"),
         (lambda: RuntimeConfig(invalidation_log=0), "runtime.invalidation_log", "0"),
         (lambda: RuntimeConfig(search_timeout_s=0.0), "runtime.search_timeout_s", "0.0"),
-        (lambda: TTTConfig(batch_window=0), "ttt.batch_window", "0"),
-        (lambda: TTTConfig(batch_window=True), "ttt.batch_window", "True"),
     ],
 )
 def test_validation_names_field_and_value(make, field, value):
