@@ -10,7 +10,8 @@ SmolLM2-135M, 0.36 s a step):
   the eager attention (two matmuls and a softmax) is not slower forward and far faster backward.
 So the steps run on a copy of the layers they run: each Linear's weight and the LM head's in the
 compute dtype, cast once; the norms kept as they are (float32), so that the arithmetic is the one
-autocast does on the model; attention eager. On the same rows: 0.25 s a step.
+autocast does on the model, but their output cast to the compute dtype once (autocast cast it again for
+each Linear that reads it: q, k and v, gate and up); attention eager. On the same rows: 0.23 s a step.
 
 The copy keeps the fusion's forward hooks (`copy.deepcopy` copies each module's hook table, and the
 hook functions, which read the routing of the calling thread, are shared), so `fusion.routing(...)`
@@ -59,6 +60,10 @@ class TrainingCopy:
                 m.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
                 if m.bias is not None:
                     m.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+        for layer in self.layers:
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                if isinstance(getattr(layer, name, None), nn.Module):
+                    setattr(layer, name, _CastOutput(getattr(layer, name), dtype))
         self.config = copy.deepcopy(model.config)
         self.config._attn_implementation = "eager"
         for m in self.layers.modules():                         # the attention modules read it per call
@@ -80,6 +85,17 @@ class TrainingCopy:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, then the LM head: (N, D) -> logits (N, V)."""
         return F.linear(self.norm(h), self.head_weight, self.head_bias)
+
+
+class _CastOutput(nn.Module):
+    """A module whose output is cast to `dtype` (the values autocast would give each reader of it)."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).to(self.dtype)
 
 
 def training_copy(fusion: ExpertFusion, start: int, dtype: torch.dtype) -> TrainingCopy:
