@@ -59,6 +59,8 @@ def test_a_bfloat16_copy_casts_its_linears_once_and_leaves_the_model_as_it_was(w
     norms = [p for n, p in upper.layers.named_parameters() if "norm" in n]
     assert norms and all(p.dtype == torch.float32 for p in norms)               # as autocast runs them
     assert upper.head_weight.dtype == torch.bfloat16
+    d = base.model.config.hidden_size              # a norm's output is cast once, for its readers
+    assert upper.layers[0].input_layernorm(torch.randn(1, 3, d)).dtype == torch.bfloat16
     assert not any(p.requires_grad for p in upper.layers.parameters())
     # the model: same tensors, same dtype, same attention
     for n, p in base.model.named_parameters():
