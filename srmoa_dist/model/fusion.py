@@ -188,6 +188,8 @@ class ExpertFusion:
                     lin = named[hits[0]]
                     self._add(f"layers.{i}.{hits[0]}", lin, lin.in_features, lin.out_features)
         self._local = threading.local()
+        # copies of the fused layers that carry these hooks (`model.training_copy`), dropped by `remove`
+        self.copies: dict[tuple[int, torch.dtype], object] = {}
         self._handles = [
             mod.register_forward_hook(self._make_hook(name)) for name, mod in self._modules.items()
         ]
@@ -207,10 +209,11 @@ class ExpertFusion:
         return tuple(self._shapes)
 
     def remove(self) -> None:
-        """Uninstall the hooks (the model is the plain base model again)."""
+        """Uninstall the hooks (the model is the plain base model again) and drop the copies."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.copies.clear()
 
     @property
     def active(self) -> bool:
