@@ -48,20 +48,9 @@ class TrainingCopy:
         self.start, self.dtype = int(start), dtype
         self.layers = copy.deepcopy(layers[start:])            # hooks and config copied with them
         self.layers.requires_grad_(False)
-        for m in self.layers.modules():
-            if isinstance(m, nn.Linear):
-                m.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
-                if m.bias is not None:
-                    m.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
-        for layer in self.layers:
-            for name in ("input_layernorm", "post_attention_layernorm"):
-                if isinstance(getattr(layer, name, None), nn.Module):
-                    setattr(layer, name, _CastOutput(getattr(layer, name), dtype))
-        self.config = copy.deepcopy(model.config)
-        self.config._attn_implementation = "eager"
-        for m in self.layers.modules():                         # the attention modules read it per call
-            if hasattr(m, "config"):
-                m.config = self.config
+        _cast_linears(self.layers, dtype)
+        _cast_norm_outputs(self.layers, dtype)
+        self.config = _eager_attention(self.layers, model.config)
         self.norm = model.model.norm                             # float32, as autocast runs it
         head = model.lm_head
         self.head_weight = head.weight.detach().to(dtype)       # (V, D)
@@ -78,6 +67,34 @@ class TrainingCopy:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, then the LM head: (N, D) -> logits (N, V)."""
         return F.linear(self.norm(h), self.head_weight, self.head_bias)
+
+
+def _cast_linears(layers: nn.Module, dtype: torch.dtype) -> None:
+    """Every Linear's weight (and bias) in `dtype`, as frozen parameters."""
+    for m in layers.modules():
+        if isinstance(m, nn.Linear):
+            m.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+
+
+def _cast_norm_outputs(layers: nn.ModuleList, dtype: torch.dtype) -> None:
+    """Each decoder layer's two norms compute as before, their output cast to `dtype` once."""
+    for layer in layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if isinstance(getattr(layer, name, None), nn.Module):
+                setattr(layer, name, _CastOutput(getattr(layer, name), dtype))
+
+
+def _eager_attention(layers: nn.Module, config: Any) -> Any:
+    """A copy of `config` saying eager attention, given to every module of `layers` that reads one (the
+    attention modules read it at each call)."""
+    eager = copy.deepcopy(config)
+    eager._attn_implementation = "eager"
+    for m in layers.modules():
+        if hasattr(m, "config"):
+            m.config = eager
+    return eager
 
 
 class _CastOutput(nn.Module):
