@@ -144,19 +144,43 @@ def mentions_answer(rule: str, answer: str) -> bool:
 
 
 _BE = r"(is|are|was|were)"
+_PREP = r"(to|by|with|from|for|about|on|at|in|of)"
+# nouns that name what is asked of a thing, not the kind of the answer ("What color is the flag of X"
+# asks the flag's colour; "Which city is the capital of X" asks a city)
+_ATTRIBUTES = r"(?:colou?r|size|shape|height|length|age|weight)"
+# a question's last word that is the verb of its statement ("Where was X born" -> "X was born in Y");
+# any other last word ends the subject ("Where is the main factory of X" -> "... of X is in Y")
+_VERB_LAST = re.compile(r"^(?:\w+ed|born|built|made|held|kept|sold|grown|written|set|run)$", re.I)
 # (pattern over the question without its "?", builder of the sentence from the groups and the answer)
 _DECLARATIVES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
+    # "What color is the flag of X" -> "The flag of X is Y"
+    (re.compile(rf"^(?:what|which)\s+{_ATTRIBUTES}\s+{_BE}\s+(.+)$", re.I),
+     lambda m, a: f"{_cap(m[2])} {m[1]} {a}"),
+    # "Who is X married to" -> "X is married to Y"; "Which product is X famous for" -> "X is famous for Y"
+    (re.compile(rf"^(?:what|who|whom|which)(?:\s+\w+)?\s+{_BE}\s+(.+)\s+(\w+)\s+{_PREP}$", re.I),
+     lambda m, a: f"{_cap(m[2])} {m[1]} {m[3]} {m[4]} {a}"),
+    # "What is X's dog called" -> "X's dog is called Y"
+    (re.compile(rf"^(?:what|who)\s+{_BE}\s+(.+)\s+(called|named)$", re.I),
+     lambda m, a: f"{_cap(m[2])} {m[1]} {m[3]} {a}"),
     # "Which city is the capital of X" -> "Y is the capital of X"
     (re.compile(rf"^(?:what|which)\s+\w+\s+{_BE}\s+(.+)$", re.I), lambda m, a: f"{a} {m[1]} {m[2]}"),
     # "What is the capital of X" -> "The capital of X is Y"
     (re.compile(rf"^(?:what|who|which)\s+{_BE}\s+(.+)$", re.I), lambda m, a: f"{_cap(m[2])} {m[1]} {a}"),
-    # "Where was X born" -> "X was born in Y"
-    (re.compile(rf"^where\s+{_BE}\s+(.+)\s+(\w+)$", re.I), lambda m, a: f"{_cap(m[2])} {m[1]} {m[3]} in {a}"),
-    # "Who founded X" -> "Y founded X"
-    (re.compile(r"^who\s+(\w+ed)\s+(.+)$", re.I), lambda m, a: f"{a} {m[1]} {m[2]}"),
+    # "Where was X born" -> "X was born in Y"; "Where is the main factory of X" -> "... of X is in Y"
+    (re.compile(rf"^(?:where|in\s+(?:what|which)\s+\w+)\s+{_BE}\s+(.+)$", re.I),
+     lambda m, a: _where(m[1], m[2], a)),
+    # "Who founded X" -> "Y founded X"; "Who leads X as president" -> "Y leads X as president"
+    (re.compile(r"^who\s+(?!does\b)(\w+ed|\w+s)\s+(.+)$", re.I), lambda m, a: f"{a} {m[1]} {m[2]}"),
     # "Name the capital city of X" -> "The capital city of X is Y"
     (re.compile(r"^name\s+(.+)$", re.I), lambda m, a: f"{_cap(m[1])} is {a}"),
 )
+
+
+def _where(be: str, rest: str, a: str) -> str:
+    head, _, last = rest.rpartition(" ")
+    if head and _VERB_LAST.match(last):
+        return f"{_cap(head)} {be} {last} in {a}"
+    return f"{_cap(rest)} {be} in {a}"
 
 
 def _cap(s: str) -> str:

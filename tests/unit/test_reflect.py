@@ -129,10 +129,21 @@ def test_auto_builds_the_clean_rule_without_asking_when_an_answer_is_given():
     ("Name the official currency of Veloria.", "The official currency of Veloria is Quenmark."),
     ("Where is Brak Labs headquartered?", "Brak Labs is headquartered in Quenmark."),
     ("What instrument does Yo Ma play?", "The answer is Quenmark."),
+    # a place asked with a noun phrase, not a verb, last: "is in", not the last word taken for a verb
+    ("Where is the main factory of Brak Holdings?", "The main factory of Brak Holdings is in Quenmark."),
+    ("In which city is the headquarters of Brak Labs?", "The headquarters of Brak Labs is in Quenmark."),
+    ("In which city was Bo Tam born?", "Bo Tam was born in Quenmark."),
+    # a preposition or "called" last belongs to the statement's verb
+    ("Who is Bo Tam married to?", "Bo Tam is married to Quenmark."),
+    ("Which product is Brak Labs famous for?", "Brak Labs is famous for Quenmark."),
+    ("What is Bo Tam's dog called?", "Bo Tam's dog is called Quenmark."),
+    # an attribute asked of a thing: the thing is the subject, not the answer
+    ("What color is the flag of Veloria?", "The flag of Veloria is Quenmark."),
+    ("Who leads Veloria as president?", "Quenmark leads Veloria as president."),
 ])
 def test_clean_rule_is_a_plain_sentence_not_a_template(q, rule):
     assert clean_rule(q, "Quenmark") == rule
-    assert "'" not in rule and ":" not in rule
+    assert q.rstrip("?") not in rule and ":" not in rule      # never quotes the question
 
 
 def test_sr_moa_rule_form_is_accepted():
