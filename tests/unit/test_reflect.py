@@ -140,6 +140,9 @@ def test_auto_builds_the_clean_rule_without_asking_when_an_answer_is_given():
     # an attribute asked of a thing: the thing is the subject, not the answer
     ("What color is the flag of Veloria?", "The flag of Veloria is Quenmark."),
     ("Who leads Veloria as president?", "Quenmark leads Veloria as president."),
+    # a clause's verb or a name last is left where it was
+    ("What is the name of the firm Bo Tam works for?", "The name of the firm Bo Tam works for is Quenmark."),
+    ("Where is Bob Reed?", "Bob Reed is in Quenmark."),
 ])
 def test_clean_rule_is_a_plain_sentence_not_a_template(q, rule):
     assert clean_rule(q, "Quenmark") == rule
