@@ -97,7 +97,7 @@ class GraceCodebook:
     def _train_value(self, i: int, prompts: Sequence[Any]) -> tuple[int, float, float]:
         """Adam on V[i] until the answer loss is under `converge_loss` (`steps` at most); (steps, the loss
         before, the loss after)."""
-        from srmoa_dist.ttt.trainer import IGNORE, AnswerLoss, lm_batch
+        from srmoa_dist.ttt.answer_loss import IGNORE, AnswerLoss, lm_batch
 
         batch = lm_batch(self.base.tokenizer, prompts, self.base.system_prompt, self.base.device)
         labels = batch["labels"]                                                   # (P, T)

@@ -188,7 +188,7 @@ class SharedLoRA:
     def train(self, prompts: Sequence[Any]) -> None:
         """Steps on one edit's prompts until the answer loss is under ttt.converge_loss (ttt.steps at
         most)."""
-        from srmoa_dist.ttt.trainer import AnswerLoss, lm_batch, train_autocast, train_dtype
+        from srmoa_dist.ttt.answer_loss import AnswerLoss, lm_batch, train_autocast, train_dtype
 
         batch = lm_batch(self.base.tokenizer, prompts, self.base.system_prompt, self.base.device)
         loss_fn = AnswerLoss(self.base, batch)
@@ -250,7 +250,7 @@ def run_lifelong_bench(
     from srmoa_dist.runtime.edit_context import LOCALITY_PROMPTS
     from srmoa_dist.ttt.detect import explicit_failure
     from srmoa_dist.ttt.diversify import diversify
-    from srmoa_dist.ttt.edit import make_fetch, make_router
+    from srmoa_dist.ttt.edit_env import make_fetch, make_router
     from srmoa_dist.ttt.editor import Editor
     from srmoa_dist.ttt.ledger import EditLedger
     from srmoa_dist.ttt.reflect import reflect

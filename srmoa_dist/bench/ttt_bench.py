@@ -302,7 +302,8 @@ def run_ttt_bench(
     from srmoa_dist.routing.relation_gate import gated, search_slack
     from srmoa_dist.ttt.detect import explicit_failure
     from srmoa_dist.ttt.diversify import diversify
-    from srmoa_dist.ttt.edit import apply_edit, make_fetch, make_router
+    from srmoa_dist.ttt.edit import apply_edit
+    from srmoa_dist.ttt.edit_env import make_fetch, make_router
     from srmoa_dist.ttt.ledger import EditLedger
 
     if n_edits <= 0:

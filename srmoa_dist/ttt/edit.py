@@ -50,12 +50,8 @@ from srmoa_dist.routing.relation_gate import defers
 from srmoa_dist.ttt.contrast import contrast_questions, relation_questions, subject_of
 from srmoa_dist.ttt.detect import Failure, Messages, answer_matches, as_messages
 from srmoa_dist.ttt.diversify import CONTRAST, TrainingPrompt, diversify
-from srmoa_dist.ttt.edit_env import (  # noqa: F401  (re-exported: callers import them from here)
+from srmoa_dist.ttt.edit_env import (
     EditEnv,
-    KeyRouter,
-    make_fetch,
-    make_router,
-    model_ask,
 )
 from srmoa_dist.ttt.ledger import LIVE, EditLedger, EditRecord
 from srmoa_dist.ttt.recovery import Writes, expected_version, undo, version_of

@@ -30,7 +30,8 @@ from srmoa_dist.config import SrmoaConfig
 from srmoa_dist.routing.relation_gate import defers
 from srmoa_dist.ttt.contrast import subject_of
 from srmoa_dist.ttt.detect import Failure, explicit_failure
-from srmoa_dist.ttt.edit import Edit, EditEnv, EditResult, apply_edits, model_ask, rollback
+from srmoa_dist.ttt.edit import Edit, EditResult, apply_edits, rollback
+from srmoa_dist.ttt.edit_env import EditEnv, model_ask
 from srmoa_dist.ttt.ledger import EditLedger, EditRecord
 
 log = logging.getLogger(__name__)

@@ -148,20 +148,21 @@ _PREP = r"(to|by|with|from|for|about|on|at|in|of)"
 # nouns that name what is asked of a thing, not the kind of the answer ("What color is the flag of X"
 # asks the flag's colour; "Which city is the capital of X" asks a city)
 _ATTRIBUTES = r"(?:colou?r|size|shape|height|length|age|weight)"
-# a question's last word that is the verb of its statement ("Where was X born" -> "X was born in Y");
-# any other last word ends the subject ("Where is the main factory of X" -> "... of X is in Y")
-# (lower case: a capitalised last word is a name, "Where is Bob Reed")
-_VERB_LAST = re.compile(r"^(?:[a-z]+ed|born|built|made|held|kept|sold|grown|written|set|run)$")
-# a participle or adjective before a final preposition ("married to", "famous for"); any other word there
-# is a clause's verb ("What is the name of the company X works for")
-_PARTICIPLE = r"([a-z]+ed|[a-z]+en|born|known|famous)"
+# past participles: the verb of a statement that a question puts last ("Where was X born" -> "X was born
+# in Y"; any other last word ends the subject: "Where is the main factory of X" -> "... of X is in Y"),
+# or before a final preposition ("Who is X married to"; any other word there is a clause's verb: "What is
+# the name of the company X works for")
+_PARTICIPLES = r"[a-z]+ed|born|built|made|held|kept|sold|grown|known|written|set|run"
+# (matched case-sensitively: a capitalised last word is a name, "Where is Bob Reed")
+_VERB_LAST = re.compile(rf"^(?:{_PARTICIPLES})$")
 # (pattern over the question without its "?", builder of the sentence from the groups and the answer)
 _DECLARATIVES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
     # "What color is the flag of X" -> "The flag of X is Y"
     (re.compile(rf"^(?:what|which)\s+{_ATTRIBUTES}\s+{_BE}\s+(.+)$", re.I),
      lambda m, a: f"{_cap(m[2])} {m[1]} {a}"),
     # "Who is X married to" -> "X is married to Y"; "Which product is X famous for" -> "X is famous for Y"
-    (re.compile(rf"^(?:what|who|whom|which)(?:\s+\w+)?\s+{_BE}\s+(.+)\s+{_PARTICIPLE}\s+{_PREP}$", re.I),
+    (re.compile(rf"^(?:what|who|whom|which)(?:\s+\w+)?\s+{_BE}\s+(.+)\s+({_PARTICIPLES}|famous)"
+                rf"\s+{_PREP}$", re.I),
      lambda m, a: f"{_cap(m[2])} {m[1]} {m[3]} {m[4]} {a}"),
     # "What is X's dog called" -> "X's dog is called Y"
     (re.compile(rf"^(?:what|who)\s+{_BE}\s+(.+)\s+(called|named)$", re.I),

@@ -64,10 +64,8 @@ from torch import nn
 from srmoa_dist.config import ExpertConfig, KeyStoreConfig, TTTConfig
 from srmoa_dist.model.training_copy import training_copy
 from srmoa_dist.routing.relation_gate import names, same_subject
-from srmoa_dist.ttt.answer_loss import (  # noqa: F401  (re-exported: callers import them from here)
-    IGNORE,
+from srmoa_dist.ttt.answer_loss import (
     AnswerLoss,
-    answer_lm_loss,
     first_stepped_layer,
     lm_batch,
     train_autocast,

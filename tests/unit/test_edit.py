@@ -237,7 +237,8 @@ def test_commit_failure_undoes_the_store_write(world, tmp_path):
 
 
 def test_contrast_rows_keep_the_base_answer_about_the_subject(world, tmp_path):
-    from srmoa_dist.ttt.edit import Edit, EditEnv
+    from srmoa_dist.ttt.edit import Edit
+    from srmoa_dist.ttt.edit_env import EditEnv
 
     env = Env(tmp_path, world[1], contrast_prompts=2)
     base, fusion, enc = world
@@ -255,7 +256,8 @@ def test_a_batchs_contrast_answers_are_generated_in_one_batch(world, tmp_path, m
     """apply_edits asks the base model (no expert) once for every edit's contrast questions, and each
     edit then trains on those answers without asking again."""
     from srmoa_dist.model import generation
-    from srmoa_dist.ttt.edit import Edit, EditEnv, apply_edits
+    from srmoa_dist.ttt.edit import Edit, apply_edits
+    from srmoa_dist.ttt.edit_env import EditEnv
 
     base, fusion, enc = world
     env = Env(tmp_path, fusion, contrast_prompts=1)

@@ -45,7 +45,7 @@ from srmoa_dist.routing.namespaces import NamespaceView
 from srmoa_dist.routing.relation_gate import gated
 from srmoa_dist.runtime.edit_context import LOCALITY_PROMPTS
 from srmoa_dist.ttt.detect import answer_matches
-from srmoa_dist.ttt.edit import make_fetch
+from srmoa_dist.ttt.edit_env import make_fetch
 from srmoa_dist.ttt.editor import Editor
 from srmoa_dist.ttt.ledger import EditLedger
 

@@ -11,18 +11,10 @@ from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.experts.store import ShardedExpertStore
 from srmoa_dist.model.generation import queries
 from srmoa_dist.routing.keystore import KeyStore
+from srmoa_dist.ttt.answer_loss import AnswerLoss, answer_lm_loss, lm_batch
 from srmoa_dist.ttt.detect import explicit_failure
 from srmoa_dist.ttt.diversify import diversify
-from srmoa_dist.ttt.trainer import (
-    AnswerLoss,
-    IsolationError,
-    Target,
-    TrainResult,
-    answer_lm_loss,
-    choose_target,
-    lm_batch,
-    train_edit,
-)
+from srmoa_dist.ttt.trainer import IsolationError, Target, TrainResult, choose_target, train_edit
 
 D_KEY = 16
 ECFG = ExpertConfig(rank=4, alpha=8.0)
@@ -360,7 +352,7 @@ def test_with_rows_reports_each_rows_mean_and_worst_token(world):
 def test_bfloat16_training_follows_float32_and_keeps_isolation(world, tmp_path):
     """train_dtype bfloat16: the same losses as float32 within bf16 rounding, and the base model is
     untouched (train_edit's isolation check, on by default, raises otherwise)."""
-    from srmoa_dist.ttt.trainer import train_dtype
+    from srmoa_dist.ttt.answer_loss import train_dtype
 
     base, fusion, _, prompts, qs = world
     ks, store, _ = _stores(tmp_path, fusion, _random_keys(2))
@@ -380,7 +372,7 @@ def test_bfloat16_training_follows_float32_and_keeps_isolation(world, tmp_path):
 @pytest.mark.parametrize("bf16,amx,want", [(True, False, "bfloat16"), (False, True, "bfloat16"),
                                            (False, False, "float32")])
 def test_auto_train_dtype_is_bfloat16_only_with_bf16_kernels(monkeypatch, bf16, amx, want):
-    from srmoa_dist.ttt.trainer import train_dtype
+    from srmoa_dist.ttt.answer_loss import train_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)

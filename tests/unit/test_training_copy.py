@@ -8,9 +8,9 @@ import torch
 from srmoa_dist.config import ExpertConfig
 from srmoa_dist.experts.expert import LoRAExpert
 from srmoa_dist.model.training_copy import TrainingCopy, training_copy
+from srmoa_dist.ttt.answer_loss import AnswerLoss, first_stepped_layer, lm_batch, train_autocast
 from srmoa_dist.ttt.detect import explicit_failure
 from srmoa_dist.ttt.diversify import diversify
-from srmoa_dist.ttt.trainer import AnswerLoss, first_stepped_layer, lm_batch, train_autocast
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

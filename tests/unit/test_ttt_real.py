@@ -15,7 +15,8 @@ from srmoa_dist.model.generation import GenerationParams, generate
 from srmoa_dist.routing.keystore import KeyStore
 from srmoa_dist.routing.query_encoder import QueryEncoder
 from srmoa_dist.ttt.detect import answer_matches, explicit_failure
-from srmoa_dist.ttt.edit import apply_edit, make_fetch, make_router
+from srmoa_dist.ttt.edit import apply_edit
+from srmoa_dist.ttt.edit_env import make_fetch, make_router
 from srmoa_dist.ttt.ledger import EditLedger
 
 QUESTION = "What is the capital of Veloria?"
