@@ -126,6 +126,7 @@ class Entity:
     kind: str
     facts: tuple[Fact, ...]
     unedited: str                     # a question of a relation none of `facts` uses
+    unedited_relation: str = ""       # that relation's name
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -173,7 +174,7 @@ def make_entity_facts(n_entities: int, facts_per_entity: int, seed: int = 0) -> 
                               held_out=tuple(t.format(e=entity) for t in rel.held_out), near_misses=near))
             fid += 1
         unedited = rng.choice(rels[facts_per_entity].train).format(e=entity)
-        out.append(Entity(entity, kind, tuple(facts), unedited))
+        out.append(Entity(entity, kind, tuple(facts), unedited, rels[facts_per_entity].name))
     return out
 
 

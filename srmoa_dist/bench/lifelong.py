@@ -29,7 +29,8 @@ One run, one process:
    the seconds of each.
    For SR-TTT each checkpoint also says why its wrong held-out paraphrases were wrong
    (`held_out_misses`): no expert served them, other experts did, or their own fact's expert did and
-   the answer was still wrong.
+   the answer was still wrong; and the same per relation (`by_relation`: the paraphrases of each edited
+   relation, right or why not, and the unedited questions of each relation, leaked or not).
 4. Consolidation: `serve_queries` mixed queries (held-out paraphrases, probes, unedited same-entity
    questions) are routed and their activations consolidated (gravity on, as serving records them; no
    decoding), then SR-TTT's metrics are measured again (`after_consolidation`).
@@ -95,12 +96,15 @@ class _EvalSet:
     kinds: list[str]                    # trained | held_out | probe | unedited
     answers: list[tuple[str, ...]]      # trained/held_out: (answer,); unedited: the entity's answers
     facts: list[int | None] = dataclasses.field(default_factory=list)   # trained/held_out: the fact_id
+    relations: list[str | None] = dataclasses.field(default_factory=list)   # trained/held_out/unedited
 
-    def add(self, text: str, kind: str, answers: tuple[str, ...] = (), fact: int | None = None) -> None:
+    def add(self, text: str, kind: str, answers: tuple[str, ...] = (), fact: int | None = None,
+            relation: str | None = None) -> None:
         self.chats.append(_chat(text))
         self.kinds.append(kind)
         self.answers.append(answers)
         self.facts.append(fact)
+        self.relations.append(relation)
 
 
 def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], eval_facts: int,
@@ -111,15 +115,15 @@ def _eval_set(entities: Sequence[Entity], n_done: int, probes: Sequence[str], ev
         facts = [facts[i] for i in sorted(set(pick.tolist()))]
     es = _EvalSet([], [], [])
     for _, f in facts:
-        es.add(f.question, "trained", (f.answer,), f.fact_id)
+        es.add(f.question, "trained", (f.answer,), f.fact_id, f.relation)
         for h in f.held_out:
-            es.add(h, "held_out", (f.answer,), f.fact_id)
+            es.add(h, "held_out", (f.answer,), f.fact_id, f.relation)
     seen = []
     for e, _ in facts:
         if e.name not in seen:
             seen.append(e.name)
             done = [f.answer for f in e.facts if f.fact_id < n_done]
-            es.add(e.unedited, "unedited", tuple(done))
+            es.add(e.unedited, "unedited", tuple(done), relation=e.unedited_relation)
     for p in probes:
         es.add(p, "probe")
     for p in strangers:
@@ -155,23 +159,44 @@ def _metrics(es: _EvalSet, gens: Sequence[Any], base_ids: dict[str, list[int]]) 
             "n": {k: len(v) for k, v in got.items()}}
 
 
+def miss_cause(g: Any, fact: int | None, expert_of: dict[int, int]) -> str:
+    """Why a wrong held-out paraphrase was wrong, by its routing: no expert served it (`unrouted`: under
+    tau, or deferred by the relation gate), experts served it but not the one its fact was trained into
+    (`other_expert`), or its own fact's expert served it and the answer was still wrong (`own_expert`:
+    the expert holds its fact for the trained wordings, not this one). `expert_of`: fact_id -> the
+    expert its edit trained."""
+    if not g.expert_ids:
+        return "unrouted"
+    return "own_expert" if expert_of.get(fact) in g.expert_ids else "other_expert"
+
+
 def held_out_misses(es: _EvalSet, gens: Sequence[Any], expert_of: dict[int, int]) -> dict[str, int]:
-    """Why SR-TTT's wrong held-out paraphrases were wrong, by their routing: no expert served them
-    (`unrouted`: under tau, or deferred by the relation gate), experts served them but not the one their
-    fact was trained into (`other_expert`), or their own fact's expert served them and the answer was
-    still wrong (`own_expert`: the expert holds its fact for the trained wordings, not this one).
-    `expert_of`: fact_id -> the expert its edit trained."""
+    """The wrong held-out paraphrases counted by `miss_cause`."""
     out = {"unrouted": 0, "other_expert": 0, "own_expert": 0}
     for kind, ans, fact, g in zip(es.kinds, es.answers, es.facts, gens):
-        if kind != "held_out" or contains_any(g.text, ans):
-            continue
-        if not g.expert_ids:
-            out["unrouted"] += 1
-        elif expert_of.get(fact) in g.expert_ids:
-            out["own_expert"] += 1
-        else:
-            out["other_expert"] += 1
+        if kind == "held_out" and not contains_any(g.text, ans):
+            out[miss_cause(g, fact, expert_of)] += 1
     return out
+
+
+def by_relation(es: _EvalSet, gens: Sequence[Any], expert_of: dict[int, int]) -> dict[str, dict[str, int]]:
+    """Per relation: its held-out paraphrases (`held_out`), how many were answered right and why the
+    others were not (`miss_cause`), and the unedited questions of that relation (`unedited`) with how
+    many leaked one of their entity's edited answers (`leaked`). Relations in name order."""
+    out: dict[str, dict[str, int]] = {}
+    for kind, ans, fact, rel, g in zip(es.kinds, es.answers, es.facts, es.relations, gens):
+        if kind not in ("held_out", "unedited") or rel is None:
+            continue
+        row = out.setdefault(rel, {"held_out": 0, "right": 0, "unrouted": 0, "other_expert": 0,
+                                   "own_expert": 0, "unedited": 0, "leaked": 0})
+        hit = contains_any(g.text, ans)
+        if kind == "unedited":
+            row["unedited"] += 1
+            row["leaked"] += hit
+        else:
+            row["held_out"] += 1
+            row["right" if hit else miss_cause(g, fact, expert_of)] += 1
+    return dict(sorted(out.items()))
 
 
 class SharedLoRA:
@@ -333,6 +358,7 @@ def run_lifelong_bench(
             res = {"sr_ttt": {"edits": n_done, **_metrics(es, sr, base_ids),
                               "routed_share": float(np.mean([bool(g.expert_ids) for g in sr])),
                               "held_out_misses": held_out_misses(es, sr, expert_of),
+                              "by_relation": by_relation(es, sr, expert_of),
                               "eval_s": time.perf_counter() - t}}
             last_outputs[:] = [{"prompt": c[-1]["content"], "kind": k, "answers": list(a), "text": g.text,
                                 "experts": list(g.expert_ids), "scores": [round(x, 3) for x in g.scores],
@@ -517,6 +543,12 @@ def format_summary(doc: dict[str, Any]) -> str:
         if "held_out_misses" in c:
             lines.append(f"wrong held-out paraphrases at {c['edits']} edits, by routing: "
                          + ", ".join(f"{k} {v}" for k, v in c["held_out_misses"].items()))
+    last = doc["checkpoints"][-1] if doc["checkpoints"] else {}
+    if last.get("by_relation"):
+        lines.append(f"by relation at {last['edits']} edits (paraphrases right / asked, "
+                     "unedited leaked / asked): "
+                     + ", ".join(f"{r} {v['right']}/{v['held_out']} {v['leaked']}/{v['unedited']}"
+                                 for r, v in last["by_relation"].items()))
     return "\n".join(lines)
 
 
@@ -545,4 +577,5 @@ def _plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["CHECKPOINTS", "SharedLoRA", "format_summary", "held_out_misses", "run_lifelong_bench"]
+__all__ = ["CHECKPOINTS", "SharedLoRA", "by_relation", "format_summary", "held_out_misses", "miss_cause",
+           "run_lifelong_bench"]

@@ -14,6 +14,9 @@ def test_several_facts_per_entity_with_an_unedited_question():
         assert len(e.facts) == 3 and len({f.relation for f in e.facts}) == 3
         assert all(f.entity == e.name and e.name in f.question for f in e.facts)
         assert e.name in e.unedited
+        asked = next(r for r in relations_of(e.kind) if r.name == e.unedited_relation)   # its relation
+        assert e.unedited in {t.format(e=e.name) for t in asked.train}
+        assert e.unedited_relation not in {f.relation for f in e.facts}
         edited = {t for f in e.facts for t in f.train + f.held_out}
         assert e.unedited not in edited
         kinds = {r.name for r in relations_of(e.kind)}

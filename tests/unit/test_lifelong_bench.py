@@ -60,6 +60,15 @@ def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
               if o["kind"] == "held_out" and not any(contains_answer(o["text"], a) for a in o["answers"])]
     assert sum(last["held_out_misses"].values()) == len(missed)      # every wrong paraphrase has one cause
     assert last["held_out_misses"]["unrouted"] == sum(not o["experts"] for o in missed)
+    rel = last["by_relation"]                       # the same paraphrases and unedited questions, by relation
+    edited_rels = {f["relation"] for f in on_disk["edits"]}
+    assert {r for r, v in rel.items() if v["held_out"]} == edited_rels
+    assert sum(v["held_out"] for v in rel.values()) == last["n"]["held_out"]
+    assert sum(v["right"] for v in rel.values()) == round(last["generalization"] * last["n"]["held_out"])
+    for cause, count in last["held_out_misses"].items():
+        assert sum(v[cause] for v in rel.values()) == count
+    assert sum(v["unedited"] for v in rel.values()) == last["n"]["unedited"]
+    assert sum(v["leaked"] for v in rel.values()) == round(last["leak"] * last["n"]["unedited"])
     cons = on_disk["after_consolidation"]["consolidation"]
     assert cons["queries"] == 300 and cons["pool"] == 4 * 2 + 2 + 4 + 2
     assert on_disk["edit_seconds_p50"] > 0 and on_disk["edit_seconds_p90"] >= on_disk["edit_seconds_p50"]
