@@ -9,6 +9,7 @@ import pytest
 from srmoa_dist.bench.lifelong import (
     _EvalSet,
     _write_partial,
+    by_relation,
     format_summary,
     held_out_misses,
     run_lifelong_bench,
@@ -138,3 +139,34 @@ def test_held_out_misses_name_the_routing_of_each_wrong_paraphrase():
         es.add("q", kind, ("Vask",) if fact == 0 else ("Dorn",), fact)
     assert held_out_misses(es, [g for *_, g in rows], {0: 7}) == {
         "unrouted": 1, "other_expert": 2, "own_expert": 1}
+
+
+def test_by_relation_counts_each_relations_paraphrases_and_leaks():
+    """by_relation: per relation, the paraphrases right and why the others were not (as held_out_misses
+    says), and the unedited questions of that relation with the ones that leaked an edited answer."""
+    import numpy as np
+
+    from srmoa_dist.model.generation import Generation
+
+    def gen(text: str, experts: list[int]) -> Generation:
+        return Generation(text=text, expert_ids=experts, scores=[0.9] * len(experts),
+                          gates=[1.0] * len(experts), query=np.zeros(0, np.float32), prompt_tokens=5,
+                          completion_tokens=3, finish_reason="stop")
+
+    es = _EvalSet([], [], [])
+    rows = [("held_out", ("Vask",), 0, "capital", gen("It is Vask.", [7])),
+            ("held_out", ("Vask",), 0, "capital", gen("No idea.", [])),
+            ("held_out", ("Dorn",), 1, "currency", gen("It is Va.", [8])),          # its own expert, wrong
+            ("unedited", ("Vask", "Dorn"), None, "river", gen("The Vask river.", [7])),   # leaked
+            ("unedited", ("Keb",), None, "river", gen("I do not know.", [])),
+            ("unedited", ("Dorn",), None, "capital", gen("It is Sul.", [])),
+            ("probe", (), None, None, gen("Hello.", []))]                         # not counted
+    for kind, answers, fact, rel, _ in rows:
+        es.add("q", kind, answers, fact, rel)
+    got = by_relation(es, [g for *_, g in rows], {0: 7, 1: 8})
+    zero = {"held_out": 0, "right": 0, "unrouted": 0, "other_expert": 0, "own_expert": 0, "unedited": 0,
+            "leaked": 0}
+    assert got == {"capital": {**zero, "held_out": 2, "right": 1, "unrouted": 1, "unedited": 1},
+                   "currency": {**zero, "held_out": 1, "own_expert": 1},
+                   "river": {**zero, "unedited": 2, "leaked": 1}}
+    assert list(got) == ["capital", "currency", "river"]
