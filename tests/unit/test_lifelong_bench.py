@@ -19,6 +19,17 @@ from srmoa_dist.config import ExpertConfig, KeyStoreConfig, SrmoaConfig, StoreCo
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _gen(text: str, experts: list[int]):
+    """A finished generation served by `experts` (ids), at gate 1."""
+    import numpy as np
+
+    from srmoa_dist.model.generation import Generation
+
+    return Generation(text=text, expert_ids=experts, scores=[0.9] * len(experts), gates=[1.0] * len(experts),
+                      query=np.zeros(0, np.float32), prompt_tokens=5, completion_tokens=3,
+                      finish_reason="stop")
+
+
 def test_lifelong_bench_smoke(tiny_bench_base, tmp_path):
     base, mcfg = tiny_bench_base
     cfg = SrmoaConfig(model=mcfg, expert=ExpertConfig(rank=4, alpha=8.0), store=StoreConfig(n_shards=2),
@@ -119,22 +130,13 @@ def test_calibration_facts_do_not_depend_on_the_run_size():
 def test_held_out_misses_name_the_routing_of_each_wrong_paraphrase():
     """A wrong held-out paraphrase is unrouted, served by other experts, or served by its own fact's
     expert; right answers and other kinds of row are not counted."""
-    import numpy as np
-
-    from srmoa_dist.model.generation import Generation
-
-    def gen(text: str, experts: list[int]) -> Generation:
-        return Generation(text=text, expert_ids=experts, scores=[0.9] * len(experts),
-                          gates=[1.0] * len(experts), query=np.zeros(0, np.float32), prompt_tokens=5,
-                          completion_tokens=3, finish_reason="stop")
-
     es = _EvalSet([], [], [])
-    rows = [("held_out", 0, gen("It is Vask.", [7])),          # right: not a miss
-            ("held_out", 0, gen("No idea.", [])),              # unrouted
-            ("held_out", 0, gen("It is Brol.", [9])),          # another fact's expert
-            ("held_out", 0, gen("It is Va.", [9, 7])),         # its own expert among those served
-            ("held_out", 1, gen("Who knows.", [7])),           # fact 1 was rolled back: no expert of its own
-            ("trained", 0, gen("No idea.", []))]               # not a paraphrase
+    rows = [("held_out", 0, _gen("It is Vask.", [7])),          # right: not a miss
+            ("held_out", 0, _gen("No idea.", [])),              # unrouted
+            ("held_out", 0, _gen("It is Brol.", [9])),          # another fact's expert
+            ("held_out", 0, _gen("It is Va.", [9, 7])),         # its own expert among those served
+            ("held_out", 1, _gen("Who knows.", [7])),           # fact 1 was rolled back: no expert of its own
+            ("trained", 0, _gen("No idea.", []))]               # not a paraphrase
     for kind, fact, _ in rows:
         es.add("q", kind, ("Vask",) if fact == 0 else ("Dorn",), fact)
     assert held_out_misses(es, [g for *_, g in rows], {0: 7}) == {
@@ -144,23 +146,14 @@ def test_held_out_misses_name_the_routing_of_each_wrong_paraphrase():
 def test_by_relation_counts_each_relations_paraphrases_and_leaks():
     """by_relation: per relation, the paraphrases right and why the others were not (as held_out_misses
     says), and the unedited questions of that relation with the ones that leaked an edited answer."""
-    import numpy as np
-
-    from srmoa_dist.model.generation import Generation
-
-    def gen(text: str, experts: list[int]) -> Generation:
-        return Generation(text=text, expert_ids=experts, scores=[0.9] * len(experts),
-                          gates=[1.0] * len(experts), query=np.zeros(0, np.float32), prompt_tokens=5,
-                          completion_tokens=3, finish_reason="stop")
-
     es = _EvalSet([], [], [])
-    rows = [("held_out", ("Vask",), 0, "capital", gen("It is Vask.", [7])),
-            ("held_out", ("Vask",), 0, "capital", gen("No idea.", [])),
-            ("held_out", ("Dorn",), 1, "currency", gen("It is Va.", [8])),          # its own expert, wrong
-            ("unedited", ("Vask", "Dorn"), None, "river", gen("The Vask river.", [7])),   # leaked
-            ("unedited", ("Keb",), None, "river", gen("I do not know.", [])),
-            ("unedited", ("Dorn",), None, "capital", gen("It is Sul.", [])),
-            ("probe", (), None, None, gen("Hello.", []))]                         # not counted
+    rows = [("held_out", ("Vask",), 0, "capital", _gen("It is Vask.", [7])),
+            ("held_out", ("Vask",), 0, "capital", _gen("No idea.", [])),
+            ("held_out", ("Dorn",), 1, "currency", _gen("It is Va.", [8])),          # its own expert, wrong
+            ("unedited", ("Vask", "Dorn"), None, "river", _gen("The Vask river.", [7])),   # leaked
+            ("unedited", ("Keb",), None, "river", _gen("I do not know.", [])),
+            ("unedited", ("Dorn",), None, "capital", _gen("It is Sul.", [])),
+            ("probe", (), None, None, _gen("Hello.", []))]                         # not counted
     for kind, answers, fact, rel, _ in rows:
         es.add("q", kind, answers, fact, rel)
     got = by_relation(es, [g for *_, g in rows], {0: 7, 1: 8})
