@@ -126,7 +126,7 @@ class Entity:
     kind: str
     facts: tuple[Fact, ...]
     unedited: str                     # a question of a relation none of `facts` uses
-    unedited_relation: str = ""       # that relation's name
+    unedited_relation: str            # that relation's name
 
     @property
     def answers(self) -> tuple[str, ...]:
